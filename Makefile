@@ -1,0 +1,31 @@
+# The two set-up commands of the README. Each creates .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,deploy]'
+	touch $(STAMP)
+
+# Synthetic data -> train -> test -> pictures -> HTML report, all on the CPU (about 5 minutes).
+demo: $(STAMP)
+	$(BIN)/strongreid synth --out data/synthetic
+	$(BIN)/strongreid train --config configs/demo.yml
+	$(BIN)/strongreid test --config configs/demo.yml TEST.WEIGHT runs/demo/best.pt
+	$(BIN)/python benchmarks/histogram_baseline.py --root data/synthetic --out runs/demo/histogram_baseline.json
+	$(BIN)/strongreid visualize --results runs/demo
+	$(BIN)/strongreid report --results runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf data/synthetic runs/demo

@@ -1,0 +1,236 @@
+"""The `strongreid` command line.
+
+Every subcommand parses its arguments here and hands over to one function in the package;
+those imports are lazy so that `strongreid config` and `--help` stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from strongreid.errors import StrongReIDError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        "--config_file",
+        "--config-file",
+        dest="config",
+        default=None,
+        metavar="FILE",
+        help="yaml config (reid-strong-baseline ymls load unchanged)",
+    )
+    p.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="KEY VALUE pairs that override the config, e.g. SOLVER.MAX_EPOCHS 10",
+    )
+
+
+def _load_cfg(args: argparse.Namespace):
+    from strongreid.config import load_config
+
+    return load_config(args.config, list(args.opts or []))
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from strongreid.config.loader import dump_config
+
+    cfg = _load_cfg(args)
+    sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from strongreid.data.datasets import stats_command
+
+    if args.datasets_cmd == "list":
+        from strongreid.data.datasets import DATASETS
+
+        for name in DATASETS.names():
+            print(name)
+        return 0
+    options = {}
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        options[key] = value
+    return stats_command(args.name, args.root, args.json, options)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from strongreid.data.synthetic import synth_command
+
+    return synth_command(args.out, args.ids, args.cams, args.images_per_id, args.seed)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from strongreid.engine.trainer import train_command
+
+    return train_command(_load_cfg(args), resume=args.resume)
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    from strongreid.engine.inference import test_command
+
+    return test_command(_load_cfg(args))
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from strongreid.deploy.extractor import extract_command
+
+    return extract_command(_load_cfg(args), args.images, args.out)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from strongreid.deploy.export import export_command
+
+    return export_command(_load_cfg(args), args.format, args.out)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from strongreid.evaluation.retrieval import index_build_command
+
+    return index_build_command(args)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from strongreid.evaluation.retrieval import search_command
+
+    return search_command(args)
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from strongreid.viz.ranked import visualize_command
+
+    return visualize_command(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from strongreid.viz.report import report_command
+
+    return report_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="strongreid",
+        description="Bag of Tricks strong baseline for re-identification.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("config", help="print the merged, validated config as YAML")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("datasets", help="dataset tools")
+    dsub = p.add_subparsers(dest="datasets_cmd", metavar="ACTION", required=True)
+    s = dsub.add_parser("stats", help="ids / images / cameras of train, query, gallery")
+    s.add_argument("name", help="registered dataset name, e.g. market1501")
+    s.add_argument("--root", required=True, help="DATASETS.ROOT_DIR or the dataset folder itself")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="loader option, e.g. merge_val=true (msmt17) or kind=detected (cuhk03)",
+    )
+    s.set_defaults(func=_cmd_datasets)
+    s = dsub.add_parser("list", help="registered dataset names")
+    s.set_defaults(func=_cmd_datasets)
+
+    p = sub.add_parser("synth", help="write the synthetic pedestrian dataset (Market layout)")
+    p.add_argument("--out", required=True, help="output folder, e.g. data/synthetic")
+    p.add_argument("--ids", type=int, default=None, help="number of identities")
+    p.add_argument("--cams", type=int, default=None, help="number of cameras")
+    p.add_argument("--images-per-id", type=int, default=None, help="images per identity")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("train", help="train a model")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("test", help="evaluate TEST.WEIGHT on the test split")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_test)
+
+    p = sub.add_parser("extract", help="features of a folder or list of images to .npz")
+    p.add_argument("--images", required=True, help="folder of images or a list file")
+    p.add_argument("--out", required=True, help="output .npz or .safetensors file")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("export", help="export the inference model")
+    p.add_argument("--format", choices=["onnx", "torchscript", "safetensors"], required=True)
+    p.add_argument("--out", required=True)
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("index", help="retrieval index tools")
+    isub = p.add_subparsers(dest="index_cmd", metavar="ACTION", required=True)
+    s = isub.add_parser("build", help="build a faiss index from extracted features")
+    s.add_argument("features", help=".npz written by `strongreid extract`")
+    s.add_argument("--out", required=True, help="index folder to write")
+    s.add_argument("--type", choices=["flat", "ivf", "hnsw"], default="flat")
+    s.add_argument("--metric", choices=["euclidean", "cosine"], default="euclidean")
+    s.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~sqrt(N))")
+    s.add_argument("--nprobe", type=int, default=8, help="IVF lists searched")
+    s.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
+    s.add_argument("--ef-search", type=int, default=64, help="HNSW search breadth")
+    s.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("search", help="top-k gallery matches as JSON")
+    p.add_argument("index", help="folder written by `strongreid index build`")
+    p.add_argument("--query", required=True, help=".npz of features, or images (needs --config)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--out", default=None, help="write JSON here instead of stdout")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("visualize", help="ranked-list pictures of a test run")
+    p.add_argument("--results", required=True, help="OUTPUT_DIR of `strongreid test`/train")
+    p.add_argument("--queries", type=int, default=8, help="queries per picture")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--out", default=None, help="folder for the PNGs (default RESULTS/viz)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_visualize)
+
+    p = sub.add_parser("report", help="one static HTML page of a run")
+    p.add_argument("--results", required=True, help="OUTPUT_DIR of a run")
+    p.add_argument("--out", default=None, help="HTML file (default RESULTS/report/index.html)")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from strongreid import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except StrongReIDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Feature extraction and `strongreid test`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from yacs.config import CfgNode
+
+from strongreid.config import flag
+from strongreid.engine import distributed as D
+from strongreid.engine.runtime import amp_dtype, autocast, select_device, use_channels_last
+
+logger = logging.getLogger("strongreid")
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    flip: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
+    """Test features of every image the loader yields, in loader order (float32, on the CPU).
+
+    With `flip`, the feature is the mean of the image's and its mirror's features, taken before
+    any normalisation (normalisation is the evaluator's job, as TEST.FEAT_NORM says).
+    """
+    was_training = model.training
+    model.eval()
+    feats, pids, camids, paths = [], [], [], []
+    for images, pid, camid, path in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            f = model(images).float()
+            if flip:
+                f = (f + model(torch.flip(images, dims=[3])).float()) / 2
+        feats.append(f.cpu())
+        pids.append(np.asarray(pid))
+        camids.append(np.asarray(camid))
+        paths.extend(path)
+    model.train(was_training)
+    if not feats:
+        return torch.empty(0, 0), np.empty(0, np.int64), np.empty(0, np.int64), []
+    return torch.cat(feats), np.concatenate(pids), np.concatenate(camids), paths
+
+
+def extract_split(cfg: CfgNode, model: nn.Module, records: list, device: torch.device) -> torch.Tensor | None:
+    """Features of `records`; under torchrun each rank extracts a contiguous shard and rank 0
+    receives them all in order (other ranks get None)."""
+    from strongreid.data import build_test_loader
+
+    ctx = D.current()
+    start, end = D.shard_range(len(records), ctx.rank, ctx.world_size)
+    loader = build_test_loader(cfg, records[start:end])
+    dtype = amp_dtype(cfg.MODEL.AMP, device)
+    feats, _, _, _ = extract_features(
+        model, loader, device, flip=cfg.TEST.FLIP_AUG, amp_dtype=dtype,
+        channels_last=use_channels_last(cfg.MODEL.CHANNELS_LAST, device),
+    )
+    if feats.numel() == 0:
+        feats = torch.zeros((0, _feat_dim(model)), dtype=torch.float32)
+    return D.gather_in_order(feats.to(device) if device.type == "cuda" else feats, len(records))
+
+
+def _feat_dim(model: nn.Module) -> int:
+    m = model.module if hasattr(model, "module") else model
+    return int(m.feat_dim)
+
+
+def evaluate_model(cfg: CfgNode, model: nn.Module, query: list, gallery: list, device: torch.device,
+                   *, re_ranking: bool | None = None) -> dict[str, Any] | None:
+    """Extract query and gallery features and evaluate them (rank 0 returns the results)."""
+    from strongreid.evaluation import evaluate_from_config
+
+    t0 = time.perf_counter()
+    qf = extract_split(cfg, model, query, device)
+    gf = extract_split(cfg, model, gallery, device)
+    if qf is None or gf is None:
+        return None
+    t_extract = time.perf_counter() - t0
+    q_pids, q_cams = _ids(query)
+    g_pids, g_cams = _ids(gallery)
+    if re_ranking is not None and re_ranking != flag(cfg.TEST.RE_RANKING):
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.TEST.RE_RANKING = "yes" if re_ranking else "no"
+        cfg.freeze()
+    t1 = time.perf_counter()
+    results = evaluate_from_config(cfg, qf, gf, q_pids, g_pids, q_cams, g_cams)
+    logger.info(
+        "features: %d query + %d gallery in %.1f s; evaluation %.1f s",
+        len(query), len(gallery), t_extract, time.perf_counter() - t1,
+    )
+    return {"results": results, "q_pids": q_pids, "g_pids": g_pids, "q_camids": q_cams, "g_camids": g_cams}
+
+
+def _ids(records: list) -> tuple[np.ndarray, np.ndarray]:
+    pids = np.fromiter((r[1] for r in records), dtype=np.int64, count=len(records))
+    cams = np.fromiter((r[2] for r in records), dtype=np.int64, count=len(records))
+    return pids, cams
+
+
+def format_table(name: str, res: dict[str, Any]) -> str:
+    cmc = res["cmc"]
+    ranks = [r for r in (1, 5, 10) if r <= len(cmc)]
+    head = "| " + " | ".join(["results", "mAP", "mINP"] + [f"R{r}" for r in ranks]) + " |"
+    sep = "|" + "|".join(["---"] * (3 + len(ranks))) + "|"
+    vals = [name, f"{100 * res['mAP']:.1f}", f"{100 * res['mINP']:.1f}"] + [f"{100 * cmc[r - 1]:.1f}" for r in ranks]
+    row = "| " + " | ".join(vals) + " |"
+    extra = f"queries: {res.get('num_valid', '?')} valid"
+    if res.get("num_skipped"):
+        extra += f", {res['num_skipped']} without a valid match skipped"
+    return "\n".join([head, sep, row, extra])
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def write_results(cfg: CfgNode, out_dir: str | os.PathLike, evaluated: dict[str, Any], query: list,
+                  gallery: list, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """results.json (+ results_reranked.json) and ranking.npz in the format of docs/ARCHITECTURE.md."""
+    from strongreid.evaluation import save_ranking
+
+    out_dir = Path(out_dir)
+    results = evaluated["results"]
+    plain = results["plain"].to_dict()
+    plain.update({"num_query": len(query), "num_gallery": len(gallery), "re_ranking": False})
+    if extra:
+        plain.update(extra)
+    final_key = "plain"
+    if "reranked" in results:
+        rr = results["reranked"].to_dict()
+        rr.update({"num_query": len(query), "num_gallery": len(gallery), "re_ranking": True})
+        if extra:
+            rr.update(extra)
+        write_json_atomic(rr, out_dir / "results_reranked.json")
+        plain["reranked"] = {k: rr[k] for k in ("mAP", "mINP", "rank1", "rank5", "rank10") if k in rr}
+        final_key = "reranked"
+    write_json_atomic(plain, out_dir / "results.json")
+    save_ranking(
+        out_dir / "ranking.npz", results[final_key],
+        [r[0] for r in query], [r[0] for r in gallery],
+        evaluated["q_pids"], evaluated["g_pids"], evaluated["q_camids"], evaluated["g_camids"],
+    )
+    return plain
+
+
+def build_test_model(cfg: CfgNode, weights: str, num_classes: int | None = None):
+    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched)."""
+    from strongreid.engine.checkpoint import load_checkpoint
+    from strongreid.modeling import build_model, load_test_weights
+
+    ckpt = load_checkpoint(weights)
+    n = int(ckpt.get("num_classes") or num_classes or 1)
+    test_cfg = cfg.clone()
+    test_cfg.defrost()
+    test_cfg.MODEL.PRETRAIN_CHOICE = "none"
+    test_cfg.freeze()
+    model = build_model(test_cfg, n)
+    load_test_weights(model, weights)
+    return model
+
+
+def test_command(cfg: CfgNode) -> int:
+    """`strongreid test`: evaluate TEST.WEIGHT, print the table, write the result files."""
+    from strongreid.data.splits import load_splits
+    from strongreid.engine.runtime import setup_logging
+    from strongreid.errors import ConfigError
+
+    if not cfg.TEST.WEIGHT or cfg.TEST.WEIGHT == "path":
+        raise ConfigError("strongreid test needs TEST.WEIGHT: the checkpoint to evaluate, e.g. "
+                          "TEST.WEIGHT runs/demo/best.pt")
+    device = select_device(cfg)
+    ctx = D.init_distributed(device)
+    out_dir = Path(cfg.OUTPUT_DIR)
+    setup_logging(out_dir, ctx.rank)
+    splits = load_splits(cfg, need_train=False)
+    model = build_test_model(cfg, cfg.TEST.WEIGHT, splits.num_classes).to(device)
+    if use_channels_last(cfg.MODEL.CHANNELS_LAST, device):
+        model = model.to(memory_format=torch.channels_last)
+    logger.info("evaluating %s on %s: %d query, %d gallery images", cfg.TEST.WEIGHT, splits.test_name,
+                len(splits.query), len(splits.gallery))
+    evaluated = evaluate_model(cfg, model, splits.query, splits.gallery, device)
+    if evaluated is not None:
+        summary = write_results(cfg, out_dir, evaluated, splits.query, splits.gallery,
+                                {"weights": str(cfg.TEST.WEIGHT), "dataset": splits.test_name})
+        print(format_table("plain", summary))
+        if "reranked" in evaluated["results"]:
+            print(format_table("re-ranked", evaluated["results"]["reranked"].to_dict()))
+        print(f"results written to {out_dir / 'results.json'}")
+    D.cleanup()
+    return 0

@@ -1,0 +1,181 @@
+"""Where and how the model runs: device, mixed precision, memory format, seeds, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("strongreid")
+
+
+def select_device(cfg_or_name: Any) -> torch.device:
+    """MODEL.DEVICE ('cuda', 'cuda:N', 'cpu', 'auto') to a device; a missing GPU falls back to CPU."""
+    if isinstance(cfg_or_name, torch.device):
+        return cfg_or_name
+    if isinstance(cfg_or_name, str):
+        name, device_id = cfg_or_name, None
+    else:
+        name, device_id = cfg_or_name.MODEL.DEVICE, cfg_or_name.MODEL.DEVICE_ID
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            logger.warning("MODEL.DEVICE is %r but no CUDA device is available: running on the CPU", name)
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK")
+        if local_rank is not None:  # torchrun: one process per GPU
+            return torch.device("cuda", int(local_rank))
+        if name == "cuda" and device_id not in (None, ""):
+            first = str(device_id).split(",")[0].strip()
+            if first.isdigit() and int(first) < torch.cuda.device_count():
+                return torch.device("cuda", int(first))
+        return torch.device(name)
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        logger.warning("MODEL.DEVICE is 'mps' but MPS is not available: running on the CPU")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AMX-BF16 or AVX512-BF16, where bf16 autocast is measured ~6x faster."""
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            flags = _cpu_flags()
+            # oneDNN also "supports" bf16 by emulation on plain AVX-512; only native units pay off.
+            return not flags or bool({"amx_bf16", "avx512_bf16"} & flags)
+    except (AttributeError, RuntimeError):
+        pass
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for MODEL.AMP on this device, or None for fp32."""
+    if mode == "off":
+        return None
+    if device.type == "cuda":
+        if mode == "bf16":
+            return torch.bfloat16
+        if mode == "fp16":
+            return torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        if mode == "fp16":
+            logger.warning("MODEL.AMP 'fp16' is not supported on the CPU; using bf16")
+            return torch.bfloat16
+        if mode == "bf16":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
+
+
+def use_channels_last(mode: str, device: torch.device) -> bool:
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    return device.type in ("cuda", "cpu")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def inference_autocast(device: torch.device, mode: str = "auto"):
+    """Autocast for feature extraction (bf16 on capable CPUs, fp16/bf16 on CUDA)."""
+    return autocast(device, amp_dtype(mode, device))
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states as tensors and plain types (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": _python_state_to_list(random.getstate()),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(
+            ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_list(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0) -> logging.Logger:
+    """Console + OUTPUT_DIR/log.txt (appended, so test runs never erase the training log)."""
+    log = logging.getLogger("strongreid")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    if rank != 0:
+        log.addHandler(logging.NullHandler())
+        return log
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if output_dir:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(output_dir) / "log.txt", mode="a")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    return log

@@ -1,0 +1,361 @@
+"""The training loop: plain PyTorch, one epoch at a time.
+
+Order of one iteration (as reid-strong-baseline): forward, loss, backward, model optimizer step;
+with center loss, the center gradients are rescaled by 1/weight and the centers take their own
+SGD step. The LR scheduler steps once per epoch, after it (epoch e trains with t = e - 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from yacs.config import CfgNode
+
+from strongreid.config import save_config
+from strongreid.config.loader import dump_config
+from strongreid.engine import distributed as D
+from strongreid.engine.checkpoint import load_checkpoint, save_checkpoint
+from strongreid.engine.inference import evaluate_model, format_table, write_results
+from strongreid.engine.runtime import (
+    amp_dtype,
+    autocast,
+    rng_state,
+    seed_everything,
+    select_device,
+    set_rng_state,
+    setup_logging,
+    use_channels_last,
+)
+from strongreid.errors import CheckpointError, StrongReIDError
+
+logger = logging.getLogger("strongreid")
+
+
+class TrainingDiverged(StrongReIDError):
+    """The loss became NaN or infinite."""
+
+
+class Trainer:
+    """Holds everything one run needs; `fit()` trains, evaluates and checkpoints."""
+
+    def __init__(self, cfg: CfgNode, resume: bool = False) -> None:
+        from strongreid.data import build_train_loader
+        from strongreid.data.splits import load_splits
+        from strongreid.losses import build_loss
+        from strongreid.modeling import build_model
+        from strongreid.solver import build_scheduler, make_center_optimizer, make_optimizer
+
+        self.cfg = cfg
+        self.device = select_device(cfg)
+        self.dist = D.init_distributed(self.device)
+        self.out_dir = Path(cfg.OUTPUT_DIR)
+        setup_logging(self.out_dir, self.dist.rank)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+        # Same seed on every rank: identical initial weights; the sampler shards the data.
+        seed_everything(cfg.SOLVER.SEED, cfg.SOLVER.DETERMINISTIC)
+
+        self.splits = load_splits(cfg)
+        self.num_classes = self.splits.num_classes
+        self.loader = build_train_loader(cfg, self.splits.train, rank=self.dist.rank,
+                                         world_size=self.dist.world_size)
+        model = build_model(cfg, self.num_classes)
+        if cfg.MODEL.SYNC_BN and self.dist.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.channels_last = use_channels_last(cfg.MODEL.CHANNELS_LAST, self.device)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.loss_fn = build_loss(cfg, self.num_classes, model.feat_dim).to(self.device)
+        self.optimizer = make_optimizer(cfg, model)
+        self.center_optimizer = (
+            make_center_optimizer(cfg, self.loss_fn.center) if self.loss_fn.center is not None else None
+        )
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.start_epoch = 0
+        self.best_map = -1.0
+        self.last_eval: dict[str, Any] | None = None
+        if resume:
+            self._resume(self.out_dir / "last.pt")
+        self.train_model: nn.Module = model
+        if self.dist.enabled:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        if cfg.MODEL.COMPILE:
+            self.train_model = torch.compile(self.train_model)
+        self.tb = None
+        if self.dist.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out_dir / "tb"))
+            except ImportError:  # tensorboard is a dependency, but training must not need it
+                logger.warning("tensorboard is not installed: no TensorBoard logs")
+        logger.info(
+            "training %s on %s: %d images, %d ids, %d iterations/epoch, device %s, amp %s, channels_last %s, world %d",
+            cfg.MODEL.NAME, "+".join(self.splits.train_names), len(self.splits.train), self.num_classes,
+            len(self.loader), self.device, self.amp_dtype, self.channels_last, self.dist.world_size,
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "best_map": self.best_map,
+            "rng": rng_state(),
+            "config": dump_config(self.cfg),
+            "num_classes": self.num_classes,
+            "arch": self.cfg.MODEL.NAME,
+            "scaler": self.scaler.state_dict(),
+        }
+        if self.loss_fn.center is not None:
+            state["center"] = self.loss_fn.center.state_dict()
+            state["center_optimizer"] = self.center_optimizer.state_dict()
+        if self.last_eval is not None:
+            state["metrics"] = self.last_eval
+        return state
+
+    def _resume(self, path: Path) -> None:
+        if not path.is_file():
+            raise CheckpointError(f"--resume: {path} does not exist; train without --resume first "
+                                  "(or point OUTPUT_DIR at the run to continue)")
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt.get("arch") != self.cfg.MODEL.NAME or ckpt.get("num_classes") != self.num_classes:
+            raise CheckpointError(
+                f"--resume: {path} is a {ckpt.get('arch')} with {ckpt.get('num_classes')} classes, but "
+                f"this config builds a {self.cfg.MODEL.NAME} with {self.num_classes} classes"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.loss_fn.center is not None:
+            if "center" not in ckpt:
+                raise CheckpointError(f"--resume: {path} has no center-loss state but the config uses center loss")
+            self.loss_fn.center.load_state_dict(ckpt["center"])
+            self.center_optimizer.load_state_dict(ckpt["center_optimizer"])
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.best_map = float(ckpt.get("best_map", -1.0))
+        self.last_eval = ckpt.get("metrics")
+        set_rng_state(ckpt["rng"])
+        logger.info("resumed from %s at the end of epoch %d", path, self.start_epoch)
+
+    def _save(self, epoch: int, evaluated: bool) -> None:
+        if not self.dist.is_main:
+            return
+        state = self.state_dict(epoch)
+        save_checkpoint(state, self.out_dir / "last.pt")
+        if epoch % self.cfg.SOLVER.CHECKPOINT_PERIOD == 0:
+            save_checkpoint(state, self.out_dir / f"{self._prefix()}_epoch{epoch}.pt")
+        if evaluated and self.last_eval and self.last_eval["mAP"] >= self.best_map:
+            self.best_map = self.last_eval["mAP"]
+            state["best_map"] = self.best_map
+            save_checkpoint(state, self.out_dir / "best.pt")
+            # last.pt must know the best mAP too, so a resumed run keeps choosing best.pt right.
+            save_checkpoint(state, self.out_dir / "last.pt")
+
+    def _prefix(self) -> str:
+        return self.cfg.MODEL.NAME.replace(":", "_").replace("/", "_")
+
+    # -- training --------------------------------------------------------------------------------
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        self.train_model.train()
+        sampler = getattr(self.loader, "batch_sampler", None)
+        for obj in (getattr(self.loader, "sampler", None), sampler):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+        if hasattr(self.loader.dataset, "set_epoch"):
+            self.loader.dataset.set_epoch(epoch)
+        n_iter = len(self.loader)
+        lr = self.optimizer.param_groups[0]["lr"]
+        sums: dict[str, float] = {}
+        count = 0
+        images_seen = 0
+        t_start = time.perf_counter()
+        t_data = 0.0
+        bar = None
+        if self.dist.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_iter, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        end = time.perf_counter()
+        for it, (images, pids, _camids, _paths) in enumerate(self.loader, start=1):
+            t_data += time.perf_counter() - end
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = pids.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.center_optimizer is not None:
+                self.center_optimizer.zero_grad(set_to_none=True)
+            with autocast(self.device, self.amp_dtype):
+                logits, feats = self.train_model(images)
+            # Losses in fp32: the triplet distances and center terms lose too much in bf16.
+            terms = self.loss_fn(logits.float(), feats.float(), targets)
+            loss = terms["total"]
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at epoch {epoch}, iteration {it} (terms: "
+                    + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                    + f"). Training stopped; the last good checkpoint is {self.out_dir / 'last.pt'} "
+                    "(resume with --resume). Lower SOLVER.BASE_LR or set MODEL.AMP 'off'."
+                )
+            self.scaler.scale(loss).backward()
+            if cfg.SOLVER.GRAD_CLIP > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.SOLVER.GRAD_CLIP)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.center_optimizer is not None:
+                self._center_step()
+            with torch.no_grad():
+                acc = (logits.argmax(1) == targets).float().mean().item()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["acc"] = sums.get("acc", 0.0) + acc
+            count += 1
+            images_seen += images.shape[0] * self.dist.world_size
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['total'] / count:.3f}", acc=f"{sums['acc'] / count:.3f}")
+            if it % cfg.SOLVER.LOG_PERIOD == 0 or it == n_iter:
+                now = time.perf_counter()
+                ips = images_seen / max(now - t_start, 1e-9)
+                eta = (now - t_start) / it * (n_iter - it + (cfg.SOLVER.MAX_EPOCHS - epoch) * n_iter)
+                msg = ", ".join(f"{k} {v / count:.3f}" for k, v in sums.items())
+                self._log(f"epoch {epoch} iter {it}/{n_iter}: {msg}, lr {lr:.2e}, "
+                          f"{ips:.1f} img/s, data wait {100 * t_data / max(now - t_start, 1e-9):.0f}%, "
+                          f"eta {_fmt_time(eta)}")
+                if self.tb is not None:
+                    step = (epoch - 1) * n_iter + it
+                    for k, v in terms.items():
+                        self.tb.add_scalar(f"train/loss_{k}", float(v.detach()), step)
+                    self.tb.add_scalar("train/acc", acc, step)
+                    self.tb.add_scalar("train/lr", lr, step)
+                    self.tb.add_scalar("train/images_per_s", ips, step)
+            end = time.perf_counter()
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t_start
+        stats = {("loss" if k == "total" else ("acc" if k == "acc" else f"loss_{k}")): v / max(count, 1)
+                 for k, v in sums.items()}
+        stats.update({"lr": lr, "images_per_s": images_seen / max(elapsed, 1e-9), "time": elapsed,
+                      "data_wait": t_data / max(elapsed, 1e-9)})
+        return stats
+
+    def _center_step(self) -> None:
+        from strongreid.solver import step_center
+
+        center = self.loss_fn.center
+        if self.dist.enabled:
+            # The centers are outside DDP: average their gradients like any other parameter.
+            for p in center.parameters():
+                if p.grad is not None:
+                    D.all_reduce_mean_(p.grad)
+        step_center(self.center_optimizer, center, self.loss_fn.center_weight)
+
+    def _log(self, msg: str) -> None:
+        if self.dist.is_main:
+            logger.info(msg)
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evaluate(self, epoch: int) -> dict[str, Any] | None:
+        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device)
+        if evaluated is None:
+            return None
+        res = evaluated["results"]["plain"].to_dict()
+        self.last_eval = {k: res[k] for k in ("mAP", "mINP", "rank1", "rank5", "rank10") if k in res}
+        self.last_eval["epoch"] = epoch
+        self._log(f"validation at epoch {epoch}:\n" + format_table("plain", res))
+        record = {"type": "eval", "epoch": epoch, **{k: v for k, v in self.last_eval.items() if k != "epoch"}}
+        if "reranked" in evaluated["results"]:
+            rr = evaluated["results"]["reranked"].to_dict()
+            self._log(format_table("re-ranked", rr))
+            record.update({f"reranked_{k}": rr[k] for k in ("mAP", "mINP", "rank1")})
+        self._append_metrics(record)
+        if self.tb is not None:
+            for k in ("mAP", "mINP", "rank1", "rank5", "rank10"):
+                if k in res:
+                    self.tb.add_scalar(f"eval/{k}", res[k], epoch)
+        return evaluated
+
+    def fit(self) -> dict[str, Any] | None:
+        cfg = self.cfg
+        max_epochs = cfg.SOLVER.MAX_EPOCHS
+        final: dict[str, Any] | None = None
+        evaluated = None
+        t0 = time.perf_counter()
+        for epoch in range(self.start_epoch + 1, max_epochs + 1):
+            stats = self.train_one_epoch(epoch)
+            self.scheduler.step()
+            self._append_metrics({"type": "train", "epoch": epoch, **stats})
+            self._log(f"epoch {epoch} done in {stats['time']:.1f} s ({stats['images_per_s']:.1f} img/s)")
+            do_eval = epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == max_epochs
+            evaluated = self.evaluate(epoch) if do_eval else None
+            self._save(epoch, evaluated is not None)
+            D.barrier()
+        if self.start_epoch >= max_epochs:
+            logger.info("nothing to train: the checkpoint is already at epoch %d", self.start_epoch)
+        elif evaluated is not None and self.dist.is_main:
+            summary = write_results(cfg, self.out_dir, evaluated, self.splits.query, self.splits.gallery,
+                                    {"epoch": max_epochs, "dataset": self.splits.test_name,
+                                     "train_time_s": time.perf_counter() - t0,
+                                     "weights": str(self.out_dir / "last.pt")})
+            final = summary
+            logger.info("final results written to %s", self.out_dir / "results.json")
+        if self.tb is not None:
+            self.tb.close()
+        return final
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def train(cfg: CfgNode, resume: bool = False) -> dict[str, Any] | None:
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        D.cleanup()
+
+
+def train_command(cfg: CfgNode, resume: bool = False) -> int:
+    """`strongreid train`; under torchrun with restarts, resume by itself from last.pt."""
+    if not resume and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        last = Path(cfg.OUTPUT_DIR) / "last.pt"
+        resume = last.is_file()
+    final = train(cfg, resume=resume)
+    if final is not None:
+        print(format_table("final", final))
+    return 0
