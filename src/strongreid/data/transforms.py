@@ -1,0 +1,161 @@
+"""Train and test transforms of the strong baseline (spec §6), with its random erasing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchvision import transforms as T
+
+from strongreid.errors import ConfigError
+
+RE_FILLS = ("original", "zero", "random")
+
+
+def _uniform(low: float, high: float) -> float:
+    # torch's RNG rather than `random`, so the loader's per-worker seeding covers it.
+    return low + (high - low) * torch.rand(()).item()
+
+
+class RandomErasing:
+    """Random erasing (Zhong et al.) on a normalised C×H×W tensor, as in reid-strong-baseline.
+
+    The aspect ratio is drawn uniformly from [r1, 1/r1] (not log-uniform) like the original.
+    `fill`: 'original' writes `mean` (the config's PIXEL_MEAN) into the normalised tensor,
+    'zero' writes 0 (the mean pixel after normalisation), 'random' writes N(0, 1) noise.
+    """
+
+    def __init__(
+        self,
+        probability: float = 0.5,
+        sl: float = 0.02,
+        sh: float = 0.4,
+        r1: float = 0.3,
+        fill: str = "original",
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        attempts: int = 100,
+    ) -> None:
+        if not 0.0 <= probability <= 1.0:
+            raise ConfigError(f"INPUT.RE_PROB must be in [0, 1], got {probability}")
+        if not 0.0 < sl <= sh <= 1.0:
+            raise ConfigError(
+                f"random-erasing area range INPUT.RE_SL={sl}, INPUT.RE_SH={sh} must satisfy "
+                "0 < RE_SL <= RE_SH <= 1"
+            )
+        if not 0.0 < r1 <= 1.0:
+            raise ConfigError(f"INPUT.RE_R1 must be in (0, 1], got {r1}")
+        if fill not in RE_FILLS:
+            raise ConfigError(f"INPUT.RE_FILL must be one of {', '.join(RE_FILLS)}, got {fill!r}")
+        if len(mean) == 0:
+            raise ConfigError("INPUT.PIXEL_MEAN is empty; give one value per channel")
+        self.probability = float(probability)
+        self.sl = float(sl)
+        self.sh = float(sh)
+        self.r1 = float(r1)
+        self.fill = fill
+        self.mean = tuple(float(m) for m in mean)
+        self.attempts = int(attempts)
+
+    def get_params(self, height: int, width: int) -> tuple[int, int, int, int] | None:
+        """Draw a patch `(top, left, h, w)` for an H×W image; None when every attempt fails."""
+        area = height * width
+        for _ in range(self.attempts):
+            target = _uniform(self.sl, self.sh) * area
+            aspect = _uniform(self.r1, 1.0 / self.r1)
+            h = round(math.sqrt(target * aspect))
+            w = round(math.sqrt(target / aspect))
+            if w < width and h < height:
+                top = int(torch.randint(0, height - h + 1, ()).item())
+                left = int(torch.randint(0, width - w + 1, ()).item())
+                return top, left, h, w
+        return None
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.probability == 0.0 or torch.rand(()).item() >= self.probability:
+            return img
+        channels, height, width = img.shape[-3:]
+        params = self.get_params(height, width)
+        if params is None:
+            return img
+        top, left, h, w = params
+        out = img.clone()
+        patch = out[..., top : top + h, left : left + w]
+        if self.fill == "zero":
+            patch.zero_()
+        elif self.fill == "random":
+            patch.copy_(torch.randn(patch.shape, dtype=out.dtype))
+        elif channels == 3 and len(self.mean) >= 3:
+            for c in range(3):
+                patch[..., c, :, :] = self.mean[c]
+        else:
+            # The original fills a non-RGB image with the first mean value only.
+            patch.fill_(self.mean[0])
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(probability={self.probability}, sl={self.sl}, sh={self.sh}, "
+            f"r1={self.r1}, fill={self.fill!r}, mean={self.mean})"
+        )
+
+
+def _size(cfg: Any, key: str) -> tuple[int, int]:
+    value = getattr(cfg.INPUT, key)
+    try:
+        height, width = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"INPUT.{key} must be [height, width], got {value!r}") from None
+    if height <= 0 or width <= 0:
+        raise ConfigError(f"INPUT.{key} must be positive, got {value!r}")
+    return height, width
+
+
+def _normalize(cfg: Any) -> T.Normalize:
+    mean, std = list(cfg.INPUT.PIXEL_MEAN), list(cfg.INPUT.PIXEL_STD)
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(
+            f"INPUT.PIXEL_MEAN and INPUT.PIXEL_STD need 3 values (RGB), got {mean} and {std}"
+        )
+    if any(s <= 0 for s in std):
+        raise ConfigError(f"INPUT.PIXEL_STD values must be positive, got {std}")
+    return T.Normalize(mean=mean, std=std)
+
+
+def build_transforms(cfg: Any, is_train: bool) -> T.Compose:
+    """The PIL -> normalised tensor pipeline of spec §6 (train adds flip, pad+crop and erasing)."""
+    if not is_train:
+        size = _size(cfg, "SIZE_TEST")
+        return T.Compose(
+            [
+                T.Resize(size, interpolation=T.InterpolationMode.BILINEAR),
+                T.ToTensor(),
+                _normalize(cfg),
+            ]
+        )
+    size = _size(cfg, "SIZE_TRAIN")
+    prob = float(cfg.INPUT.PROB)
+    if not 0.0 <= prob <= 1.0:
+        raise ConfigError(f"INPUT.PROB (flip probability) must be in [0, 1], got {prob}")
+    padding = int(cfg.INPUT.PADDING)
+    if padding < 0:
+        raise ConfigError(f"INPUT.PADDING must be >= 0, got {padding}")
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BILINEAR),
+            T.RandomHorizontalFlip(p=prob),
+            T.Pad(padding, fill=0),
+            T.RandomCrop(size),
+            T.ToTensor(),
+            _normalize(cfg),
+            RandomErasing(
+                probability=float(cfg.INPUT.RE_PROB),
+                sl=float(cfg.INPUT.RE_SL),
+                sh=float(cfg.INPUT.RE_SH),
+                r1=float(cfg.INPUT.RE_R1),
+                fill=str(cfg.INPUT.RE_FILL),
+                mean=cfg.INPUT.PIXEL_MEAN,
+            ),
+        ]
+    )
