@@ -1,0 +1,112 @@
+"""Dataset loaders: `build_dataset(name, root, **options)` over the `DATASETS` registry.
+
+Add your own with `@DATASETS.register("name")` on a `ReIDDataset` subclass whose `load()`
+returns (train, query, gallery) lists of `ImageRecord(path, pid, camid)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from strongreid.data.datasets.base import (
+    DATASETS,
+    IMAGE_EXTENSIONS,
+    FileIndex,
+    ImageRecord,
+    Option,
+    ReIDDataset,
+    build_dataset,
+    list_image_names,
+    parse_pid_cam,
+    read_list_lines,
+    relabel,
+)
+from strongreid.data.datasets.cuhk03 import CUHK03
+from strongreid.data.datasets.generic import FolderDataset, ListDataset
+from strongreid.data.datasets.market import (
+    DukeMTMCreID,
+    Market1501,
+    MarketStyleDataset,
+    OccludedDuke,
+    SyntheticPedestrians,
+)
+from strongreid.data.datasets.msmt17 import MSMT17, parse_msmt_camera
+from strongreid.data.datasets.stats import dataset_stats, format_stats, split_stats, stats_command
+from strongreid.data.datasets.veri import VeRi776
+from strongreid.errors import DatasetError
+
+if TYPE_CHECKING:
+    from yacs.config import CfgNode
+
+__all__ = [
+    "CUHK03",
+    "DATASETS",
+    "IMAGE_EXTENSIONS",
+    "MSMT17",
+    "DukeMTMCreID",
+    "FileIndex",
+    "FolderDataset",
+    "ImageRecord",
+    "ListDataset",
+    "Market1501",
+    "MarketStyleDataset",
+    "OccludedDuke",
+    "Option",
+    "ReIDDataset",
+    "SyntheticPedestrians",
+    "VeRi776",
+    "build_dataset",
+    "combine_train",
+    "dataset_options",
+    "dataset_stats",
+    "format_stats",
+    "list_image_names",
+    "parse_msmt_camera",
+    "parse_pid_cam",
+    "read_list_lines",
+    "relabel",
+    "split_stats",
+    "stats_command",
+]
+
+
+def dataset_options(cfg: CfgNode, name: str) -> dict[str, Any]:
+    """The loader options of dataset `name` that the config sets.
+
+    Only options the loader declares are passed; an empty string means "the loader's default"
+    (e.g. the `folder` loader's bounding_box_train when DATASETS.LIST_TRAIN is '').
+    """
+    from strongreid.config import flag
+
+    declared = DATASETS.get(name).option_specs()
+    values = {
+        "merge_val": flag(cfg.DATASETS.MSMT17_MERGE_VAL),
+        "kind": str(cfg.DATASETS.CUHK03_KIND),
+        "train": str(cfg.DATASETS.LIST_TRAIN),
+        "query": str(cfg.DATASETS.LIST_QUERY),
+        "gallery": str(cfg.DATASETS.LIST_GALLERY),
+        "skip_corrupt": flag(cfg.DATALOADER.SKIP_CORRUPT),
+    }
+    return {key: value for key, value in values.items() if key in declared and value != ""}
+
+
+def combine_train(datasets: Sequence[ReIDDataset]) -> list[ImageRecord]:
+    """Concatenate train splits, offsetting pids and camids so no two datasets share a label."""
+    combined: list[ImageRecord] = []
+    pid_offset = 0
+    cam_offset = 0
+    for dataset in datasets:
+        if not dataset.train:
+            raise DatasetError(
+                f"{dataset.TITLE} at {dataset.dataset_dir} has no train split to train on; "
+                "remove it from DATASETS.NAMES or give it a train list."
+            )
+        combined.extend(
+            ImageRecord(r.path, r.pid + pid_offset, r.camid + cam_offset) for r in dataset.train
+        )
+        # Train pids are 0..N-1 after relabelling; camids need not be contiguous, so the next
+        # dataset starts after the largest one.
+        pid_offset += dataset.num_train_pids
+        cam_offset += max(r.camid for r in dataset.train) + 1
+    return combined
