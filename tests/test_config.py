@@ -277,3 +277,36 @@ def test_dataset_names_parser(names, style):
         raw = ",".join(names)
     cfg.DATASETS.NAMES = raw
     assert dataset_names(cfg) == names
+
+
+def test_saved_config_reloads_without_dead_key_warnings(tmp_path, caplog):
+    from strongreid.config import save_config
+
+    cfg = load_config(str(CONFIGS / "softmax_triplet_with_center.yml"))
+    save_config(cfg, tmp_path / "config.yaml")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="strongreid"):
+        again = load_config(str(tmp_path / "config.yaml"))
+    assert not [r for r in caplog.records if "unused" in r.getMessage()]
+    assert again == cfg
+
+
+def test_command_options_may_follow_the_overrides():
+    from strongreid.cli import _pull_options, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["extract", "--config", "c.yml", "TEST.WEIGHT", "w.pt", "--images", "imgs",
+                              "--out=f.npz", "TEST.FLIP_AUG", "True"])
+    _pull_options(args._parser, args)
+    assert (args.images, args.out, args.config) == ("imgs", "f.npz", "c.yml")
+    assert args.opts == ["TEST.WEIGHT", "w.pt", "TEST.FLIP_AUG", "True"]
+    args = parser.parse_args(["train", "SOLVER.MAX_EPOCHS", "3", "--resume"])
+    _pull_options(args._parser, args)
+    assert args.resume is True and args.opts == ["SOLVER.MAX_EPOCHS", "3"]
+
+
+def test_missing_required_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "TEST.WEIGHT", "w.pt", "--format", "onnx"])
+    assert exc.value.code == 2
+    assert "--out" in capsys.readouterr().err

@@ -38,6 +38,57 @@ def _load_cfg(args: argparse.Namespace):
     return load_config(args.config, list(args.opts or []))
 
 
+def _pull_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Take this command's own --options out of the KEY VALUE list.
+
+    `argparse.REMAINDER` swallows everything after the first KEY, so
+    `strongreid extract --config F TEST.WEIGHT ckpt --images DIR --out FILE` would otherwise
+    lose --images and --out to the config overrides.
+    """
+    by_flag = {flag: a for a in parser._actions for flag in a.option_strings}
+    rest: list[str] = []
+    tokens = list(getattr(args, "opts", None) or [])
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        name, eq, inline = tok.partition("=")
+        action = by_flag.get(name) if tok.startswith("-") else None
+        if action is None:
+            rest.append(tok)
+            i += 1
+            continue
+        if action.nargs == 0:
+            setattr(args, action.dest, action.const)
+            i += 1
+            continue
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(tokens):
+            value, i = tokens[i + 1], i + 2
+        else:
+            parser.error(f"argument {name}: expected one argument")
+        if action.type is not None:
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                parser.error(f"argument {name}: invalid value {value!r}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"argument {name}: invalid choice {value!r} (choose from "
+                         + ", ".join(map(repr, action.choices)) + ")")
+        setattr(args, action.dest, value)
+    args.opts = rest
+    missing = [a.option_strings[0] for a in parser._actions
+               if getattr(a, "needed", False) and getattr(args, a.dest, None) is None]
+    if missing:
+        parser.error("the following arguments are required: " + ", ".join(missing))
+
+
+def _needed(action: argparse.Action) -> argparse.Action:
+    # Required, but may also come after the KEY VALUE pairs: checked by _pull_options.
+    action.needed = True
+    return action
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from strongreid.config.loader import dump_config
 
@@ -162,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_test)
 
     p = sub.add_parser("extract", help="features of a folder or list of images to .npz")
-    p.add_argument("--images", required=True, help="folder of images or a list file")
-    p.add_argument("--out", required=True, help="output .npz or .safetensors file")
+    _needed(p.add_argument("--images", help="folder of images or a list file"))
+    _needed(p.add_argument("--out", help="output .npz or .safetensors file"))
     _add_config_args(p)
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("export", help="export the inference model")
-    p.add_argument("--format", choices=["onnx", "torchscript", "safetensors"], required=True)
-    p.add_argument("--out", required=True)
+    _needed(p.add_argument("--format", choices=["onnx", "torchscript", "safetensors"]))
+    _needed(p.add_argument("--out", help="output file"))
     _add_config_args(p)
     p.set_defaults(func=_cmd_export)
 
@@ -188,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="top-k gallery matches as JSON")
     p.add_argument("index", help="folder written by `strongreid index build`")
-    p.add_argument("--query", required=True, help=".npz of features, or images (needs --config)")
+    _needed(p.add_argument("--query", help=".npz of features, or images (needs --config)"))
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--out", default=None, help="write JSON here instead of stdout")
     _add_config_args(p)
@@ -206,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="OUTPUT_DIR of a run")
     p.add_argument("--out", default=None, help="HTML file (default RESULTS/report/index.html)")
     p.set_defaults(func=_cmd_report)
+    for p in sub.choices.values():
+        p.set_defaults(_parser=p)
     return parser
 
 
@@ -220,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    if hasattr(args, "opts"):
+        _pull_options(args._parser, args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -457,7 +457,13 @@ def load_config(config_file: str | None = None, opts: list[str] | None = None) -
 
 
 def dump_config(cfg: CfgNode) -> str:
-    return cfg.dump(sort_keys=False)
+    """YAML of the config, without the dead upstream keys (they mean nothing)."""
+    out = cfg.clone()
+    out.defrost()
+    for key in DEAD_KEYS:
+        section, leaf = key.split(".")
+        out[section].pop(leaf, None)
+    return out.dump(sort_keys=False)
 
 
 def save_config(cfg: CfgNode, path: str | os.PathLike) -> None:

@@ -1,8 +1,10 @@
-"""The training loop: plain PyTorch, one epoch at a time.
+"""The training loop: plain PyTorch, one epoch at a time, in one process or under torchrun.
 
 Order of one iteration (as reid-strong-baseline): forward, loss, backward, model optimizer step;
 with center loss, the center gradients are rescaled by 1/weight and the centers take their own
 SGD step. The LR scheduler steps once per epoch, after it (epoch e trains with t = e - 1).
+Under torchrun (docs/distributed.md) SOLVER.IMS_PER_BATCH is the global batch, the model is
+wrapped in DDP, and the logged losses are the means over all ranks.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from strongreid.engine.runtime import (
     setup_logging,
     use_channels_last,
 )
-from strongreid.errors import CheckpointError, StrongReIDError
+from strongreid.errors import CheckpointError, ConfigError, StrongReIDError
+from strongreid.solver.optimizer import step_center
 
 logger = logging.getLogger("strongreid")
 
@@ -44,10 +47,40 @@ class TrainingDiverged(StrongReIDError):
     """The loss became NaN or infinite."""
 
 
-class Trainer:
-    """Holds everything one run needs; `fit()` trains, evaluates and checkpoints."""
+def scale_lr(cfg: CfgNode) -> CfgNode:
+    """The config the optimisers are built from: with SOLVER.SCALE_LR, BASE_LR and CENTER_LR
+    times IMS_PER_BATCH / LR_REFERENCE_BATCH (the linear scaling rule); else `cfg` itself.
 
-    def __init__(self, cfg: CfgNode, resume: bool = False) -> None:
+    CENTER_LR scales too: a center moves by 2 lr K / B of its class's offset per step, so with a
+    larger batch it would otherwise trail the features it tracks.
+    """
+    s = cfg.SOLVER
+    if not s.SCALE_LR:
+        return cfg
+    if s.LR_REFERENCE_BATCH < 1:
+        raise ConfigError(f"SOLVER.LR_REFERENCE_BATCH = {s.LR_REFERENCE_BATCH} must be >= 1 with SOLVER.SCALE_LR True")
+    factor = s.IMS_PER_BATCH / s.LR_REFERENCE_BATCH
+    scaled = cfg.clone()
+    scaled.defrost()
+    scaled.SOLVER.BASE_LR = s.BASE_LR * factor
+    scaled.SOLVER.CENTER_LR = s.CENTER_LR * factor
+    scaled.freeze()
+    logger.info(
+        "SOLVER.SCALE_LR: x%g (IMS_PER_BATCH %d / LR_REFERENCE_BATCH %d): BASE_LR %.3g -> %.3g, "
+        "CENTER_LR %.3g -> %.3g", factor, s.IMS_PER_BATCH, s.LR_REFERENCE_BATCH, s.BASE_LR,
+        scaled.SOLVER.BASE_LR, s.CENTER_LR, scaled.SOLVER.CENTER_LR,
+    )
+    return scaled
+
+
+class Trainer:
+    """Holds everything one run needs; `fit()` trains, evaluates and checkpoints.
+
+    `resume`: True continues from OUTPUT_DIR/last.pt; "auto" does so when every rank sees that
+    file (the torchrun restart path) and starts afresh when none does.
+    """
+
+    def __init__(self, cfg: CfgNode, resume: bool | str = False) -> None:
         from strongreid.data import build_train_loader
         from strongreid.data.splits import load_splits
         from strongreid.losses import build_loss
@@ -57,7 +90,11 @@ class Trainer:
         self.cfg = cfg
         self.device = select_device(cfg)
         self.dist = D.init_distributed(self.device)
+        # Before anything heavy: the global batch must split into whole identities per rank.
+        D.local_batch_size(cfg, self.dist.world_size)
         self.out_dir = Path(cfg.OUTPUT_DIR)
+        if resume == "auto":
+            resume = self._agree_on_resume()
         setup_logging(self.out_dir, self.dist.rank)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,8 +107,9 @@ class Trainer:
         self.loader = build_train_loader(cfg, self.splits.train, rank=self.dist.rank,
                                          world_size=self.dist.world_size)
         model = build_model(cfg, self.num_classes)
-        if cfg.MODEL.SYNC_BN and self.dist.enabled:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.sync_bn = bool(cfg.MODEL.SYNC_BN) and self.dist.enabled
+        if self.sync_bn:
+            model = D.convert_sync_batchnorm(model, self.device)
         self.channels_last = use_channels_last(cfg.MODEL.CHANNELS_LAST, self.device)
         model = model.to(self.device)
         if self.channels_last:
@@ -80,11 +118,14 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = build_loss(cfg, self.num_classes, model.feat_dim).to(self.device)
-        self.optimizer = make_optimizer(cfg, model)
+        self.triplet_gather = (bool(cfg.SOLVER.TRIPLET_GATHER) and self.dist.enabled
+                               and self.loss_fn.triplet is not None)
+        solver_cfg = scale_lr(cfg)
+        self.optimizer = make_optimizer(solver_cfg, model)
         self.center_optimizer = (
-            make_center_optimizer(cfg, self.loss_fn.center) if self.loss_fn.center is not None else None
+            make_center_optimizer(solver_cfg, self.loss_fn.center) if self.loss_fn.center is not None else None
         )
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.scheduler = build_scheduler(solver_cfg, self.optimizer)
         self.start_epoch = 0
         self.best_map = -1.0
         self.last_eval: dict[str, Any] | None = None
@@ -92,9 +133,12 @@ class Trainer:
             self._resume(self.out_dir / "last.pt")
         self.train_model: nn.Module = model
         if self.dist.enabled:
+            # Buffers are not broadcast each step: with SyncBN they agree anyway, without it they
+            # are averaged at the end of each epoch (_sync_buffers). A triplet-only loss leaves
+            # the classifier unused, which DDP must be told.
             self.train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                broadcast_buffers=False, find_unused_parameters=self.loss_fn.id_loss is None,
             )
         if cfg.MODEL.COMPILE:
             self.train_model = torch.compile(self.train_model)
@@ -111,6 +155,22 @@ class Trainer:
             cfg.MODEL.NAME, "+".join(self.splits.train_names), len(self.splits.train), self.num_classes,
             len(self.loader), self.device, self.amp_dtype, self.channels_last, self.dist.world_size,
         )
+        if self.dist.enabled:
+            logger.info("distributed: %d ranks x %d images (global batch %d), SyncBN %s, triplet over %s",
+                        self.dist.world_size, D.local_batch_size(cfg, self.dist.world_size),
+                        cfg.SOLVER.IMS_PER_BATCH, "on" if self.sync_bn else "off",
+                        "all ranks" if self.triplet_gather else "each rank's batch")
+
+    def _agree_on_resume(self) -> bool:
+        """Resume when every rank sees last.pt, start afresh when none does; anything else means
+        OUTPUT_DIR is not shared by all nodes, and the ranks would silently diverge."""
+        seen = D.count_true((self.out_dir / "last.pt").is_file())
+        if 0 < seen < self.dist.world_size:
+            raise CheckpointError(
+                f"{self.out_dir / 'last.pt'} is visible to {seen} of {self.dist.world_size} processes: "
+                "OUTPUT_DIR must be on a filesystem that every node shares for torchrun restarts to resume"
+            )
+        return seen > 0
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self, epoch: int) -> dict[str, Any]:
@@ -158,6 +218,12 @@ class Trainer:
         self.last_eval = ckpt.get("metrics")
         set_rng_state(ckpt["rng"])
         logger.info("resumed from %s at the end of epoch %d", path, self.start_epoch)
+
+    def _sync_buffers(self) -> None:
+        # SyncBN keeps the running statistics equal on every rank (and averaging equal values
+        # over 3 ranks could round); without it each rank only saw its own images.
+        if self.dist.enabled and not self.sync_bn:
+            D.average_buffers_(self.model)
 
     def _save(self, epoch: int, evaluated: bool) -> None:
         if not self.dist.is_main:
@@ -211,12 +277,17 @@ class Trainer:
             with autocast(self.device, self.amp_dtype):
                 logits, feats = self.train_model(images)
             # Losses in fp32: the triplet distances and center terms lose too much in bf16.
-            terms = self.loss_fn(logits.float(), feats.float(), targets)
-            loss = terms["total"]
-            if not torch.isfinite(loss):
+            terms, loss = self._losses(logits.float(), feats.float(), targets)
+            with torch.no_grad():
+                acc = (logits.argmax(1) == targets).float().mean()
+                # One small collective per step: the logged numbers are means over all ranks, and
+                # a NaN on any rank stops every rank here (not in a collective that never returns).
+                values = D.all_reduce_mean_(torch.stack([v.detach().float() for v in terms.values()] + [acc]))
+            logged = dict(zip([*terms, "acc"], values.tolist()))
+            if not math.isfinite(logged["total"]):
                 raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch}, iteration {it} (terms: "
-                    + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                    f"the loss became {logged['total']} at epoch {epoch}, iteration {it} (terms: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in logged.items() if k not in ("total", "acc"))
                     + f"). Training stopped; the last good checkpoint is {self.out_dir / 'last.pt'} "
                     "(resume with --resume). Lower SOLVER.BASE_LR or set MODEL.AMP 'off'."
                 )
@@ -228,11 +299,8 @@ class Trainer:
             self.scaler.update()
             if self.center_optimizer is not None:
                 self._center_step()
-            with torch.no_grad():
-                acc = (logits.argmax(1) == targets).float().mean().item()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["acc"] = sums.get("acc", 0.0) + acc
+            for k, v in logged.items():
+                sums[k] = sums.get(k, 0.0) + v
             count += 1
             images_seen += images.shape[0] * self.dist.world_size
             if bar is not None:
@@ -248,9 +316,8 @@ class Trainer:
                           f"eta {_fmt_time(eta)}")
                 if self.tb is not None:
                     step = (epoch - 1) * n_iter + it
-                    for k, v in terms.items():
-                        self.tb.add_scalar(f"train/loss_{k}", float(v.detach()), step)
-                    self.tb.add_scalar("train/acc", acc, step)
+                    for k, v in logged.items():
+                        self.tb.add_scalar("train/acc" if k == "acc" else f"train/loss_{k}", v, step)
                     self.tb.add_scalar("train/lr", lr, step)
                     self.tb.add_scalar("train/images_per_s", ips, step)
             end = time.perf_counter()
@@ -263,9 +330,32 @@ class Trainer:
                       "data_wait": t_data / max(elapsed, 1e-9)})
         return stats
 
-    def _center_step(self) -> None:
-        from strongreid.solver import step_center
+    def _losses(self, logits: torch.Tensor, feats: torch.Tensor,
+                targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The weighted loss terms (what is logged) and the loss to back-propagate.
 
+        They differ only with SOLVER.TRIPLET_GATHER under torchrun: the triplet term is mined over
+        the global batch (every rank computes the same value), but the gathered features carry
+        gradient only to this rank's slice, and DDP averages gradients over the W ranks, so the
+        term is back-propagated W times over to give the single-process gradient. The ID and
+        center terms stay per-rank means, whose DDP average is the global mean.
+        """
+        lf = self.loss_fn
+        if not self.triplet_gather:
+            terms = lf(logits, feats, targets)
+            return terms, terms["total"]
+        terms: dict[str, torch.Tensor] = {}
+        if lf.id_loss is not None:
+            terms["id"] = lf.id_weight * lf.id_loss(logits, targets)
+        all_feats = D.all_gather_with_grad(feats)
+        all_targets = D.all_gather_with_grad(targets)
+        terms["triplet"] = lf.triplet_weight * lf.triplet(all_feats, all_targets)
+        if lf.center is not None:
+            terms["center"] = lf.center_weight * lf.center(feats, targets)
+        terms["total"] = torch.stack(list(terms.values())).sum()
+        return terms, terms["total"] + (self.dist.world_size - 1) * terms["triplet"]
+
+    def _center_step(self) -> None:
         center = self.loss_fn.center
         if self.dist.enabled:
             # The centers are outside DDP: average their gradients like any other parameter.
@@ -313,6 +403,7 @@ class Trainer:
         for epoch in range(self.start_epoch + 1, max_epochs + 1):
             stats = self.train_one_epoch(epoch)
             self.scheduler.step()
+            self._sync_buffers()
             self._append_metrics({"type": "train", "epoch": epoch, **stats})
             self._log(f"epoch {epoch} done in {stats['time']:.1f} s ({stats['images_per_s']:.1f} img/s)")
             do_eval = epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == max_epochs
@@ -342,19 +433,17 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def train(cfg: CfgNode, resume: bool = False) -> dict[str, Any] | None:
-    trainer = Trainer(cfg, resume=resume)
+def train(cfg: CfgNode, resume: bool | str = False) -> dict[str, Any] | None:
     try:
-        return trainer.fit()
+        return Trainer(cfg, resume=resume).fit()
     finally:
         D.cleanup()
 
 
 def train_command(cfg: CfgNode, resume: bool = False) -> int:
-    """`strongreid train`; under torchrun with restarts, resume by itself from last.pt."""
+    """`strongreid train`; when torchrun restarts the workers, they resume from last.pt by themselves."""
     if not resume and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        last = Path(cfg.OUTPUT_DIR) / "last.pt"
-        resume = last.is_file()
+        resume = "auto"
     final = train(cfg, resume=resume)
     if final is not None:
         print(format_table("final", final))

@@ -1,0 +1,454 @@
+"""`FeatureExtractor`, the one-liner a tracker or a search system needs, and `strongreid extract`.
+
+The feature of an image is computed exactly as `strongreid test` computes it: the test transform
+(resize to INPUT.SIZE_TEST, ToTensor, normalise), the model's eval forward (the BN feature with
+TEST.NECK_FEAT 'after', the pooled one with 'before'), then, with TEST.FLIP_AUG, the mean of the
+image's and its horizontal mirror's features, and last, with TEST.FEAT_NORM 'yes', L2
+normalisation (eps 1e-12). The flip mean is taken BEFORE normalising, so with both options on
+the result is normalise((f(x) + f(flip(x))) / 2), a unit vector.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from yacs.config import CfgNode
+
+from strongreid.errors import CheckpointError, ConfigError, DatasetError, StrongReIDError
+
+logger = logging.getLogger("strongreid")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+OUTPUT_SUFFIXES = (".npz", ".safetensors")
+
+# Market-1501 / DukeMTMC-reID / VeRi: `0002_c1s1_000451_03.jpg`, `0001_c2_f0046182.jpg`.
+_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+# MSMT17: `0000_000_01_0303morning_0015_0.jpg` (pid, index, camera, ...).
+_MSMT_NAME = re.compile(r"^(\d+)_\d+_(\d+)_")
+
+
+def parse_pid_camid(path: str | os.PathLike) -> tuple[int, int]:
+    """(pid, 0-based camid) from a Market/Duke-style or MSMT-style file name, else (-1, -1)."""
+    name = os.path.basename(os.fspath(path))
+    match = _MARKET_NAME.match(name) or _MSMT_NAME.match(name)
+    if match is None:
+        return -1, -1
+    pid, cam = int(match.group(1)), int(match.group(2)) - 1
+    return (pid, cam) if cam >= 0 else (-1, -1)
+
+
+def list_images(source: str | os.PathLike) -> list[str]:
+    """Image paths of a folder (recursive, .jpg/.jpeg/.png/.bmp, sorted) or of a list file.
+
+    A list file holds one path per line; blank lines and lines starting with '#' are skipped,
+    and relative paths are taken relative to the list file's folder.
+    """
+    src = Path(source)
+    if src.is_dir():
+        found = [
+            os.path.join(dirpath, name)
+            for dirpath, _, names in os.walk(src)
+            for name in names
+            if name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        found.sort(key=lambda p: Path(p).relative_to(src).as_posix())
+        if not found:
+            raise DatasetError(
+                f"no images (.jpg, .jpeg, .png, .bmp) found under {src}; check --images"
+            )
+        return found
+    if src.is_file():
+        try:
+            lines = src.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"cannot read the image list {src}: {exc}") from None
+        paths = []
+        for line in lines:
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            path = Path(entry)
+            paths.append(str(path if path.is_absolute() else src.parent / path))
+        if not paths:
+            raise DatasetError(f"the image list {src} holds no paths (one image path a line)")
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise DatasetError(f"the image list {src} names a missing file: {missing[0]}{more}")
+        return paths
+    raise DatasetError(f"--images {src} is neither a folder nor a list file")
+
+
+def _bare_key(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint (or a .safetensors file from `strongreid export`) records about its model.
+
+    Keys: `arch` (MODEL.NAME), `num_classes`, `config` (YAML text) - each None when absent -
+    and `classifier_rows`, the class count its classifier weights actually hold.
+    """
+    path = Path(path)
+    info: dict[str, Any] = {"arch": None, "num_classes": None, "config": None, "classifier_rows": None}
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        if not path.is_file():
+            raise CheckpointError(f"weight file {path} does not exist; check the path given as weights")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                shapes = {_bare_key(k): f.get_slice(k).get_shape() for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
+        info["arch"] = meta.get("arch") or None
+        info["config"] = meta.get("config") or None
+        if meta.get("num_classes", "").isdigit():
+            info["num_classes"] = int(meta["num_classes"])
+    else:
+        from strongreid.engine.checkpoint import load_checkpoint
+
+        raw = load_checkpoint(path)
+        state = raw
+        for wrapper in ("model", "state_dict"):
+            if isinstance(raw.get(wrapper), dict):
+                state = raw[wrapper]
+                info["arch"] = raw.get("arch")
+                info["num_classes"] = raw.get("num_classes")
+                info["config"] = raw.get("config") if isinstance(raw.get("config"), str) else None
+                break
+        shapes = {_bare_key(str(k)): tuple(v.shape) for k, v in state.items()
+                  if isinstance(v, torch.Tensor)}
+    classifier = shapes.get("classifier.weight")
+    if classifier is not None and len(classifier) == 2:
+        info["classifier_rows"] = int(classifier[0])
+    return info
+
+
+def _config_for(config: Any, info: dict[str, Any] | None) -> CfgNode:
+    from strongreid.config import load_config
+    from strongreid.config.loader import config_from_text
+
+    if isinstance(config, CfgNode):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(os.fspath(config), [])
+    if config is not None:
+        raise ConfigError(f"config must be a yaml path, a CfgNode or None, got {type(config).__name__}")
+    if info and info.get("config"):
+        return config_from_text(info["config"])
+    return load_config(None, [])
+
+
+def load_inference_model(cfg: CfgNode, weights: str | os.PathLike,
+                         info: dict[str, Any] | None = None) -> nn.Module:
+    """The model of a checkpoint (or an exported .safetensors file) in eval mode on the CPU.
+
+    It is built with the class count the checkpoint records, so the classifier (unused by the
+    test feature) loads too. Raises CheckpointError when the checkpoint is of another
+    architecture than MODEL.NAME, or records another class count than its weights hold.
+    """
+    from strongreid.modeling import build_model, load_test_weights
+
+    path = Path(weights)
+    if info is None:
+        info = read_checkpoint_info(path)
+    arch = info.get("arch")
+    if arch and arch != cfg.MODEL.NAME:
+        raise CheckpointError(
+            f"checkpoint {path} is a {arch!r} model but MODEL.NAME is {cfg.MODEL.NAME!r}: set "
+            f"MODEL.NAME {arch} (or pass the config.yaml of the run that wrote the checkpoint)"
+        )
+    declared, rows = info.get("num_classes"), info.get("classifier_rows")
+    if declared is not None and rows is not None and int(declared) != rows:
+        raise CheckpointError(
+            f"checkpoint {path} records num_classes {declared} but its classifier has {rows} "
+            "classes: the file was assembled from two runs; re-save it from the training run"
+        )
+    # An original-project state dict records no class count: its classifier tells it.
+    num_classes = int(declared) if declared is not None else rows if rows is not None else 1
+    build_cfg = cfg.clone()
+    build_cfg.defrost()
+    # Every weight comes from the checkpoint: fetching ImageNet weights first would be wasted
+    # (and fails offline).
+    build_cfg.MODEL.PRETRAIN_CHOICE = "none"
+    build_cfg.freeze()
+    model = build_model(build_cfg, num_classes)
+    load_test_weights(model, path)
+    return model.eval()
+
+
+class FeatureExtractor:
+    """Test features of images: `FeatureExtractor(config, weights)(images) -> (N, D) float32`.
+
+    `config`: a yaml path, a CfgNode, or None for the config stored in the checkpoint (the
+    defaults when it has none). `weights`: a strongreid checkpoint or a .safetensors file from
+    `strongreid export` (default: TEST.WEIGHT). `device`: 'auto', 'cpu', 'cuda[:N]', a
+    torch.device, or None for MODEL.DEVICE. `batch_size`: default TEST.IMS_PER_BATCH.
+
+    Accepted images (a list, or one of them alone):
+      * file paths;
+      * PIL images (converted to RGB);
+      * numpy uint8 arrays, H x W x 3 RGB (or H x W grey), or a N x H x W x 3 stack;
+      * torch uint8 tensors C x H x W or N x C x H x W: raw RGB pixels, preprocessed like arrays;
+      * torch float tensors C x H x W or N x C x H x W: taken as already preprocessed (the test
+        transform's output, INPUT.SIZE_TEST in size) and fed to the model as they are.
+    Features come back on the CPU in input order; MODEL.AMP applies as in `strongreid test`.
+    TEST.FLIP_AUG averages the features of each image and its mirror BEFORE the TEST.FEAT_NORM
+    L2 normalisation, as `strongreid test` does (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        config: str | os.PathLike | CfgNode | None = None,
+        weights: str | os.PathLike | None = None,
+        device: str | torch.device | None = "auto",
+        batch_size: int | None = None,
+    ) -> None:
+        from strongreid.config import flag
+        from strongreid.data import build_transforms
+        from strongreid.engine.runtime import amp_dtype, select_device, use_channels_last
+
+        info = read_checkpoint_info(weights) if weights else None
+        cfg = _config_for(config, info)
+        if not weights:
+            weights = cfg.TEST.WEIGHT
+            if not weights:
+                raise ConfigError(
+                    "FeatureExtractor needs weights: pass weights='run/best.pt' or set TEST.WEIGHT"
+                )
+            info = read_checkpoint_info(weights)
+        self.cfg = cfg
+        self.weights = os.fspath(weights)
+        self.device = select_device(cfg if device is None else device)
+        self.batch_size = int(batch_size if batch_size is not None else cfg.TEST.IMS_PER_BATCH)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        self.flip = bool(cfg.TEST.FLIP_AUG)
+        self.feat_norm = flag(cfg.TEST.FEAT_NORM)
+        self.input_size = (int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1]))
+        self.transform = build_transforms(cfg, is_train=False)
+        self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
+        self.channels_last = use_channels_last(cfg.MODEL.CHANNELS_LAST, self.device)
+        model = load_inference_model(cfg, self.weights, info).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.feat_dim = int(model.feat_dim)
+
+    def __repr__(self) -> str:
+        return (f"FeatureExtractor({self.cfg.MODEL.NAME}, weights={self.weights!r}, device={self.device}, "
+                f"dim={self.feat_dim}, flip={self.flip}, feat_norm={self.feat_norm})")
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def _pil_to_tensor(self, img: Image.Image) -> torch.Tensor:
+        return self.transform(img.convert("RGB"))
+
+    def _array_to_tensor(self, arr: np.ndarray, where: str) -> torch.Tensor:
+        if arr.dtype != np.uint8:
+            raise StrongReIDError(
+                f"{where}: numpy images must be uint8 RGB (H x W x 3), got {arr.dtype}; convert "
+                "floats in [0, 1] with (a * 255).round().astype(np.uint8)"
+            )
+        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3)):
+            img = Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+            return self._pil_to_tensor(img)
+        raise StrongReIDError(f"{where}: expected an H x W x 3 array, got shape {tuple(arr.shape)}")
+
+    def _tensor_batch(self, t: torch.Tensor, where: str) -> list[torch.Tensor]:
+        batch = t.unsqueeze(0) if t.ndim == 3 else t
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise StrongReIDError(
+                f"{where}: tensors must be C x H x W or N x C x H x W with 3 channels, got "
+                f"shape {tuple(t.shape)}"
+            )
+        if batch.dtype == torch.uint8:
+            return [self._array_to_tensor(x.permute(1, 2, 0).cpu().numpy(), where) for x in batch]
+        if not batch.is_floating_point():
+            raise StrongReIDError(f"{where}: tensors must be uint8 (raw pixels) or float, got {t.dtype}")
+        if tuple(batch.shape[-2:]) != self.input_size:
+            raise StrongReIDError(
+                f"{where}: a float tensor is taken as preprocessed, so it must be "
+                f"{self.input_size[0]} x {self.input_size[1]} (INPUT.SIZE_TEST), got "
+                f"{tuple(batch.shape[-2:])}; pass raw images as paths, PIL images, uint8 arrays or "
+                "uint8 tensors to have them resized and normalised"
+            )
+        return list(batch.float())
+
+    def _flatten(self, images: Any) -> list[Any]:
+        """Input items in order, each one image (a path, PIL image, array or 3-D tensor)."""
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            return [images]
+        if isinstance(images, torch.Tensor):
+            return [images] if images.ndim == 3 else list(images.unbind(0)) if images.ndim == 4 \
+                else [images]
+        if isinstance(images, np.ndarray):
+            return list(images) if images.ndim == 4 else [images]
+        if isinstance(images, Iterable):
+            items: list[Any] = []
+            for item in images:
+                if isinstance(item, torch.Tensor) and item.ndim == 4:
+                    items.extend(item.unbind(0))
+                elif isinstance(item, np.ndarray) and item.ndim == 4:
+                    items.extend(item)
+                else:
+                    items.append(item)
+            return items
+        raise StrongReIDError(f"cannot read images from a {type(images).__name__}")
+
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """The model input batch (N x 3 x H x W, float32, CPU) for `images`."""
+        from strongreid.data import read_image
+
+        tensors: list[torch.Tensor] = []
+        for i, item in enumerate(self._flatten(images)):
+            where = f"image {i}"
+            if isinstance(item, (str, os.PathLike)):
+                tensors.append(self._pil_to_tensor(read_image(item)))
+            elif isinstance(item, Image.Image):
+                tensors.append(self._pil_to_tensor(item))
+            elif isinstance(item, np.ndarray):
+                tensors.append(self._array_to_tensor(item, where))
+            elif isinstance(item, torch.Tensor):
+                tensors.extend(self._tensor_batch(item, where))
+            else:
+                raise StrongReIDError(
+                    f"{where} is a {type(item).__name__}; give paths, PIL images, uint8 arrays or tensors"
+                )
+        if not tensors:
+            return torch.empty(0, 3, *self.input_size)
+        return torch.stack([t.cpu() for t in tensors])
+
+    # -- features -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Features of one preprocessed batch: forward (+ flip mean), then L2 with FEAT_NORM."""
+        from strongreid.engine.runtime import autocast
+
+        if batch.shape[0] == 0:
+            return torch.empty(0, self.feat_dim)
+        x = batch.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
+            f = self.model(x).float()
+            if self.flip:
+                f = (f + self.model(torch.flip(x, dims=[3])).float()) / 2
+        if self.feat_norm:
+            f = F.normalize(f, p=2, dim=1, eps=1e-12)
+        return f.float().cpu()
+
+    def __call__(self, images: Any) -> torch.Tensor:
+        items = self._flatten(images)
+        out = [self.features(self.preprocess(items[i:i + self.batch_size]))
+               for i in range(0, len(items), self.batch_size)]
+        if not out:
+            return torch.empty(0, self.feat_dim)
+        return torch.cat(out)
+
+
+class _PathDataset(torch.utils.data.Dataset):
+    """Decodes in loader workers; a bad file comes back as a message so the main process can
+    raise one clean DatasetError (a worker's exception would carry a traceback in its text)."""
+
+    def __init__(self, paths: Sequence[str], transform: Any) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str]:
+        from strongreid.data import read_image
+
+        try:
+            return self.transform(read_image(self.paths[index])), ""
+        except DatasetError as exc:
+            return None, str(exc)
+
+
+def _collate(items: list[tuple[torch.Tensor | None, str]]) -> tuple[torch.Tensor | None, str]:
+    for tensor, error in items:
+        if tensor is None:
+            return None, error
+    return torch.stack([t for t, _ in items]), ""
+
+
+def write_features(out: str | os.PathLike, feats: torch.Tensor, paths: Sequence[str],
+                   pids: np.ndarray, camids: np.ndarray, metadata: dict[str, str] | None = None) -> list[Path]:
+    """`.npz` with feats/paths/pids/camids, or `.safetensors` (feats) + `.csv` (index) beside it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    feats = feats.detach().float().cpu().contiguous()
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    if out.suffix == ".npz":
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a str name
+            np.savez(f, feats=feats.numpy(), paths=np.array(list(paths), dtype=str),
+                     pids=np.asarray(pids, dtype=np.int64), camids=np.asarray(camids, dtype=np.int64))
+        os.replace(tmp, out)
+        return [out]
+    from safetensors.torch import save_file
+
+    save_file({"feats": feats}, str(tmp), metadata=dict(metadata or {}))
+    os.replace(tmp, out)
+    index = out.with_suffix(".csv")
+    tmp_csv = index.with_name(f".{index.name}.tmp{os.getpid()}")
+    with open(tmp_csv, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "path", "pid", "camid"])
+        for i, (p, pid, cam) in enumerate(zip(paths, pids, camids)):
+            writer.writerow([i, p, int(pid), int(cam)])
+    os.replace(tmp_csv, index)
+    return [out, index]
+
+
+def extract_command(cfg: CfgNode, images: str, out: str) -> int:
+    """`strongreid extract --config F TEST.WEIGHT ckpt --images DIR_OR_LIST --out FILE`."""
+    from tqdm import tqdm
+
+    if Path(out).suffix not in OUTPUT_SUFFIXES:
+        raise StrongReIDError(f"--out {out} must end with .npz or .safetensors")
+    if not cfg.TEST.WEIGHT:
+        raise ConfigError("strongreid extract needs TEST.WEIGHT: the checkpoint, e.g. "
+                          "TEST.WEIGHT runs/demo/best.pt")
+    paths = list_images(images)
+    extractor = FeatureExtractor(config=cfg, weights=cfg.TEST.WEIGHT, device=None)
+    workers = min(int(cfg.DATALOADER.NUM_WORKERS), os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        _PathDataset(paths, extractor.transform), batch_size=extractor.batch_size, shuffle=False,
+        num_workers=workers, collate_fn=_collate, pin_memory=extractor.device.type == "cuda",
+    )
+    chunks = []
+    # disable=None: a bar on a terminal, silence in logs and pipes.
+    for batch, error in tqdm(loader, desc="extract", unit="batch", disable=None, file=sys.stderr):
+        if batch is None:
+            raise DatasetError(error)
+        chunks.append(extractor.features(batch))
+    feats = torch.cat(chunks)
+    ids = np.array([parse_pid_camid(p) for p in paths], dtype=np.int64).reshape(-1, 2)
+    written = write_features(
+        out, feats, paths, ids[:, 0], ids[:, 1],
+        {"weights": extractor.weights, "arch": cfg.MODEL.NAME, "feat_norm": str(extractor.feat_norm),
+         "flip": str(extractor.flip), "neck_feat": str(cfg.TEST.NECK_FEAT)},
+    )
+    print(f"{len(paths)} features of dimension {feats.shape[1]} written to "
+          f"{' and '.join(str(p) for p in written)}")
+    return 0

@@ -1,0 +1,96 @@
+"""The strong baseline's model: backbone -> GAP (or GeM) -> BNNeck -> bias-free classifier."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+from yacs.config import CfgNode
+
+from strongreid.errors import ConfigError
+from strongreid.modeling.backbones import create_backbone
+from strongreid.modeling.heads import build_pooling, make_bnneck, weights_init_classifier
+
+logger = logging.getLogger(__name__)
+
+
+class ReIDModel(nn.Module):
+    """Training forward -> (logits, pre-BN global feature); eval forward -> the test feature.
+
+    With neck 'bnneck' the ID loss sees the BN feature and triplet/center loss the pre-BN one
+    (Luo et al.'s BNNeck); the test feature is the BN feature ('after') or the pre-BN one
+    ('before'). With neck 'no' the classifier is a plain Linear with bias on the pooled feature.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        neck: str = "bnneck",
+        neck_feat: str = "after",
+        pooling: str = "avg",
+        gem_p: float = 3.0,
+    ) -> None:
+        super().__init__()
+        if neck not in ("bnneck", "no"):
+            raise ConfigError(f"MODEL.NECK = {neck!r}: use 'bnneck' or 'no'.")
+        if neck_feat not in ("after", "before"):
+            raise ConfigError(f"TEST.NECK_FEAT = {neck_feat!r}: use 'after' or 'before'.")
+        if num_classes < 1:
+            raise ConfigError(f"the training split has {num_classes} identities; need at least 1.")
+        self.backbone = backbone
+        self.pool = build_pooling(pooling, gem_p)
+        self.feat_dim = int(backbone.feat_dim)
+        self.num_classes = int(num_classes)
+        self.neck = neck
+        self.neck_feat = neck_feat
+        self.arch = str(getattr(backbone, "arch", type(backbone).__name__))
+        if neck == "bnneck":
+            self.bottleneck: nn.BatchNorm1d | None = make_bnneck(self.feat_dim)
+            self.classifier = nn.Linear(self.feat_dim, self.num_classes, bias=False)
+            self.classifier.apply(weights_init_classifier)
+        else:
+            self.bottleneck = None
+            self.classifier = nn.Linear(self.feat_dim, self.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        global_feat = self.pool(self.backbone(x))
+        feat = global_feat if self.bottleneck is None else self.bottleneck(global_feat)
+        if self.training:
+            return self.classifier(feat), global_feat
+        return feat if self.neck_feat == "after" else global_feat
+
+
+def build_model(cfg: CfgNode, num_classes: int) -> ReIDModel:
+    """ReIDModel from cfg.MODEL, initialised as MODEL.PRETRAIN_CHOICE says."""
+    from strongreid.modeling import weights
+
+    backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE)
+    model = ReIDModel(
+        backbone,
+        num_classes,
+        neck=cfg.MODEL.NECK,
+        neck_feat=cfg.TEST.NECK_FEAT,
+        pooling=cfg.MODEL.POOLING,
+        gem_p=cfg.MODEL.GEM_P,
+    )
+    choice = cfg.MODEL.PRETRAIN_CHOICE
+    path = cfg.MODEL.PRETRAIN_PATH
+    if choice == "imagenet":
+        if path:
+            weights.load_backbone_file(backbone, path)
+        else:
+            weights.load_published_weights(backbone)
+    elif choice == "self":
+        if not path:
+            raise ConfigError(
+                "MODEL.PRETRAIN_CHOICE 'self' needs MODEL.PRETRAIN_PATH: the strongreid checkpoint "
+                "to start from."
+            )
+        weights.load_test_weights(model, path)
+    elif choice != "none":
+        raise ConfigError(
+            f"MODEL.PRETRAIN_CHOICE = {choice!r}: use 'imagenet', 'self' or 'none'."
+        )
+    return model

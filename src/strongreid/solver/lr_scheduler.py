@@ -1,0 +1,144 @@
+"""Epoch-based learning-rate schedules with warm-up: the original's multi-step and a cosine one."""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+from yacs.config import CfgNode
+
+from strongreid.errors import ConfigError
+
+WARMUP_METHODS = ("constant", "linear")
+
+
+def warmup_factor_at(t: int, warmup_iters: int, warmup_factor: float, method: str) -> float:
+    """1 once t >= W; before: f (constant) or f (1 - t/W) + t/W (linear)."""
+    if t >= warmup_iters:
+        return 1.0
+    if method == "constant":
+        return warmup_factor
+    alpha = t / warmup_iters
+    return warmup_factor * (1.0 - alpha) + alpha
+
+
+def _check_warmup(method: str, warmup_iters: int) -> None:
+    if method not in WARMUP_METHODS:
+        raise ConfigError(
+            f"SOLVER.WARMUP_METHOD = {method!r}: use one of {', '.join(map(repr, WARMUP_METHODS))}."
+        )
+    if warmup_iters < 0:
+        raise ConfigError(f"SOLVER.WARMUP_ITERS = {warmup_iters} must be >= 0 (epochs).")
+
+
+class _EpochScheduler(LRScheduler):
+    """Closed-form lr(t) = base_lr * self.factor(t) per group (subclasses define `factor`);
+    resuming from a state dict also restores the groups' lr."""
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(self.last_epoch)
+        return [base * f for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return self.get_lr()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # Put the lr of the restored epoch into the optimiser, whether or not the caller also
+        # restores the optimiser's state.
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+class WarmupMultiStepLR(_EpochScheduler):
+    """lr(t) = base_lr * warmup(t) * gamma^(number of milestones <= t), t counted in epochs.
+
+    Unit: epochs. Step it once per epoch, after the epoch's iterations. Built, it is at t = 0,
+    which is epoch 1's lr; so epoch e (1-based) trains with t = e - 1. That is the behaviour the
+    authors ran (PyTorch 1.0 with the step at each epoch start; spec §7.2, PT1.0 column): with
+    warm-up 10 from 0.01 and milestones 40/70, epoch 1 uses 0.01 x base, epoch 10 0.901 x base,
+    epochs 11-40 base, 41-70 base/10 and 71- base/100. Milestones and WARMUP_ITERS are epochs.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        milestones: list[int] | tuple[int, ...],
+        gamma: float = 0.1,
+        warmup_factor: float = 1.0 / 3,
+        warmup_iters: int = 500,
+        warmup_method: str = "linear",
+        last_epoch: int = -1,
+    ) -> None:
+        milestones = list(milestones)
+        if milestones != sorted(milestones):
+            raise ConfigError(
+                f"SOLVER.STEPS = {milestones}: milestones must be increasing epoch numbers."
+            )
+        _check_warmup(warmup_method, warmup_iters)
+        self.milestones = milestones
+        self.gamma = float(gamma)
+        self.warmup_factor = float(warmup_factor)
+        self.warmup_iters = int(warmup_iters)
+        self.warmup_method = warmup_method
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, t: int) -> float:
+        warm = warmup_factor_at(t, self.warmup_iters, self.warmup_factor, self.warmup_method)
+        return warm * self.gamma ** bisect.bisect_right(self.milestones, t)
+
+
+class WarmupCosineLR(_EpochScheduler):
+    """Warm-up as WarmupMultiStepLR, then a cosine from base_lr down to base_lr * min_lr_factor.
+
+    Same unit and indexing: epoch e trains with t = e - 1. The cosine runs from t = W (the first
+    epoch after warm-up, factor 1) to t = max_epochs - 1 (the last epoch, factor min_lr_factor).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_epochs: int,
+        min_lr_factor: float = 0.01,
+        warmup_factor: float = 1.0 / 3,
+        warmup_iters: int = 0,
+        warmup_method: str = "linear",
+        last_epoch: int = -1,
+    ) -> None:
+        _check_warmup(warmup_method, warmup_iters)
+        if max_epochs < 1:
+            raise ConfigError(f"SOLVER.MAX_EPOCHS = {max_epochs} must be at least 1.")
+        if not 0.0 <= min_lr_factor <= 1.0:
+            raise ConfigError(f"SOLVER.COSINE_MIN_LR_FACTOR = {min_lr_factor} must lie in [0, 1].")
+        self.max_epochs = int(max_epochs)
+        self.min_lr_factor = float(min_lr_factor)
+        self.warmup_factor = float(warmup_factor)
+        self.warmup_iters = int(warmup_iters)
+        self.warmup_method = warmup_method
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, t: int) -> float:
+        if t < self.warmup_iters:
+            return warmup_factor_at(t, self.warmup_iters, self.warmup_factor, self.warmup_method)
+        span = self.max_epochs - 1 - self.warmup_iters
+        progress = 1.0 if span <= 0 else min((t - self.warmup_iters) / span, 1.0)
+        m = self.min_lr_factor
+        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> LRScheduler:
+    """SOLVER.SCHED 'multistep' (the original) or 'cosine'; both stepped once per epoch."""
+    s = cfg.SOLVER
+    if s.SCHED == "multistep":
+        return WarmupMultiStepLR(
+            optimizer, s.STEPS, s.GAMMA, s.WARMUP_FACTOR, s.WARMUP_ITERS, s.WARMUP_METHOD
+        )
+    if s.SCHED == "cosine":
+        return WarmupCosineLR(
+            optimizer, s.MAX_EPOCHS, s.COSINE_MIN_LR_FACTOR, s.WARMUP_FACTOR, s.WARMUP_ITERS,
+            s.WARMUP_METHOD,
+        )
+    raise ConfigError(f"SOLVER.SCHED = {s.SCHED!r}: use 'multistep' or 'cosine'.")

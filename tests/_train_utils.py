@@ -1,0 +1,38 @@
+"""Helpers shared by the training tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_train_opts(root: Path, out: Path, **overrides) -> list[str]:
+    """KEY VALUE overrides for a seconds-long CPU run on the tiny synthetic dataset."""
+    opts = {
+        "MODEL.DEVICE": "cpu",
+        "MODEL.NAME": "resnet18",
+        "MODEL.PRETRAIN_CHOICE": "none",
+        "MODEL.AMP": "off",
+        "MODEL.CHANNELS_LAST": "off",
+        "MODEL.IF_WITH_CENTER": "yes",
+        "MODEL.METRIC_LOSS_TYPE": "triplet_center",
+        "INPUT.SIZE_TRAIN": "[64, 32]",
+        "INPUT.SIZE_TEST": "[64, 32]",
+        "INPUT.PADDING": "4",
+        "DATASETS.NAMES": "synthetic",
+        "DATASETS.ROOT_DIR": str(root),
+        "DATALOADER.SAMPLER": "softmax_triplet",
+        "DATALOADER.NUM_INSTANCE": "4",
+        "DATALOADER.NUM_WORKERS": "0",
+        "SOLVER.IMS_PER_BATCH": "16",
+        "SOLVER.MAX_EPOCHS": "2",
+        "SOLVER.BASE_LR": "0.002",
+        "SOLVER.WARMUP_ITERS": "0",
+        "SOLVER.STEPS": "[100]",
+        "SOLVER.EVAL_PERIOD": "1",
+        "SOLVER.CHECKPOINT_PERIOD": "1",
+        "SOLVER.LOG_PERIOD": "5",
+        "TEST.IMS_PER_BATCH": "64",
+        "OUTPUT_DIR": str(out),
+    }
+    opts.update({k: str(v) for k, v in overrides.items()})
+    return [x for kv in opts.items() for x in kv]

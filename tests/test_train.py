@@ -1,0 +1,133 @@
+"""End-to-end training on the CPU: the loss falls, mAP beats chance, resume is exact, NaN stops."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from strongreid.cli import main
+from strongreid.config import load_config
+from strongreid.engine.checkpoint import load_checkpoint
+from strongreid.engine.trainer import Trainer, TrainingDiverged
+from _train_utils import tiny_train_opts
+
+
+def _chance_map(ranking_path, repeats: int = 20) -> float:
+    """mAP of random features on the same query/gallery identities."""
+    from strongreid.evaluation import evaluate_features
+
+    r = np.load(ranking_path)
+    rng = np.random.default_rng(0)
+    maps = []
+    for _ in range(repeats):
+        q = rng.standard_normal((len(r["q_pids"]), 16)).astype(np.float32)
+        g = rng.standard_normal((len(r["g_pids"]), 16)).astype(np.float32)
+        maps.append(evaluate_features(q, g, r["q_pids"], r["g_pids"], r["q_camids"], r["g_camids"]).mAP)
+    return float(np.mean(maps))
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_then_test_through_the_cli(tiny_synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    opts = tiny_train_opts(tiny_synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 6, "SOLVER.EVAL_PERIOD": 3})
+    assert main(["train", *opts]) == 0
+    for name in ("config.yaml", "log.txt", "metrics.jsonl", "last.pt", "best.pt", "results.json",
+                 "ranking.npz", "resnet18_epoch6.pt"):
+        assert (out / name).is_file(), name
+    train_rows = [m for m in _metrics(out) if m["type"] == "train"]
+    assert [m["epoch"] for m in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    for term in ("loss_id", "loss_triplet", "loss_center", "acc", "lr", "images_per_s"):
+        assert term in train_rows[0]
+    results = json.loads((out / "results.json").read_text())
+    assert results["mAP"] > 2 * _chance_map(out / "ranking.npz")
+    assert 0 <= results["mINP"] <= results["mAP"] <= 1
+    assert len(results["cmc"]) >= 10 and results["cmc"][0] == pytest.approx(results["rank1"])
+
+    ckpt = load_checkpoint(out / "last.pt")
+    assert {"model", "optimizer", "scheduler", "center", "center_optimizer", "epoch", "rng", "config",
+            "num_classes", "arch"} <= set(ckpt)
+    assert ckpt["epoch"] == 6 and ckpt["arch"] == "resnet18" and ckpt["num_classes"] == 12
+
+    capsys.readouterr()
+    test_out = tmp_path / "test"
+    test_opts = tiny_train_opts(tiny_synthetic_root, test_out, **{"TEST.WEIGHT": out / "last.pt"})
+    assert main(["test", *test_opts]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP" in printed and "R1" in printed
+    tested = json.loads((test_out / "results.json").read_text())
+    assert tested["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
+
+
+def test_resume_equals_uninterrupted_run(tiny_synthetic_root, tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, straight))).fit()
+
+    split = tmp_path / "split"
+    Trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, split, **{"SOLVER.MAX_EPOCHS": 1}))).fit()
+    Trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, split)), resume=True).fit()
+
+    a = load_checkpoint(straight / "last.pt")
+    b = load_checkpoint(split / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=1e-6, rtol=0, msg=key)
+    torch.testing.assert_close(a["center"]["centers"], b["center"]["centers"], atol=1e-6, rtol=0)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_synthetic_root, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    trainer = Trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 3})))
+    real_forward = trainer.loss_fn.forward
+    calls = {"n": 0}
+    per_epoch = len(trainer.loader)
+
+    def poisoned(logits, feats, targets):
+        calls["n"] += 1
+        terms = real_forward(logits, feats, targets)
+        if calls["n"] == per_epoch + 2:  # second iteration of epoch 2
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer.loss_fn, "forward", poisoned)
+    with pytest.raises(TrainingDiverged) as exc:
+        trainer.fit()
+    msg = str(exc.value)
+    assert "nan" in msg and "epoch 2" in msg and "last.pt" in msg
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_cli_reports_divergence_without_traceback(tiny_synthetic_root, tmp_path, capsys):
+    out = tmp_path / "lr"
+    opts = tiny_train_opts(tiny_synthetic_root, out, **{"SOLVER.BASE_LR": 1e12, "SOLVER.MAX_EPOCHS": 3,
+                                                        "MODEL.IF_WITH_CENTER": "no",
+                                                        "MODEL.METRIC_LOSS_TYPE": "triplet"})
+    rc = main(["train", *opts])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: the loss became") and "Traceback" not in err
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_synthetic_root, tmp_path, capsys):
+    rc = main(["train", "--resume", *tiny_train_opts(tiny_synthetic_root, tmp_path / "none")])
+    assert rc == 2
+    assert "last.pt does not exist" in capsys.readouterr().err
+
+
+def test_ranking_file_matches_results(tiny_synthetic_root, tmp_path):
+    out = tmp_path / "rank"
+    Trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 1}))).fit()
+    ranking = np.load(out / "ranking.npz")
+    results = json.loads((out / "results.json").read_text())
+    ap = ranking["ap"]
+    assert np.nanmean(ap) == pytest.approx(results["mAP"], abs=1e-6)
+    assert ranking["topk_index"].shape[0] == len(ranking["q_paths"])
