@@ -47,13 +47,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _equivalence_opts(root: Path, out: Path, **overrides) -> list[str]:
+def _equivalence_opts(root: Path, out: Path, pretrained: Path, **overrides) -> list[str]:
     """Global batch 64 = 8 identities x 8 images: the 12 training identities of the tiny set give
-    one batch per epoch, so the per-epoch losses are the per-iteration trajectory. No random
-    augmentation: a rank draws its own augmentation seeds, the data order is what is shared."""
+    one batch per epoch, so the per-epoch losses are the per-iteration trajectory.
+
+    Three choices keep the comparison about DDP and not about amplified rounding. No random
+    augmentation: each rank draws its own augmentation seeds; the data order is what is shared.
+    Start from briefly trained weights: at random initialisation the features nearly coincide,
+    so many anchors' hardest positive or negative is tied to within rounding and a different
+    summation order picks another triplet. SGD, not Adam: Adam divides every gradient element by
+    its own magnitude, so elements that are sums of cancelling terms (zero up to rounding) move
+    by +-lr whatever their rounding; SGD's step stays proportional to the gradient.
+    """
     opts = {
         "SOLVER.IMS_PER_BATCH": 64, "DATALOADER.NUM_INSTANCE": 8, "SOLVER.MAX_EPOCHS": 3,
         "INPUT.PROB": 0.0, "INPUT.RE_PROB": 0.0, "INPUT.PADDING": 0,
+        "SOLVER.OPTIMIZER_NAME": "SGD", "SOLVER.BASE_LR": 0.003,
+        "MODEL.PRETRAIN_CHOICE": "self", "MODEL.PRETRAIN_PATH": pretrained,
         "SOLVER.EVAL_PERIOD": 100, "SOLVER.CHECKPOINT_PERIOD": 100,
     }
     opts.update(overrides)
@@ -124,7 +134,7 @@ def _check_collectives(rank: int) -> dict:
     }
 
 
-def _worker(rank: int, world: int, port: int, root: str, workdir: str) -> None:
+def _worker(rank: int, world: int, port: int, root: str, workdir: str, pretrained: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -132,16 +142,28 @@ def _worker(rank: int, world: int, port: int, root: str, workdir: str) -> None:
     result: dict = {"bn": _check_batchnorm(rank, world), "collectives": _check_collectives(rank)}
     # A global batch of 24 = 3 identities of 8 cannot split over 2 ranks; the error must come
     # before the (missing) dataset is read.
-    bad = load_config(None, _equivalence_opts(work / "nowhere", work / "bad", **{"SOLVER.IMS_PER_BATCH": 24}))
+    bad = load_config(None, _equivalence_opts(work / "nowhere", work / "bad", Path(pretrained),
+                                              **{"SOLVER.IMS_PER_BATCH": 24}))
     try:
         Trainer(bad)
         result["batch_rule"] = None
     except ConfigError as exc:
         result["batch_rule"] = str(exc)
-    for name, sync_bn in (("syncbn", True), ("plainbn", False)):
-        cfg = load_config(None, _equivalence_opts(Path(root), work / name, **{
-            "MODEL.SYNC_BN": sync_bn, "SOLVER.TRIPLET_GATHER": True}))
+    for name, sync_bn, gather, epochs in (("syncbn", True, True, 3), ("plainbn", False, True, 3),
+                                          ("nogather", True, False, 1)):
+        cfg = load_config(None, _equivalence_opts(Path(root), work / name, Path(pretrained), **{
+            "MODEL.SYNC_BN": sync_bn, "SOLVER.TRIPLET_GATHER": gather, "SOLVER.MAX_EPOCHS": epochs}))
         result[name] = _run_epochs(cfg)
+    # A triplet-only loss never uses the classifier: DDP must be told, or it waits for its
+    # gradient forever.
+    cfg = load_config(None, _equivalence_opts(Path(root), work / "triplet_only", Path(pretrained), **{
+        "DATALOADER.SAMPLER": "triplet", "MODEL.IF_WITH_CENTER": "no", "MODEL.METRIC_LOSS_TYPE": "triplet",
+        "SOLVER.IMS_PER_BATCH": 32, "SOLVER.MAX_EPOCHS": 1}))  # 3 steps: DDP complains at the 2nd
+    trainer = Trainer(cfg)
+    stats = trainer.train_one_epoch(1)
+    classifier = trainer.model.classifier.weight
+    result["triplet_only"] = {"loss": stats["loss"], "iterations": len(trainer.loader),
+                              "classifier": classifier.detach().clone(), "classifier_grad": classifier.grad}
     torch.save(result, work / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -150,7 +172,11 @@ def _worker(rank: int, world: int, port: int, root: str, workdir: str) -> None:
 def spawned(tiny_synthetic_root, tmp_path_factory) -> dict:
     """One 2-rank gloo session runs every in-process check; then the 1-process reference."""
     work = tmp_path_factory.mktemp("spawned")
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(tiny_synthetic_root), str(work)),
+    trained = _run_epochs(load_config(None, tiny_train_opts(tiny_synthetic_root, work / "pretrain")))
+    pretrained = save_checkpoint({"model": trained["model"], "num_classes": 12, "arch": "resnet18"},
+                                 work / "pretrained.pt")
+    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(tiny_synthetic_root), str(work),
+                                            str(pretrained)),
                              nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):
@@ -159,8 +185,8 @@ def spawned(tiny_synthetic_root, tmp_path_factory) -> dict:
                 p.kill()
             pytest.fail("the 2-rank session did not finish in 240 s")
     ranks = [torch.load(work / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    single = _run_epochs(load_config(None, _equivalence_opts(tiny_synthetic_root, work / "single")))
-    return {"ranks": ranks, "single": single}
+    single = _run_epochs(load_config(None, _equivalence_opts(tiny_synthetic_root, work / "single", pretrained)))
+    return {"ranks": ranks, "single": single, "pretrained": trained["model"]}
 
 
 # -- collectives ----------------------------------------------------------------------------------
@@ -205,6 +231,11 @@ def test_global_batch_not_splitting_into_identities_is_rejected_up_front(spawned
 
 # -- equivalence ----------------------------------------------------------------------------------
 
+def _max_diff(a: dict, b: dict, buffers: bool) -> float:
+    return max(float((a[k].double() - v.double()).abs().max()) for k, v in b.items()
+               if v.is_floating_point() and ("running" in k) == buffers)
+
+
 def test_two_ranks_with_syncbn_and_gather_equal_one_process(spawned):
     single = spawned["single"]
     assert single["iterations"] == 1 and single["bn_type"] == "BatchNorm1d"
@@ -214,30 +245,50 @@ def test_two_ranks_with_syncbn_and_gather_equal_one_process(spawned):
         for term, values in single["losses"].items():
             np.testing.assert_allclose(run["losses"][term], values, atol=1e-5, rtol=0, err_msg=f"rank {rank} {term}")
         for key, value in single["model"].items():
-            torch.testing.assert_close(run["model"][key].to(value.dtype), value, atol=1e-5, rtol=0,
-                                       msg=f"rank {rank} {key}")
+            # Running variances reach the hundreds: compare them relatively.
+            rtol = 1e-5 if "running" in key else 0
+            torch.testing.assert_close(run["model"][key], value, atol=1e-5, rtol=rtol, msg=f"rank {rank} {key}")
         torch.testing.assert_close(run["centers"], single["centers"], atol=1e-5, rtol=0)
-    # The losses fell: the comparison is not between two untrained models.
+    # The comparison is between moving models: 3 steps changed the weights far beyond 1e-5.
     assert single["losses"]["loss"][-1] < single["losses"]["loss"][0]
+    assert _max_diff(single["model"], spawned["pretrained"], buffers=False) > 1e-3
 
 
-# Without SyncBN each rank normalises with the statistics of its 32 images; measured here the
-# losses stay within 0.05 of the 1-process run and the weights drift by about 1e-3 after 3 Adam
-# steps: close, but not the same computation (the 1e-3 lower bound shows it).
-PLAIN_BN_LOSS_ATOL = 0.05
+def test_without_the_gather_each_rank_mines_its_own_half(spawned):
+    # Same run with the triplet mined within each rank's 4 identities: the first step's triplet
+    # term already differs from the global one (which the gather test above matches to 1e-5).
+    single = spawned["single"]["losses"]["loss_triplet"][0]
+    for r in spawned["ranks"]:
+        assert abs(r["nogather"]["losses"]["loss_triplet"][0] - single) > 1e-3
+
+
+def test_triplet_only_loss_trains_under_ddp(spawned):
+    for r in spawned["ranks"]:
+        run = r["triplet_only"]
+        assert run["iterations"] == 3 and np.isfinite(run["loss"]) and run["loss"] > 0
+        assert run["classifier_grad"] is None  # unused, left alone by DDP and the optimizer
+        torch.testing.assert_close(run["classifier"], spawned["pretrained"]["classifier.weight"], atol=0, rtol=0)
+
+
+# Without SyncBN each rank normalises with the statistics of its own 32 images (4 identities).
+# Measured on this setup: the losses are 1.6%, 5.7% and 2.3% away from the 1-process run's and
+# the parameters drift by up to 2e-3 after 3 steps. The stated tolerance is about twice that; the
+# lower bounds show it is another computation, not a rounding difference.
+PLAIN_BN_LOSS_RTOL = 0.12
+PLAIN_BN_WEIGHT_ATOL = 0.005
 
 
 def test_two_ranks_without_syncbn_differ_within_the_stated_tolerance(spawned):
     single = spawned["single"]
     run = spawned["ranks"][0]["plainbn"]
     assert run["bn_type"] == "BatchNorm1d"
-    np.testing.assert_allclose(run["losses"]["loss"], single["losses"]["loss"], atol=PLAIN_BN_LOSS_ATOL, rtol=0)
-    # The first step's loss is the same forward pass up to BatchNorm: it must differ.
-    assert abs(run["losses"]["loss"][0] - single["losses"]["loss"][0]) > 1e-4
-    drift = max(float((run["model"][k].float() - v.float()).abs().max()) for k, v in single["model"].items()
-                if v.is_floating_point())
-    assert 1e-3 < drift < 0.05
-    # The parameters themselves stay in step across the ranks (DDP), whatever BatchNorm does.
+    np.testing.assert_allclose(run["losses"]["loss"], single["losses"]["loss"], rtol=PLAIN_BN_LOSS_RTOL, atol=0)
+    # The first step is the same forward pass up to BatchNorm: its loss must already differ.
+    assert abs(run["losses"]["loss"][0] - single["losses"]["loss"][0]) > 1e-2
+    drift = _max_diff(run["model"], single["model"], buffers=False)
+    assert 1e-4 < drift < PLAIN_BN_WEIGHT_ATOL
+    # The parameters stay in step across the ranks (DDP) whatever BatchNorm does; the running
+    # statistics are each rank's own until the end-of-epoch average.
     other = spawned["ranks"][1]["plainbn"]
     for key, value in run["model"].items():
         if "running" not in key:
@@ -288,7 +339,7 @@ def test_local_batch_size_worked_examples():
     assert D.local_batch_size(_batch_cfg(64, 4), 1) == 64
     assert D.local_batch_size(_batch_cfg(64, 4), 4) == 16  # 4 identities x 4 images per rank
     assert D.local_batch_size(_batch_cfg(30, 4, "softmax"), 3) == 10
-    with pytest.raises(ConfigError, match=r"IMS_PER_BATCH=64 .* 8 processes .* 8 images.* = 32"):
+    with pytest.raises(ConfigError, match=r"IMS_PER_BATCH=64 .* 8 processes .* 8 images.* = 128, e.g. SOLVER.IMS_PER_BATCH 128\."):
         D.local_batch_size(_batch_cfg(64, 16), 8)  # 8 images per rank: half an identity
     with pytest.raises(ConfigError, match="multiple of 4"):
         D.local_batch_size(_batch_cfg(30, 4, "softmax"), 4)
@@ -330,11 +381,12 @@ def test_trainer_builds_its_optimisers_with_the_scaled_lr(tiny_synthetic_root, t
     out = tmp_path / "scaled"
     cfg = load_config(None, tiny_train_opts(tiny_synthetic_root, out, **{
         "SOLVER.SCALE_LR": True, "SOLVER.LR_REFERENCE_BATCH": 8, "SOLVER.BIAS_LR_FACTOR": 2}))
+    base, center = cfg.SOLVER.BASE_LR, cfg.SOLVER.CENTER_LR
     trainer = Trainer(cfg)  # IMS_PER_BATCH 16 / 8: x2
     lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
-    assert lrs == pytest.approx([2 * 0.00035, 2 * 0.00035 * 2])
-    assert trainer.center_optimizer.param_groups[0]["lr"] == pytest.approx(2 * 0.5)
-    assert load_config(str(out / "config.yaml"), []).SOLVER.BASE_LR == pytest.approx(0.00035)
+    assert lrs == pytest.approx([2 * base, 2 * base * 2])  # weights, biases (BIAS_LR_FACTOR 2)
+    assert trainer.center_optimizer.param_groups[0]["lr"] == pytest.approx(2 * center)
+    assert load_config(str(out / "config.yaml"), []).SOLVER.BASE_LR == pytest.approx(base)
     if trainer.tb is not None:
         trainer.tb.close()
 
@@ -345,8 +397,9 @@ def _torchrun(args: list[str], log: Path, max_restarts: int = 0) -> subprocess.P
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
            f"--max-restarts={max_restarts}", "--monitor-interval=0.1", "-m", "strongreid", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def _wait(proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -409,13 +462,13 @@ def test_sharded_evaluation_equals_single_process(tiny_synthetic_root, tmp_path)
     assert set(a.files) == set(b.files)
     for key in a.files:
         if key == "topk_dist":
-            np.testing.assert_allclose(b[key], a[key], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(b[key], a[key], atol=1e-6, rtol=0)
         else:
             np.testing.assert_array_equal(b[key], a[key], err_msg=key)
 
 
 def test_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tiny_synthetic_root, tmp_path):
-    over = {"SOLVER.MAX_EPOCHS": 5, "SOLVER.EVAL_PERIOD": 100, "SOLVER.CHECKPOINT_PERIOD": 100}
+    over = {"SOLVER.MAX_EPOCHS": 4, "SOLVER.EVAL_PERIOD": 100, "SOLVER.CHECKPOINT_PERIOD": 100}
     straight_log, killed_log = tmp_path / "straight.log", tmp_path / "killed.log"
     straight = _torchrun(["train", *tiny_train_opts(tiny_synthetic_root, tmp_path / "straight", **over)],
                          straight_log)
@@ -435,14 +488,17 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tin
 
     resumed = [line for line in (killed_out / "log.txt").read_text().splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and "at the end of epoch" in resumed[0], resumed
-    assert int(resumed[0].rsplit(" ", 1)[1]) < 5  # it restarted mid-run, not after the end
+    assert int(resumed[0].rsplit(" ", 1)[1]) < 4  # it restarted mid-run, not after the end
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
     b = load_checkpoint(killed_out / "last.pt")
-    assert a["epoch"] == b["epoch"] == 5
+    assert a["epoch"] == b["epoch"] == 4
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], atol=1e-6, rtol=0, msg=key)
     torch.testing.assert_close(b["center"]["centers"], a["center"]["centers"], atol=1e-6, rtol=0)
     torch.testing.assert_close(b["optimizer"]["state"][0]["exp_avg"], a["optimizer"]["state"][0]["exp_avg"],
                                atol=1e-6, rtol=0)
+    # The epochs redone after the restart are logged once.
+    rows = [json.loads(line) for line in (killed_out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4]
     assert json.loads((killed_out / "results.json").read_text())["mAP"] == pytest.approx(
         json.loads((tmp_path / "straight" / "results.json").read_text())["mAP"], abs=1e-6)

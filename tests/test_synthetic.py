@@ -108,12 +108,16 @@ def test_another_seed_gives_other_images(tmp_path, small):
     assert not set(a.values()) & set(b.values())
 
 
-def test_identity_does_not_depend_on_the_dataset_size():
+def test_an_image_depends_on_seed_pid_camera_and_index_only():
+    """Not on the split or the file name, so growing --ids keeps every existing person."""
     assert syn.make_identity(5, 9) == syn.make_identity(5, 9)
     assert syn.make_identity(5, 9) != syn.make_identity(5, 10)
-    small = syn.render(5, syn.Shot(9, 2, 0, syn.SPLITS[0], "x.jpg"))
-    again = syn.render(5, syn.Shot(9, 2, 0, syn.SPLITS[2], "y.jpg"))
-    assert np.array_equal(np.asarray(small), np.asarray(again))
+    a = syn.render(5, syn.Shot(9, 2, 0, syn.SPLITS[0], "x.jpg"))
+    b = syn.render(5, syn.Shot(9, 2, 0, syn.SPLITS[2], "y.jpg"))
+    c = syn.render(5, syn.Shot(9, 2, 1, syn.SPLITS[0], "x.jpg"))
+    assert a.size == (64, 128) and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
 
 
 def _nearest(colour, names):

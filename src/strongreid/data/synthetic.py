@@ -326,12 +326,22 @@ class _Painter:
             for p in polys:
                 self.poly(p, base)
             return
+        pixels = [[self.xy(u, v) for u, v in p] for p in polys]
         mask = Image.new("L", self.canvas.size, 0)
         md = ImageDraw.Draw(mask)
-        for p in polys:
-            md.polygon([self.xy(u, v) for u, v in p], fill=255)
-        pv = (_YY - self.y0) / self.hp - top_v
-        pu = (_XX - self.cx) / (self.hp * squeeze)
+        for p in pixels:
+            md.polygon(p, fill=255)
+        # The pattern is computed over the garment's bounding box only: the full frame costs
+        # most of the rendering time.
+        xs = [x for p in pixels for x, _ in p]
+        ys = [y for p in pixels for _, y in p]
+        w, h = self.canvas.size
+        x0, x1 = max(0, math.floor(min(xs)) - 2), min(w, math.ceil(max(xs)) + 3)
+        y0, y1 = max(0, math.floor(min(ys)) - 2), min(h, math.ceil(max(ys)) + 3)
+        if x0 >= x1 or y0 >= y1:
+            return
+        pv = (_YY[y0:y1, x0:x1] - self.y0) / self.hp - top_v
+        pu = (_XX[y0:y1, x0:x1] - self.cx) / (self.hp * squeeze)
         # Periods near 0.09 body heights stay at least two pixels a stripe at 64x32.
         if pattern == "hstripes":
             on = np.mod(pv / 0.09, 1.0) < 0.5
@@ -342,9 +352,11 @@ class _Painter:
         else:  # yoke: a shoulder band in the second colour
             on = pv < 0.1
         fill = np.where(on[..., None], np.array(second, np.uint8), np.array(base, np.uint8))
-        self.canvas.paste(Image.fromarray(fill.astype(np.uint8)), (0, 0), mask)
-        for p in polys:
-            self.draw.polygon([self.xy(u, v) for u, v in p], outline=_shade(base, 0.7), width=2)
+        self.canvas.paste(
+            Image.fromarray(fill.astype(np.uint8)), (x0, y0), mask.crop((x0, y0, x1, y1))
+        )
+        for p in pixels:
+            self.draw.polygon(p, outline=_shade(base, 0.7), width=2)
 
 
 def _segment(u0: float, v0: float, u1: float, v1: float, w0: float, w1: float):

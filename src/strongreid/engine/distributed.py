@@ -53,8 +53,32 @@ def init_distributed(device: torch.device) -> DistContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        store = _restart_safe_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The store of torchrun's agent under a per-attempt prefix, or None for the default.
+
+    torchrun's c10d rendezvous shares one TCPStore server across worker restarts, and the
+    process group's keys carry no attempt number: after a restart a rank can read the address
+    its killed peer published and fail to connect (pytorch/pytorch#135712, seen here with gloo).
+    Prefixing the keys with TORCHELASTIC_RESTART_COUNT isolates the attempts. That count is the
+    same on every worker of a single node; across nodes, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    (torchrun then starts a fresh store for each attempt and this returns None).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"strongreid/attempt_{attempt}", client)
 
 
 def current() -> DistContext:

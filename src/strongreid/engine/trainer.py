@@ -9,6 +9,7 @@ wrapped in DDP, and the logged losses are the means over all ranks.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -133,12 +134,10 @@ class Trainer:
             self._resume(self.out_dir / "last.pt")
         self.train_model: nn.Module = model
         if self.dist.enabled:
-            # Buffers are not broadcast each step: with SyncBN they agree anyway, without it they
-            # are averaged at the end of each epoch (_sync_buffers). A triplet-only loss leaves
-            # the classifier unused, which DDP must be told.
+            # A triplet-only loss leaves the classifier unused, which DDP must be told.
             self.train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=self.loss_fn.id_loss is None,
+                find_unused_parameters=self.loss_fn.id_loss is None, **_no_forward_buffer_sync(),
             )
         if cfg.MODEL.COMPILE:
             self.train_model = torch.compile(self.train_model)
@@ -217,7 +216,25 @@ class Trainer:
         self.best_map = float(ckpt.get("best_map", -1.0))
         self.last_eval = ckpt.get("metrics")
         set_rng_state(ckpt["rng"])
+        self._trim_metrics(self.start_epoch)
         logger.info("resumed from %s at the end of epoch %d", path, self.start_epoch)
+
+    def _trim_metrics(self, epoch: int) -> None:
+        """Drop metrics.jsonl rows of epochs after the checkpoint (and a line cut short by a
+        kill): the resumed run writes them again, once."""
+        path = self.out_dir / "metrics.jsonl"
+        if not self.dist.is_main or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("epoch", 0)) <= epoch:
+                    kept.append(line)
+            except (ValueError, TypeError, AttributeError):
+                continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
 
     def _sync_buffers(self) -> None:
         # SyncBN keeps the running statistics equal on every rank (and averaging equal values
@@ -296,9 +313,10 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.SOLVER.GRAD_CLIP)
             self.scaler.step(self.optimizer)
-            self.scaler.update()
             if self.center_optimizer is not None:
+                # Before scaler.update(): the center step unscales with this iteration's scale.
                 self._center_step()
+            self.scaler.update()
             for k, v in logged.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
@@ -362,7 +380,7 @@ class Trainer:
             for p in center.parameters():
                 if p.grad is not None:
                     D.all_reduce_mean_(p.grad)
-        step_center(self.center_optimizer, center, self.loss_fn.center_weight)
+        step_center(self.center_optimizer, center, self.loss_fn.center_weight, scaler=self.scaler)
 
     def _log(self, msg: str) -> None:
         if self.dist.is_main:
@@ -422,6 +440,14 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         return final
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that stops rank 0's buffers being broadcast before every forward: with SyncBN
+    they agree anyway, without it they are averaged at the end of each epoch (_sync_buffers).
+    Newer torch names it forward_sync_buffers (and warns about the old broadcast_buffers)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _fmt_time(seconds: float) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from strongreid.errors import ConfigError
 
@@ -12,7 +13,10 @@ class GlobalAvgPool(nn.Module):
     """B x C x H x W -> B x C mean (the paper's GAP)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
+        # Not x.mean((2, 3)): its backward hands the last conv an expanded, non-channels_last
+        # gradient and convolution_backward falls onto a slow path (measured 3x slower
+        # training step for ResNet-18 at 64x32 on the CPU, and 10x with bf16 + channels_last).
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
 class GeM(nn.Module):
@@ -27,7 +31,7 @@ class GeM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x^p overflows / loses precision in bf16; pool in fp32 and hand back the input dtype.
-        pooled = x.float().clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+        pooled = F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(self.p), 1).flatten(1).pow(1.0 / self.p)
         return pooled.to(x.dtype)
 
     def extra_repr(self) -> str:
