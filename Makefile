@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/strongreid synth --out data/synthetic
 	$(BIN)/strongreid train --config configs/demo.yml
 	$(BIN)/strongreid test --config configs/demo.yml TEST.WEIGHT runs/demo/best.pt
-	$(BIN)/python benchmarks/histogram_baseline.py --root data/synthetic --out runs/demo/histogram_baseline.json
+	$(BIN)/python benchmarks/histogram_baseline.py --root data/synthetic --out runs/demo/histogram_baseline.json --compare runs/demo/results.json
 	$(BIN)/strongreid visualize --results runs/demo
 	$(BIN)/strongreid report --results runs/demo
 

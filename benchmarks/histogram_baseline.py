@@ -16,6 +16,7 @@ is the figure to compare with a trained model.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -85,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate", action="store_true", help="generate a default set first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", default="synthetic", help="registered Market-layout loader")
+    parser.add_argument("--out", default=None, help="write the figures to this JSON file")
+    parser.add_argument("--compare", default=None,
+                        help="results.json of a trained model: print its mAP next to the baseline's")
     args = parser.parse_args(argv)
+    figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root) if args.root else Path(tmp) / "synthetic"
         if args.generate or args.root is None:
@@ -96,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generated {counts['images']} images in {time.perf_counter() - start:.1f}s")
         for label, (m_ap, rank1) in evaluate_root(root, args.dataset).items():
             print(f"HSV 8x4x4 {label:<22} mAP {m_ap:.3f}  rank-1 {rank1:.3f}")
+            figures[label.strip()] = {"mAP": m_ap, "rank1": rank1}
+    best = max(figures.values(), key=lambda f: f["mAP"])
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"variants": figures, "best": best}, indent=2))
+    if args.compare:
+        model = json.loads(Path(args.compare).read_text())
+        ratio = best["mAP"] / model["mAP"] if model["mAP"] else float("inf")
+        print(f"trained model mAP {model['mAP']:.3f} rank-1 {model['rank1']:.3f}; best colour "
+              f"histogram mAP {best['mAP']:.3f} = {ratio:.2f} of the model's")
     return 0
 
 

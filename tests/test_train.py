@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from _train_utils import tiny_train_opts
 
 from strongreid.cli import main
 from strongreid.config import load_config
 from strongreid.engine.checkpoint import load_checkpoint
 from strongreid.engine.trainer import Trainer, TrainingDiverged
-from _train_utils import tiny_train_opts
 
 
 def _chance_map(ranking_path, repeats: int = 20) -> float:
