@@ -131,3 +131,15 @@ def test_ranking_file_matches_results(tiny_synthetic_root, tmp_path):
     ap = ranking["ap"]
     assert np.nanmean(ap) == pytest.approx(results["mAP"], abs=1e-6)
     assert ranking["topk_index"].shape[0] == len(ranking["q_paths"])
+
+
+def test_test_command_rejects_a_checkpoint_of_another_architecture(tiny_synthetic_root, tmp_path, capsys):
+    from strongreid.engine.checkpoint import save_checkpoint
+    from strongreid.modeling import build_model
+
+    other = build_model(load_config(None, tiny_train_opts(tiny_synthetic_root, tmp_path, **{"MODEL.NAME": "resnet34"})), 12)
+    save_checkpoint({"model": other.state_dict(), "arch": "resnet34", "num_classes": 12}, tmp_path / "r34.pt")
+    rc = main(["test", *tiny_train_opts(tiny_synthetic_root, tmp_path / "t", **{"TEST.WEIGHT": tmp_path / "r34.pt"})])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "resnet34" in err and "resnet18" in err and "r34.pt" in err and "Traceback" not in err

@@ -162,20 +162,12 @@ def write_results(cfg: CfgNode, out_dir: str | os.PathLike, evaluated: dict[str,
     return plain
 
 
-def build_test_model(cfg: CfgNode, weights: str, num_classes: int | None = None):
-    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched)."""
-    from strongreid.engine.checkpoint import load_checkpoint
-    from strongreid.modeling import build_model, load_test_weights
+def build_test_model(cfg: CfgNode, weights: str):
+    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched); a
+    checkpoint of another architecture is a CheckpointError naming both."""
+    from strongreid.deploy.extractor import load_inference_model
 
-    ckpt = load_checkpoint(weights)
-    n = int(ckpt.get("num_classes") or num_classes or 1)
-    test_cfg = cfg.clone()
-    test_cfg.defrost()
-    test_cfg.MODEL.PRETRAIN_CHOICE = "none"
-    test_cfg.freeze()
-    model = build_model(test_cfg, n)
-    load_test_weights(model, weights)
-    return model
+    return load_inference_model(cfg, weights)
 
 
 def test_command(cfg: CfgNode) -> int:
@@ -192,7 +184,7 @@ def test_command(cfg: CfgNode) -> int:
     out_dir = Path(cfg.OUTPUT_DIR)
     setup_logging(out_dir, ctx.rank)
     splits = load_splits(cfg, need_train=False)
-    model = build_test_model(cfg, cfg.TEST.WEIGHT, splits.num_classes).to(device)
+    model = build_test_model(cfg, cfg.TEST.WEIGHT).to(device)
     if use_channels_last(cfg.MODEL.CHANNELS_LAST, device):
         model = model.to(memory_format=torch.channels_last)
     logger.info("evaluating %s on %s: %d query, %d gallery images", cfg.TEST.WEIGHT, splits.test_name,
