@@ -237,13 +237,14 @@ def test_distmat_types_torch_float64_and_integers_agree():
         (lambda a: a.update(ap="interpolated"), "ap must be"),
         (lambda a: a.update(unmatched="drop"), "unmatched must be"),
         (lambda a: a.update(max_rank=0), "max_rank"),
+        (lambda a: a.update(topk=-1), "topk"),
     ],
 )
 def test_bad_input_is_one_clear_error(change, message):
     args = {"distmat": np.zeros((2, 3)), "q_pids": [1, 2], "g_pids": [1, 2, 3],
             "q_camids": [0, 0], "g_camids": [1, 1, 1]}
     change(args)
-    extra = {k: args.pop(k) for k in ("ap", "unmatched", "max_rank") if k in args}
+    extra = {k: args.pop(k) for k in ("ap", "unmatched", "max_rank", "topk") if k in args}
     with pytest.raises(StrongReIDError, match=message):
         evaluate(args["distmat"], args["q_pids"], args["g_pids"], args["q_camids"],
                  args["g_camids"], **extra)
@@ -348,11 +349,11 @@ def eval_cases(draw):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=eval_cases(), ap=st.sampled_from(["plain", "trapezoid"]),
-       unmatched=st.sampled_from(["skip", "fail"]))
-def test_matches_the_reference_on_random_inputs(case, ap, unmatched):
+       unmatched=st.sampled_from(["skip", "fail"]), with_topk=st.booleans())
+def test_matches_the_reference_on_random_inputs(case, ap, unmatched, with_topk):
     dist, q_pids, g_pids, q_cams, g_cams, max_rank, chunk = case
     got = quiet_evaluate(dist, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank, ap=ap,
-                         unmatched=unmatched, chunk_size=chunk, topk=max_rank)
+                         unmatched=unmatched, chunk_size=chunk, topk=max_rank * with_topk)
     cmc, aps, inps, orders = reference(dist, q_pids, g_pids, q_cams, g_cams, max_rank, ap, unmatched)
     np.testing.assert_allclose(got.ap, aps, equal_nan=True)
     np.testing.assert_allclose(got.inp, inps, equal_nan=True)
@@ -361,6 +362,9 @@ def test_matches_the_reference_on_random_inputs(case, ap, unmatched):
         assert got.mAP == pytest.approx(np.nanmean(aps))
     assert got.num_valid == int(np.sum([len(o) and (g_pids[o] == p).any()
                                         for o, p in zip(orders, q_pids)]))
+    if not with_topk:
+        assert got.topk_index is None
+        return
     k = min(max_rank, len(g_pids))
     for row, order in zip(got.topk_index, orders):
         want = np.full(k, -1)
@@ -457,3 +461,41 @@ def test_evaluate_from_config_applies_norm_qe_metric_and_reranking(tmp_path):
         save_ranking(str(path), no_lists, ["a"], ["b"], [1], [1], [0], [1])
     with pytest.raises(StrongReIDError, match="q_paths has 3 entries"):
         save_ranking(str(path), only["plain"], q_paths[:3], g_paths, *labels)
+
+
+# ------------------------------------------------------------------ ordering helpers
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=60))
+def test_orderable_keys_sort_like_the_floats(values):
+    from strongreid.evaluation.selection import (
+        orderable_int32,
+        split_value_index_keys,
+        value_index_keys,
+    )
+
+    v = torch.tensor(values, dtype=torch.float32)
+    keys = orderable_int32(v)
+    for i in range(len(values)):
+        np.testing.assert_array_equal((keys[i] < keys).numpy(), (v[i] < v).numpy())
+        np.testing.assert_array_equal((keys[i] == keys).numpy(), (v[i] == v).numpy())
+    index = torch.arange(len(values))
+    back_v, back_i = split_value_index_keys(value_index_keys(v, index))
+    np.testing.assert_array_equal(back_v.numpy(), (v + 0.0).numpy())  # -0.0 comes back as 0.0
+    np.testing.assert_array_equal(back_i.numpy(), index.numpy())
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 23), density=st.floats(0, 1), seed=st.integers(0, 99))
+def test_sparse_nonzero_equals_nonzero(rows, cols, density, seed):
+    from strongreid.evaluation.selection import sparse_nonzero
+
+    gen = torch.Generator().manual_seed(seed)
+    flags = (torch.rand(rows, cols, generator=gen) < density).to(torch.uint8)
+    flags *= torch.randint(1, 3, (rows, cols), generator=gen, dtype=torch.uint8)
+    r, c, v = sparse_nonzero(flags)
+    want = torch.nonzero(flags)
+    np.testing.assert_array_equal(r.numpy(), want[:, 0].numpy())
+    np.testing.assert_array_equal(c.numpy(), want[:, 1].numpy())
+    np.testing.assert_array_equal(v.numpy(), flags[want[:, 0], want[:, 1]].numpy())

@@ -35,9 +35,8 @@ def features(tmp_path):
 
 def run_search(tmp_path, index, k, name="out.json"):
     out = tmp_path / name
-    # Options before INDEX: the parser's trailing KEY VALUE overrides swallow what follows it.
-    code = main(["search", "--query", str(tmp_path / "query.npz"), "-k", str(k),
-                 "--out", str(out), str(index)])
+    code = main(["search", str(index), "--query", str(tmp_path / "query.npz"), "-k", str(k),
+                 "--out", str(out)])
     assert code == 0
     return json.loads(out.read_text())
 
@@ -87,8 +86,8 @@ def test_k_beyond_the_gallery_returns_all_and_stdout_is_json(features, capsys):
     write_features(small, np.eye(3, 16))
     assert main(["index", "build", str(small), "--out", str(tmp_path / "small")]) == 0
     capsys.readouterr()
-    assert main(["search", "--query", str(tmp_path / "query.npz"), "-k", "10",
-                 str(tmp_path / "small")]) == 0
+    assert main(["search", str(tmp_path / "small"), "--query", str(tmp_path / "query.npz"),
+                 "-k", "10"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 12 and all(len(r["results"]) == 3 for r in results)
 
@@ -105,14 +104,14 @@ def test_errors_are_one_line(features, capsys):
     write_features(tmp_path / "nan.npz", bad)
     assert main(["index", "build", str(tmp_path / "nan.npz"), "--out", str(tmp_path / "x")]) == 2
     assert "NaN" in capsys.readouterr().err
-    assert main(["search", "--query", str(tmp_path / "query.npz"), str(tmp_path / "nowhere")]) == 2
+    assert main(["search", str(tmp_path / "nowhere"), "--query", str(tmp_path / "query.npz")]) == 2
     assert "not an index folder" in capsys.readouterr().err
     write_features(tmp_path / "narrow.npz", np.ones((5, 8)))
     assert main(["index", "build", str(tmp_path / "narrow.npz"), "--out", str(tmp_path / "n")]) == 0
-    assert main(["search", "--query", str(tmp_path / "query.npz"), str(tmp_path / "n")]) == 2
+    assert main(["search", str(tmp_path / "n"), "--query", str(tmp_path / "query.npz")]) == 2
     assert "8-d features" in capsys.readouterr().err
-    assert main(["search", "--query", str(tmp_path / "narrow.npz"), "-k", "0",
-                 str(tmp_path / "n")]) == 2
+    assert main(["search", str(tmp_path / "n"), "--query", str(tmp_path / "narrow.npz"),
+                 "-k", "0"]) == 2
     assert "-k must be at least 1" in capsys.readouterr().err
 
 

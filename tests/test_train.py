@@ -143,3 +143,10 @@ def test_test_command_rejects_a_checkpoint_of_another_architecture(tiny_syntheti
     err = capsys.readouterr().err
     assert rc == 2
     assert "resnet34" in err and "resnet18" in err and "r34.pt" in err and "Traceback" not in err
+
+
+def test_result_table_says_when_no_query_has_a_match():
+    from strongreid.engine.inference import format_table
+
+    text = format_table("plain", {"mAP": None, "mINP": None, "cmc": [None] * 10, "num_valid": 0})
+    assert "n/a" in text and "0 valid" in text

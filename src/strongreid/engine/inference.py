@@ -117,7 +117,10 @@ def format_table(name: str, res: dict[str, Any]) -> str:
     ranks = [r for r in (1, 5, 10) if r <= len(cmc)]
     head = "| " + " | ".join(["results", "mAP", "mINP"] + [f"R{r}" for r in ranks]) + " |"
     sep = "|" + "|".join(["---"] * (3 + len(ranks))) + "|"
-    vals = [name, f"{100 * res['mAP']:.1f}", f"{100 * res['mINP']:.1f}"] + [f"{100 * cmc[r - 1]:.1f}" for r in ranks]
+    def pct(v: Any) -> str:
+        return "n/a" if v is None or v != v else f"{100 * v:.1f}"  # None/NaN: no valid query
+
+    vals = [name, pct(res["mAP"]), pct(res["mINP"])] + [pct(cmc[r - 1]) for r in ranks]
     row = "| " + " | ".join(vals) + " |"
     extra = f"queries: {res.get('num_valid', '?')} valid"
     if res.get("num_skipped"):

@@ -17,9 +17,12 @@ INP (Ye et al.) is R / r_R, the precision at the hardest positive.
 cuhk03=True gives the single-gallery-shot CMC: 10 repeats, each drawing one random gallery image
 per identity (seeded), the CMC averaged over repeats; AP and INP use the full list.
 
-How it stays fast without building a Q x G ranking: per block of queries, the positives come
-from a pid-grouped view of the gallery, the largest positive distance bounds the part of each
-row that matters, and only the items under that bound are sorted (one int64 sort).
+How it stays fast without ranking whole rows: per block of queries, the positives come from
+a pid-grouped view of the gallery, and the farthest positive bounds the part of each row that
+matters. The items under that bound are sorted (one int64 sort of order-preserving keys);
+rows where the bound admits much of the gallery (a weak model) instead count, for each
+positive, the items below it with one searchsorted pass. Nothing of size Q x G is allocated:
+memory is O(block x G) plus per-query results.
 """
 
 from __future__ import annotations
@@ -39,8 +42,14 @@ from strongreid.evaluation.distance import (
     as_features,
     block_rows,
     resolve_device,
+    serial_cpu,
 )
-from strongreid.evaluation.selection import order_within_rows, ragged_arange, segment_starts
+from strongreid.evaluation.selection import (
+    order_within_rows,
+    ragged_arange,
+    segment_starts,
+    sparse_nonzero,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +60,7 @@ CUHK03_REPEATS = 10
 _TOPK_PROBE_COLUMNS = 2048
 # A row goes to the counting path when more than 1/_DENSE_FRACTION of it are candidates.
 _DENSE_FRACTION = 8
-_DENSE_SAMPLE_STEP = 16
+_DENSE_SAMPLE_STEP = 64
 
 
 @dataclass
@@ -114,7 +123,7 @@ def _as_labels(x: Any, name: str, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.int64)
 
 
-def _check_options(max_rank: int, ap: str, unmatched: str) -> None:
+def _check_options(max_rank: int, ap: str, unmatched: str, topk: int = 0) -> None:
     if ap not in AP_MODES:
         raise StrongReIDError(f"ap must be 'plain' or 'trapezoid' (config key TEST.AP), got {ap!r}")
     if unmatched not in UNMATCHED_MODES:
@@ -123,6 +132,8 @@ def _check_options(max_rank: int, ap: str, unmatched: str) -> None:
         )
     if isinstance(max_rank, bool) or int(max_rank) != max_rank or max_rank < 1:
         raise StrongReIDError(f"max_rank must be a positive integer (TEST.MAX_RANK), got {max_rank!r}")
+    if isinstance(topk, bool) or int(topk) != topk or topk < 0:
+        raise StrongReIDError(f"topk must be a non-negative integer, got {topk!r}")
 
 
 def _check_lengths(num_q: int, num_g: int, labels: dict[str, torch.Tensor], what: str) -> None:
@@ -157,7 +168,23 @@ class _Evaluator:
         seed: int,
         topk: int,
     ) -> None:
-        self.q_pids, self.q_cams, self.g_cams = q_pids, q_cams, g_cams
+        with serial_cpu(q_pids.device):
+            self._setup(q_pids, g_pids, q_cams, g_cams, max_rank, ap, unmatched, cuhk03, seed, topk)
+
+    def _setup(
+        self,
+        q_pids: torch.Tensor,
+        g_pids: torch.Tensor,
+        q_cams: torch.Tensor,
+        g_cams: torch.Tensor,
+        max_rank: int,
+        ap: str,
+        unmatched: str,
+        cuhk03: bool,
+        seed: int,
+        topk: int,
+    ) -> None:
+        self.q_cams, self.g_cams = q_cams, g_cams
         self.max_rank, self.ap_mode, self.unmatched = int(max_rank), ap, unmatched
         dev = q_pids.device
         num_q, num_g = q_pids.shape[0], g_pids.shape[0]
@@ -207,6 +234,10 @@ class _Evaluator:
 
     def add(self, start: int, d: torch.Tensor, check_nan: bool = True) -> None:
         """Evaluate queries start..start+len(d)-1 given their distance rows `d` (B x G)."""
+        with serial_cpu(d.device):
+            self._add(start, d, check_nan)
+
+    def _add(self, start: int, d: torch.Tensor, check_nan: bool) -> None:
         if d.dtype not in (torch.float32, torch.float64):
             d = d.to(torch.float32 if d.is_floating_point() else torch.float64)
         # amax propagates NaN: one read-only pass instead of a mask.
@@ -217,20 +248,13 @@ class _Evaluator:
                 "NaN features or an overflowing distance: check the model's features"
             )
         num_b = d.shape[0]
-        dev = d.device
-        sl = slice(start, start + num_b)
-        counts = self.q_count[sl]
-        rows = torch.repeat_interleave(torch.arange(num_b, device=dev), counts)
-        cols = self.g_order[torch.repeat_interleave(self.q_start[sl], counts) + ragged_arange(counts)]
-        same_cam = self.g_cams[cols] == self.q_cams[sl][rows]
-        pos_r, pos_c = rows[~same_cam], cols[~same_cam]
-        junk_r, junk_c = rows[same_cam], cols[same_cam]
+        pos_r, pos_c, junk_r, junk_c = self._pid_pairs(start, num_b, d.device)
         num_pos = torch.bincount(pos_r, minlength=num_b)
-        self.num_pos[sl] = num_pos
+        self.num_pos[start : start + num_b] = num_pos
 
         # Only items up to the farthest positive (or the top-k bound) affect a query's numbers.
         pos_d = d[pos_r, pos_c]
-        bound = torch.full((num_b,), -math.inf, dtype=d.dtype, device=dev)
+        bound = torch.full((num_b,), -math.inf, dtype=d.dtype, device=d.device)
         bound.scatter_reduce_(0, pos_r, pos_d, reduce="amax")
         topk_bound = self._topk_bound(d, junk_r, junk_c) if self.topk else None
         if topk_bound is not None:
@@ -238,32 +262,32 @@ class _Evaluator:
         mask = d <= bound[:, None]
 
         # Rows whose bound admits a large part of the gallery (a weak model) are cheaper to
-        # rank by counting against the positives than by sorting their candidates.
-        dense_rank = None
-        # Every 16th column estimates the share of candidates well enough for this choice.
-        sample = mask[:, ::_DENSE_SAMPLE_STEP]
-        share = sample.to(torch.float32).mean(dim=1)
+        # rank by counting against their positives than by sorting their candidates. Every
+        # 64th column estimates the share of candidates well enough for this choice.
+        share = mask[:, ::_DENSE_SAMPLE_STEP].to(torch.float32).mean(dim=1)
         dense = (share * _DENSE_FRACTION > 1) & (num_pos > 0)
+        dense_rank = None
         if bool(dense.any()):
             dense_rank, dense = self._dense_ranks(d, dense, pos_r, pos_c, pos_d, junk_r, junk_c)
             rows_d = torch.nonzero(dense).squeeze(1)
-            if topk_bound is not None:
+            if topk_bound is not None:  # their top-k still comes from the sorted candidates
                 mask[rows_d] = d[rows_d] <= topk_bound[rows_d, None]
             else:
                 mask.index_fill_(0, rows_d, False)
 
+        # Sorted candidates: 0 = not one, 1 = candidate, 2 = positive (ranked here).
         flags = mask.view(torch.uint8)
         flags[junk_r, junk_c] = 0
-        sparse_pos = ~dense[pos_r]
-        flags[pos_r[sparse_pos], pos_c[sparse_pos]] = 2
-        cand_r, cand_c = torch.nonzero(flags, as_tuple=True)
+        sparse = ~dense[pos_r]
+        flags[pos_r[sparse], pos_c[sparse]] = 2
+        cand_r, cand_c, cand_f = sparse_nonzero(flags)
         cand_d = d[cand_r, cand_c]
         perm = order_within_rows(cand_r, cand_d)
         cand_r, cand_c, cand_d = cand_r[perm], cand_c[perm], cand_d[perm]
-        is_pos = flags[cand_r, cand_c] == 2
+        is_pos = cand_f[perm] == 2
         # 1-based rank of every candidate among the query's non-junk gallery items.
         per_row = torch.bincount(cand_r, minlength=num_b)
-        rank = torch.arange(cand_r.shape[0], device=dev) - segment_starts(per_row)[cand_r] + 1
+        rank = torch.arange(cand_r.shape[0], device=d.device) - segment_starts(per_row)[cand_r] + 1
         p_row, p_rank = cand_r[is_pos], rank[is_pos]
         if dense_rank is not None:
             # Merge the two sources back into (query, rank) order.
@@ -279,6 +303,21 @@ class _Evaluator:
             self.topk_dist[start + cand_r[keep], rank[keep] - 1] = cand_d[keep].to(torch.float32)
         if self.cuhk_cmc is not None:
             self._single_shot(start, d, pos_r, pos_c, num_pos > 0)
+
+    def _pid_pairs(
+        self, start: int, num_b: int, dev: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, gallery index) of every positive and every junk item of queries in the block.
+
+        Both come from the query's pid group of the gallery: other camera = positive, same
+        camera = junk. Rows are block-local and listed in order, gallery indices ascending.
+        """
+        sl = slice(start, start + num_b)
+        counts = self.q_count[sl]
+        rows = torch.repeat_interleave(torch.arange(num_b, device=dev), counts)
+        cols = self.g_order[torch.repeat_interleave(self.q_start[sl], counts) + ragged_arange(counts)]
+        same_cam = self.g_cams[cols] == self.q_cams[sl][rows]
+        return rows[~same_cam], cols[~same_cam], rows[same_cam], cols[same_cam]
 
     def _score(
         self, start: int, num_pos: torch.Tensor, p_row: torch.Tensor, p_rank: torch.Tensor
@@ -418,6 +457,10 @@ class _Evaluator:
         self.cuhk_cmc[start : start + num_b] = acc
 
     def result(self) -> EvalResult:
+        with serial_cpu(self.num_pos.device):
+            return self._result()
+
+    def _result(self) -> EvalResult:
         num_q = self.num_pos.shape[0]
         valid = (self.num_pos > 0).cpu().numpy()
         num_valid = int(valid.sum())
@@ -451,7 +494,7 @@ class _Evaluator:
                 "another camera), so CMC/mAP/mINP are undefined; check that query and gallery "
                 "share identities and that their camera ids differ",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         elif num_skipped:
             logger.info("%d of %d queries have no valid match and were skipped", num_skipped, num_q)
@@ -510,7 +553,7 @@ def evaluate(
     read block by block and never copied whole. `topk` > 0 also returns each query's first
     min(topk, G) non-junk gallery indices and distances (the ranked list the metrics saw).
     """
-    _check_options(max_rank, ap, unmatched)
+    _check_options(max_rank, ap, unmatched, topk)
     dist = _as_distmat(distmat)
     dev = dist.device
     labels = {
@@ -554,7 +597,7 @@ def evaluate_features(
     metric "euclidean" is the squared Euclidean distance (the original's), "cosine" 1 - cos.
     Runs on `device` (default: the device of `q_feats` when it is a tensor, else the CPU).
     """
-    _check_options(max_rank, ap, unmatched)
+    _check_options(max_rank, ap, unmatched, topk)
     dev = resolve_device(device, q_feats, g_feats)
     q = as_features(q_feats, "q_feats", dev)
     g = as_features(g_feats, "g_feats", dev)
@@ -570,6 +613,8 @@ def evaluate_features(
         labels["q_pids"], labels["g_pids"], labels["q_camids"], labels["g_camids"],
         max_rank=max_rank, ap=ap, unmatched=unmatched, cuhk03=cuhk03, seed=seed, topk=topk,
     )
-    for start, block in chunks.blocks(block_rows(g.shape[0], dev, chunk_size)):
-        ev.add(start, block, check_nan=False)
+    sub = block_rows(g.shape[0], dev, chunk_size)
+    for start, block in chunks.blocks(block_rows(g.shape[0], dev, chunk_size, gemm=True)):
+        for s in range(0, block.shape[0], sub):
+            ev.add(start + s, block[s : s + sub], check_nan=False)
     return ev.result()

@@ -68,3 +68,20 @@ def ragged_arange(counts: torch.Tensor) -> torch.Tensor:
     total = int(counts.sum())
     starts = segment_starts(counts)
     return torch.arange(total, device=counts.device) - torch.repeat_interleave(starts, counts)
+
+
+def sparse_nonzero(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, values) of the non-zero entries of a contiguous 2-D uint8 tensor, in
+    row-major order.
+
+    The masks here are sparse, so it scans them 8 bytes at a time as int64 words and only
+    looks inside the few non-zero words: several times faster than `nonzero` on the bytes.
+    """
+    num_cols = flags.shape[1]
+    flat = flags.reshape(-1)
+    whole = flat.numel() - flat.numel() % 8
+    words = torch.nonzero(flat[:whole].view(torch.int64)).squeeze(1)
+    word_r, byte = torch.nonzero(flat[:whole].view(-1, 8)[words], as_tuple=True)
+    tail = torch.nonzero(flat[whole:]).squeeze(1) + whole
+    pos = torch.cat([words[word_r] * 8 + byte, tail])
+    return pos // num_cols, pos % num_cols, flat[pos]
