@@ -168,50 +168,36 @@ class _Evaluator:
         seed: int,
         topk: int,
     ) -> None:
+        # The bookkeeping below is many small ops: one thread beats two fighting (see serial_cpu).
         with serial_cpu(q_pids.device):
-            self._setup(q_pids, g_pids, q_cams, g_cams, max_rank, ap, unmatched, cuhk03, seed, topk)
+            self.q_cams, self.g_cams = q_cams, g_cams
+            self.max_rank, self.ap_mode, self.unmatched = int(max_rank), ap, unmatched
+            dev = q_pids.device
+            num_q, num_g = q_pids.shape[0], g_pids.shape[0]
+            self.num_g = num_g
+            self.topk = min(int(topk), num_g) if topk else 0
+            # Gallery grouped by pid (stable, so each group lists gallery indices ascending).
+            self.g_order = torch.sort(g_pids, stable=True).indices
+            uniq, counts = torch.unique_consecutive(g_pids[self.g_order], return_counts=True)
+            self.g_uniq, self.g_counts, self.g_starts = uniq, counts, segment_starts(counts)
+            slot = torch.searchsorted(uniq, q_pids).clamp(max=max(len(uniq) - 1, 0))
+            found = uniq[slot] == q_pids
+            self.q_group = torch.where(found, slot, torch.full_like(slot, -1))
+            self.q_count = torch.where(found, counts[slot], torch.zeros_like(slot))
+            self.q_start = self.g_starts[slot]
 
-    def _setup(
-        self,
-        q_pids: torch.Tensor,
-        g_pids: torch.Tensor,
-        q_cams: torch.Tensor,
-        g_cams: torch.Tensor,
-        max_rank: int,
-        ap: str,
-        unmatched: str,
-        cuhk03: bool,
-        seed: int,
-        topk: int,
-    ) -> None:
-        self.q_cams, self.g_cams = q_cams, g_cams
-        self.max_rank, self.ap_mode, self.unmatched = int(max_rank), ap, unmatched
-        dev = q_pids.device
-        num_q, num_g = q_pids.shape[0], g_pids.shape[0]
-        self.num_g = num_g
-        self.topk = min(int(topk), num_g) if topk else 0
-        # Gallery grouped by pid (stable, so each group lists gallery indices ascending).
-        self.g_order = torch.sort(g_pids, stable=True).indices
-        uniq, counts = torch.unique_consecutive(g_pids[self.g_order], return_counts=True)
-        self.g_uniq, self.g_counts, self.g_starts = uniq, counts, segment_starts(counts)
-        slot = torch.searchsorted(uniq, q_pids).clamp(max=max(len(uniq) - 1, 0))
-        found = uniq[slot] == q_pids
-        self.q_group = torch.where(found, slot, torch.full_like(slot, -1))
-        self.q_count = torch.where(found, counts[slot], torch.zeros_like(slot))
-        self.q_start = self.g_starts[slot]
-
-        self.num_pos = torch.zeros(num_q, dtype=torch.int64, device=dev)
-        self.first_rank = torch.zeros(num_q, dtype=torch.int64, device=dev)
-        self.ap = torch.zeros(num_q, dtype=torch.float64, device=dev)
-        self.inp = torch.zeros(num_q, dtype=torch.float64, device=dev)
-        self.cuhk_cmc = (
-            torch.zeros(num_q, self.max_rank, dtype=torch.float64, device=dev) if cuhk03 else None
-        )
-        if self.topk:
-            self.topk_index = torch.full((num_q, self.topk), -1, dtype=torch.int64, device=dev)
-            self.topk_dist = torch.full((num_q, self.topk), math.inf, dtype=torch.float32, device=dev)
-        if cuhk03:
-            self._draw_single_shot(seed, dev)
+            self.num_pos = torch.zeros(num_q, dtype=torch.int64, device=dev)
+            self.first_rank = torch.zeros(num_q, dtype=torch.int64, device=dev)
+            self.ap = torch.zeros(num_q, dtype=torch.float64, device=dev)
+            self.inp = torch.zeros(num_q, dtype=torch.float64, device=dev)
+            self.cuhk_cmc = (
+                torch.zeros(num_q, self.max_rank, dtype=torch.float64, device=dev) if cuhk03 else None
+            )
+            if self.topk:
+                self.topk_index = torch.full((num_q, self.topk), -1, dtype=torch.int64, device=dev)
+                self.topk_dist = torch.full((num_q, self.topk), math.inf, dtype=torch.float32, device=dev)
+            if cuhk03:
+                self._draw_single_shot(seed, dev)
 
     def _draw_single_shot(self, seed: int, dev: torch.device) -> None:
         """One representative per gallery pid for each repeat, from a seeded generator."""
