@@ -184,10 +184,10 @@ class SyntheticPedestrians(MarketStyleDataset):
     TITLE = "synthetic"
     FOLDER_NAMES = ("synthetic",)
     EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-    NAME_EXAMPLE = "0001_c1_0000.jpg"
+    NAME_EXAMPLE = "0001_c1s1_000123_01.jpg"
     LAYOUT = """\
 ROOT/synthetic/
-    bounding_box_train/   <pid>_c<cam>_....jpg
+    bounding_box_train/   <pid>_c<cam>s<seq>_<frame>_<n>.jpg, e.g. 0001_c1s1_000123_01.jpg
     query/
     bounding_box_test/
 """
