@@ -150,3 +150,13 @@ def test_result_table_says_when_no_query_has_a_match():
 
     text = format_table("plain", {"mAP": None, "mINP": None, "cmc": [None] * 10, "num_valid": 0})
     assert "n/a" in text and "0 valid" in text
+
+
+def test_training_into_a_finished_run_refuses_to_overwrite_it(tiny_synthetic_root, tmp_path, capsys):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"precious")
+    rc = main(["train", *tiny_train_opts(tiny_synthetic_root, out)])
+    assert rc == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == b"precious"

@@ -96,6 +96,11 @@ class Trainer:
         self.out_dir = Path(cfg.OUTPUT_DIR)
         if resume == "auto":
             resume = self._agree_on_resume()
+        if not resume and (self.out_dir / "last.pt").exists():
+            raise ConfigError(
+                f"OUTPUT_DIR {self.out_dir} already holds a run ({self.out_dir / 'last.pt'}): "
+                "continue it with --resume, or set another OUTPUT_DIR. Nothing was overwritten."
+            )
         setup_logging(self.out_dir, self.dist.rank)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
