@@ -16,7 +16,14 @@ from pathlib import Path
 
 from PIL import Image
 
-LAYOUTS = Path(os.environ.get("STRONGREID_LAYOUTS", "/work/shared/reference/layouts"))
+
+def _default_layouts() -> Path:
+    # shared/ sits beside the checkout (also in CI's fresh clone); /work/shared is the session's.
+    beside = Path(__file__).resolve().parents[2] / "shared" / "reference" / "layouts"
+    return beside if beside.is_dir() else Path("/work/shared/reference/layouts")
+
+
+LAYOUTS = Path(os.environ.get("STRONGREID_LAYOUTS") or _default_layouts())
 
 MARKET_LISTS = ("bounding_box_train.txt", "query.txt", "bounding_box_test.txt")
 
