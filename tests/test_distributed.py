@@ -51,9 +51,9 @@ def _equivalence_opts(root: Path, out: Path, pretrained: Path, **overrides) -> l
     """Global batch 64 = 8 identities x 8 images: the 12 training identities of the tiny set give
     one batch per epoch, so the per-epoch losses are the per-iteration trajectory.
 
-    Three choices keep the comparison about DDP and not about amplified rounding. No random
-    augmentation: each rank draws its own augmentation seeds; the data order is what is shared.
-    Start from briefly trained weights: at random initialisation the features nearly coincide,
+    Random flips, crops and erasing stay on: every image is augmented from its position in the
+    single-process epoch, so the ranks see exactly the images one process would. Two choices keep
+    the comparison about DDP and not about amplified rounding. Start from briefly trained weights: at random initialisation the features nearly coincide,
     so many anchors' hardest positive or negative is tied to within rounding and a different
     summation order picks another triplet. SGD, not Adam: Adam divides every gradient element by
     its own magnitude, so elements that are sums of cancelling terms (zero up to rounding) move
@@ -61,7 +61,6 @@ def _equivalence_opts(root: Path, out: Path, pretrained: Path, **overrides) -> l
     """
     opts = {
         "SOLVER.IMS_PER_BATCH": 64, "DATALOADER.NUM_INSTANCE": 8, "SOLVER.MAX_EPOCHS": 3,
-        "INPUT.PROB": 0.0, "INPUT.RE_PROB": 0.0, "INPUT.PADDING": 0,
         "SOLVER.OPTIMIZER_NAME": "SGD", "SOLVER.BASE_LR": 0.003,
         "MODEL.PRETRAIN_CHOICE": "self", "MODEL.PRETRAIN_PATH": pretrained,
         "SOLVER.EVAL_PERIOD": 100, "SOLVER.CHECKPOINT_PERIOD": 100,

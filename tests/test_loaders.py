@@ -247,3 +247,23 @@ def test_loader_errors(tmp_path: Path) -> None:
     cfg = loader_cfg(0, sampler="softmax", batch=5)
     with pytest.raises(ConfigError, match="not divisible by the world size 2"):
         build_train_loader(cfg, records, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("sampler", ["softmax_triplet", "softmax"])
+def test_two_ranks_augment_like_one_process(tmp_path: Path, sampler: str) -> None:
+    """Each global batch of 2 ranks holds the same augmented images as the 1-process batch."""
+    records = make_records(tmp_path, [4, 4, 4, 4, 4, 4])  # 24 images: no padding for softmax
+    cfg = loader_cfg(0, sampler=sampler, batch=8)
+    single = build_train_loader(cfg, records)
+    ranks = [build_train_loader(cfg, records, rank=r, world_size=2) for r in range(2)]
+    for loader in (single, *ranks):
+        loader.sampler.set_epoch(3)
+    one = list(single)
+    two = list(zip(*[list(loader) for loader in ranks], strict=True))
+    assert len(two) == len(one)
+    for (img, _, _, paths), parts in zip(one, two, strict=True):
+        got = {p: x for part in parts for x, p in zip(part[0], part[3], strict=True)}
+        want = dict(zip(paths, img, strict=True))
+        assert set(got) == set(want)
+        for p, x in want.items():
+            assert torch.equal(got[p], x), p

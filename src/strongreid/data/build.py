@@ -47,9 +47,10 @@ def seed_worker(worker_id: int) -> None:
 class SeededSampler(Sampler):
     """Wraps a sampler so each item carries its own augmentation seed: `(index, seed)`.
 
-    The seed is a function of (SOLVER.SEED, rank, epoch, position) alone, so the random flips,
-    crops and erasing of an epoch are the same whatever NUM_WORKERS is, whether workers are
-    persistent, and whether the run was resumed from a checkpoint in between.
+    The seed is a function of (SOLVER.SEED, epoch, position in the single-process epoch) alone,
+    so the random flips, crops and erasing of an epoch are the same whatever NUM_WORKERS is,
+    whether workers are persistent, whether the run was resumed from a checkpoint in between,
+    and how many torchrun processes share the epoch.
     """
 
     def __init__(self, sampler: Sampler[int], seed: int, rank: int = 0) -> None:
@@ -68,10 +69,19 @@ class SeededSampler(Sampler):
 
     def __iter__(self):
         indices = list(self.sampler)
-        seeds = np.random.SeedSequence([self.seed, self.rank, self.epoch]).generate_state(
-            max(len(indices), 1), dtype=np.uint32
+        positions = getattr(self.sampler, "global_positions", None)
+        if positions is None:  # a user's sampler: seeds per rank
+            seeds = np.random.SeedSequence([self.seed, self.rank, self.epoch]).generate_state(
+                max(len(indices), 1), dtype=np.uint32
+            )
+            return iter(zip(indices, seeds.tolist()))
+        # Seeded by the position in the single-process epoch: under torchrun, the image a rank
+        # draws is flipped, cropped and erased exactly as one process would have done it.
+        pos = positions(len(indices))
+        table = np.random.SeedSequence([self.seed, self.epoch]).generate_state(
+            int(pos.max()) + 1 if len(pos) else 1, dtype=np.uint32
         )
-        return iter(zip(indices, seeds.tolist()))
+        return iter(zip(indices, table[pos].tolist()))
 
 
 class SeededDataset(torch.utils.data.Dataset):

@@ -110,6 +110,10 @@ class RandomIdentitySampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices())
 
+    def global_positions(self, n: int) -> np.ndarray:
+        """One process draws the whole epoch: positions are 0..n-1."""
+        return np.arange(n)
+
     def __len__(self) -> int:
         return len(self.epoch_indices())
 
@@ -178,6 +182,12 @@ class DistributedIdentitySampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices())
 
+    def global_positions(self, n: int) -> np.ndarray:
+        """Where this rank's i-th index sits in the single-process epoch."""
+        i = np.arange(n)
+        share = self.local_batch_size
+        return (i // share) * self.batch_size + self.rank * share + i % share
+
     def __len__(self) -> int:
         return len(self.global_sampler) // self.world_size
 
@@ -216,6 +226,10 @@ class ShuffledSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices())
+
+    def global_positions(self, n: int) -> np.ndarray:
+        """Where this rank's i-th index sits in the (padded) single-process permutation."""
+        return np.arange(n) * self.world_size + self.rank
 
     def __len__(self) -> int:
         return (self.num_samples + self.world_size - 1) // self.world_size
