@@ -12,6 +12,7 @@ faiss is imported here only, and lazily, so plain evaluation never needs it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -29,6 +30,8 @@ _INFO_FILE = "index.json"
 
 
 def _faiss() -> Any:
+    # faiss announces which SIMD build it loaded at INFO level; that is not the user's business.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError as exc:
