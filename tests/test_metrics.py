@@ -499,3 +499,21 @@ def test_sparse_nonzero_equals_nonzero(rows, cols, density, seed):
     np.testing.assert_array_equal(r.numpy(), want[:, 0].numpy())
     np.testing.assert_array_equal(c.numpy(), want[:, 1].numpy())
     np.testing.assert_array_equal(v.numpy(), flags[want[:, 0], want[:, 1]].numpy())
+
+
+def test_config_switch_selects_the_single_gallery_shot_cmc():
+    from strongreid.config import load_config
+    from strongreid.evaluation import evaluate, evaluate_from_config
+
+    rng = np.random.default_rng(5)
+    q, g = rng.standard_normal((6, 8)).astype(np.float32), rng.standard_normal((30, 8)).astype(np.float32)
+    q_pids, g_pids = np.arange(6) % 3, np.arange(30) % 3
+    q_cams, g_cams = np.zeros(6, np.int64), np.ones(30, np.int64)
+    plain = evaluate_from_config(load_config(None, ["TEST.FEAT_NORM", "no"]), q, g, q_pids, g_pids, q_cams, g_cams)
+    sgs = evaluate_from_config(load_config(None, ["TEST.FEAT_NORM", "no", "TEST.CUHK03_METRIC", "True"]),
+                               q, g, q_pids, g_pids, q_cams, g_cams)
+    dist = ((q[:, None] - g[None]) ** 2).sum(-1)
+    want = evaluate(dist, q_pids, g_pids, q_cams, g_cams, cuhk03=True, seed=0)
+    np.testing.assert_allclose(sgs["plain"].cmc, want.cmc, atol=1e-6)
+    assert sgs["plain"].mAP == pytest.approx(plain["plain"].mAP, abs=1e-6)
+    assert not np.allclose(sgs["plain"].cmc, plain["plain"].cmc)

@@ -175,6 +175,9 @@ _C.TEST.AP = "plain"
 # extension: queries without a valid match: 'skip' (common convention) | 'fail' (count as miss)
 _C.TEST.UNMATCHED = "skip"
 _C.TEST.MAX_RANK = 50
+# extension: CUHK03 single-gallery-shot CMC (one random gallery image per identity, 10 seeded
+# repeats; AP stays on the full list). For the classic CUHK03 protocol; CUHK03-NP uses Market's.
+_C.TEST.CUHK03_METRIC = False
 # extension: evaluate during training with re-ranking as well
 _C.TEST.EVAL_RE_RANKING = False
 

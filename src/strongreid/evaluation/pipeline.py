@@ -48,7 +48,8 @@ def evaluate_from_config(
         q = query_expansion(q, g, k=test.QE_K, alpha=test.QE_ALPHA)
         if feat_norm:
             q = l2_normalize(q)
-    options = {"max_rank": test.MAX_RANK, "ap": test.AP, "unmatched": test.UNMATCHED}
+    options = {"max_rank": test.MAX_RANK, "ap": test.AP, "unmatched": test.UNMATCHED,
+               "cuhk03": bool(test.CUHK03_METRIC), "seed": int(cfg.SOLVER.SEED)}
     topk = min(int(test.MAX_RANK), g.shape[0])
     labels = (q_pids, g_pids, q_camids, g_camids)
     results = {
