@@ -110,6 +110,19 @@ def as_features(x: Any, name: str, device: torch.device) -> torch.Tensor:
     return t
 
 
+
+def feature_pair(q_feats: Any, g_feats: Any, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and gallery features as checked float32 tensors on one device, same dimension."""
+    dev = resolve_device(device, q_feats, g_feats)
+    q = as_features(q_feats, "q_feats", dev)
+    g = as_features(g_feats, "g_feats", dev)
+    if q.shape[1] != g.shape[1]:
+        raise StrongReIDError(
+            f"query features have dimension {q.shape[1]} but gallery features {g.shape[1]}; "
+            "extract both with the same model and TEST.NECK_FEAT"
+        )
+    return q, g
+
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
     """Row sums of squares, as the original's pow(2).sum(1) (exact for integer features, so
     ties stay ties), without its N x D temporary."""
@@ -128,11 +141,6 @@ class DistanceChunks:
         if metric not in METRICS:
             raise StrongReIDError(
                 f"unknown metric {metric!r} (config key TEST.METRIC): use 'euclidean' or 'cosine'"
-            )
-        if q.shape[1] != g.shape[1]:
-            raise StrongReIDError(
-                f"query features have dimension {q.shape[1]} but gallery features {g.shape[1]}; "
-                "extract both with the same model and TEST.NECK_FEAT"
             )
         self.q, self.g, self.metric = q, g, metric
         self.g_t = g.t()
@@ -193,9 +201,8 @@ def pairwise_distance(
     device: Any = None,
 ) -> torch.Tensor:
     """The full query x gallery distance matrix (float32), block by block like the evaluator."""
-    dev = resolve_device(device, q_feats, g_feats)
-    q = as_features(q_feats, "q_feats", dev)
-    g = as_features(g_feats, "g_feats", dev)
+    q, g = feature_pair(q_feats, g_feats, device)
+    dev = q.device
     chunks = DistanceChunks(q, g, metric)
     out = torch.empty(chunks.shape, dtype=torch.float32, device=dev)
     rows = block_rows(g.shape[0], dev, chunk_size, gemm=True)

@@ -39,9 +39,8 @@ import torch
 from strongreid.errors import StrongReIDError
 from strongreid.evaluation.distance import (
     DistanceChunks,
-    as_features,
     block_rows,
-    resolve_device,
+    feature_pair,
     serial_cpu,
 )
 from strongreid.evaluation.selection import (
@@ -584,9 +583,8 @@ def evaluate_features(
     Runs on `device` (default: the device of `q_feats` when it is a tensor, else the CPU).
     """
     _check_options(max_rank, ap, unmatched, topk)
-    dev = resolve_device(device, q_feats, g_feats)
-    q = as_features(q_feats, "q_feats", dev)
-    g = as_features(g_feats, "g_feats", dev)
+    q, g = feature_pair(q_feats, g_feats, device)
+    dev = q.device
     chunks = DistanceChunks(q, g, metric)
     labels = {
         "q_pids": _as_labels(q_pids, "q_pids", dev),

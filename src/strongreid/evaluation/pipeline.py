@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from strongreid.errors import StrongReIDError
-from strongreid.evaluation.distance import as_features, l2_normalize, resolve_device
+from strongreid.evaluation.distance import feature_pair, l2_normalize
 from strongreid.evaluation.metrics import EvalResult, evaluate, evaluate_features
 from strongreid.evaluation.query_expansion import query_expansion
 from strongreid.evaluation.reranking import re_ranking
@@ -38,9 +38,7 @@ def evaluate_from_config(
     from strongreid.config import flag
 
     test = cfg.TEST
-    dev = resolve_device(device, q_feats, g_feats)
-    q = as_features(q_feats, "q_feats", dev)
-    g = as_features(g_feats, "g_feats", dev)
+    q, g = feature_pair(q_feats, g_feats, device)
     feat_norm = flag(test.FEAT_NORM)
     if feat_norm:
         q, g = l2_normalize(q), l2_normalize(g)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from strongreid.errors import StrongReIDError
-from strongreid.evaluation.distance import as_features, block_rows, resolve_device
+from strongreid.evaluation.distance import block_rows, feature_pair
 
 
 def query_expansion(
@@ -31,13 +31,8 @@ def query_expansion(
         raise StrongReIDError(f"query expansion k must be a positive integer (TEST.QE_K), got {k!r}")
     if not float(alpha) >= 0.0:
         raise StrongReIDError(f"query expansion alpha must be >= 0 (TEST.QE_ALPHA), got {alpha!r}")
-    dev = resolve_device(device, q_feats, g_feats)
-    q = as_features(q_feats, "q_feats", dev)
-    g = as_features(g_feats, "g_feats", dev)
-    if q.shape[1] != g.shape[1]:
-        raise StrongReIDError(
-            f"query features have dimension {q.shape[1]} but gallery features {g.shape[1]}"
-        )
+    q, g = feature_pair(q_feats, g_feats, device)
+    dev = q.device
     near = min(int(k) - 1, g.shape[0])
     out = q.clone()
     if near > 0:

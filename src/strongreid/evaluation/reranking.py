@@ -32,8 +32,7 @@ import torch
 
 from strongreid.errors import StrongReIDError
 from strongreid.evaluation.distance import (
-    as_features,
-    resolve_device,
+    feature_pair,
     serial_cpu,
     squared_norms,
 )
@@ -303,13 +302,7 @@ def re_ranking(
     on the CPU. Memory is O(N * k1^2 + nnz(V) + Q * G), never O(N^2).
     """
     _check_params(k1, k2, lambda_value)
-    dev = resolve_device(device, q_feats, g_feats)
-    q = as_features(q_feats, "q_feats", dev)
-    g = as_features(g_feats, "g_feats", dev)
-    if q.shape[1] != g.shape[1]:
-        raise StrongReIDError(
-            f"query features have dimension {q.shape[1]} but gallery features {g.shape[1]}"
-        )
+    q, g = feature_pair(q_feats, g_feats, device)
     num_q = q.shape[0]
     x = torch.cat([q, g])
     del q, g
