@@ -165,6 +165,20 @@ def build_train_sampler(
     return sampler, sampler.local_batch_size
 
 
+def _loader_options(cfg: Any, rank: int) -> dict[str, Any]:
+    """What the train and test loaders share: workers, collation, pinning, worker seeding."""
+    workers = _num_workers(cfg)
+    return {
+        "num_workers": workers,
+        "collate_fn": collate_batch,
+        "pin_memory": _pin_memory(cfg),
+        "drop_last": False,
+        "persistent_workers": workers > 0,
+        "worker_init_fn": seed_worker,
+        "generator": _loader_generator(int(cfg.SOLVER.SEED), rank),
+    }
+
+
 def build_train_loader(
     cfg: Any, records: Sequence[Any], rank: int = 0, world_size: int = 1
 ) -> DataLoader:
@@ -176,20 +190,13 @@ def build_train_loader(
         build_transforms(cfg, is_train=True),
         skip_corrupt=bool(cfg.DATALOADER.SKIP_CORRUPT),
     )
-    workers = _num_workers(cfg)
     # P×K epochs are whole multiples of the batch, so drop_last=False never yields a ragged
     # triplet batch; the softmax path keeps the original's short last batch.
     return DataLoader(
         SeededDataset(dataset),
         batch_size=batch_size,
         sampler=SeededSampler(sampler, int(cfg.SOLVER.SEED), rank),
-        num_workers=workers,
-        collate_fn=collate_batch,
-        pin_memory=_pin_memory(cfg),
-        drop_last=False,
-        persistent_workers=workers > 0,
-        worker_init_fn=seed_worker,
-        generator=_loader_generator(int(cfg.SOLVER.SEED), rank),
+        **_loader_options(cfg, rank),
     )
 
 
@@ -201,16 +208,9 @@ def build_test_loader(cfg: Any, records: Sequence[Any]) -> DataLoader:
     batch_size = int(cfg.TEST.IMS_PER_BATCH)
     if batch_size < 1:
         raise ConfigError(f"TEST.IMS_PER_BATCH must be >= 1, got {batch_size}")
-    workers = _num_workers(cfg)
     return DataLoader(
         ImageDataset(records, build_transforms(cfg, is_train=False)),
         batch_size=batch_size,
         shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_batch,
-        pin_memory=_pin_memory(cfg),
-        drop_last=False,
-        persistent_workers=workers > 0,
-        worker_init_fn=seed_worker,
-        generator=_loader_generator(int(cfg.SOLVER.SEED), 0),
+        **_loader_options(cfg, rank=0),
     )
