@@ -376,8 +376,12 @@ def ingest(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumb
             stats.seen += len(items)
             have = store.existing([it.key for it in items])
             todo = [it for it in items if it.key not in have]
-            # The same content twice in one run (a copied file) is embedded once.
-            todo = list({it.key: it for it in todo}.values())
+            # The same content twice in one run (a copied file) is embedded once, as the
+            # first in file order.
+            first: dict[str, Item] = {}
+            for it in todo:
+                first.setdefault(it.key, it)
+            todo = list(first.values())
             stats.skipped += len(items) - len(todo)
             bar.update(len(items) - len(todo))
             if not todo:

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+
+# At module level: FastAPI resolves the endpoints' (string) annotations in these globals.
+from fastapi import File, Form, UploadFile
 from PIL import Image
 
 from strongreid.errors import StrongReIDError
@@ -74,7 +77,10 @@ def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD) -> Image.Image:
         return img.convert("RGB")
     except BadRequest:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise BadRequest(f"the image has more than {MAX_PIXELS} pixels; at most {MAX_PIXELS} "
+                         "pixels are accepted", 413) from None
+    except (OSError, SyntaxError, ValueError):
         raise BadRequest("the upload is not an image that can be decoded (JPEG, PNG, BMP or "
                          "WebP expected)") from None
 
@@ -217,7 +223,7 @@ def _filters(cameras: str, videos: str, start: str, end: str) -> Filters:
 
 def create_app(service: SearchService, max_upload: int = MAX_UPLOAD) -> Any:
     """The FastAPI app over `service`."""
-    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi import FastAPI, Query, Request
     from fastapi.responses import FileResponse, JSONResponse, Response
 
     app = FastAPI(title="strongreid gallery search", version="1",

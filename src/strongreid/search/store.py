@@ -135,8 +135,10 @@ def thumbs_dir_for(uri: str, thumbs: str | os.PathLike | None = None) -> Path:
 
 
 def _quiet_pymilvus() -> None:
-    # pymilvus logs every failed RPC with a traceback at ERROR; our errors say it once.
-    for name in ("pymilvus", "pymilvus.decorators", "milvus_lite"):
+    # pymilvus logs every failed RPC with a traceback at ERROR; our errors say it once. Milvus
+    # Lite's in-process gRPC server logs each call it does not implement (AllocTimestamp,
+    # which the client probes and then does without).
+    for name in ("pymilvus", "pymilvus.decorators", "milvus_lite", "grpc._server"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
