@@ -84,6 +84,16 @@ _C.DATASETS.CUHK03_KIND = "labeled"
 _C.DATASETS.LIST_TRAIN = ""
 _C.DATASETS.LIST_QUERY = ""
 _C.DATASETS.LIST_GALLERY = ""
+# extension, layumi compatibility (docs/coming-from-layumi.md):
+# 'off' | 'first': hold out the first image (path order) of each training identity as a
+# validation split (layumi's val/; the `layumi` dataset uses its own val/ folder); its loss and
+# top-1 error are logged each epoch as {"type": "val"} rows of metrics.jsonl
+_C.DATASETS.VALIDATION = "off"
+# keep the validation images in the training split too (layumi --train_all); the `layumi`
+# dataset reads train_all/ instead of train/
+_C.DATASETS.TRAIN_ALL = False
+# VehicleID test list: 800 | 1600 | 2400 vehicles
+_C.DATASETS.VEHICLEID_TEST_SIZE = 800
 
 # ---------------------------------------------------------------------------------------------
 # DATALOADER
@@ -180,6 +190,13 @@ _C.TEST.MAX_RANK = 50
 _C.TEST.CUHK03_METRIC = False
 # extension: evaluate during training with re-ranking as well
 _C.TEST.EVAL_RE_RANKING = False
+# extension, layumi compatibility (docs/coming-from-layumi.md):
+# multi-query (Market protocol): a query's feature is the mean of the test dataset's
+# multi-query images (Market gt_bbox/, layumi multi-query/) of its identity and camera
+_C.TEST.MULTI_QUERY = False
+# multi-scale test as layumi's --ms: each value s resizes the image by sqrt(s) per side
+# (bicubic) and the features of all scales (and flips) are averaged; [1.0] = one scale
+_C.TEST.MULTI_SCALE = [1.0]
 
 # ---------------------------------------------------------------------------------------------
 # Misc

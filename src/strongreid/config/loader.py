@@ -61,6 +61,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "TEST.METRIC": ("euclidean", "cosine"),
     "TEST.AP": ("plain", "trapezoid"),
     "TEST.UNMATCHED": ("skip", "fail"),
+    "DATASETS.VALIDATION": ("off", "first"),
 }
 
 # Keys the original defines but never reads. Old ymls set them; we accept and ignore them.
@@ -402,9 +403,25 @@ def validate(cfg: CfgNode) -> None:
                 f"SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE = {cfg.SOLVER.IMS_PER_BATCH // k}: "
                 "triplet mining needs at least 2 identities per batch."
             )
+    _check_layumi_keys(cfg)
     if cfg.MODEL.PRETRAIN_CHOICE == "self" and not cfg.MODEL.PRETRAIN_PATH:
         raise ConfigError("MODEL.PRETRAIN_CHOICE 'self' needs MODEL.PRETRAIN_PATH (a strongreid checkpoint).")
     _check_model_name(cfg.MODEL.NAME)
+
+
+def _check_layumi_keys(cfg: CfgNode) -> None:
+    # The keys of docs/coming-from-layumi.md.
+    if cfg.DATASETS.VEHICLEID_TEST_SIZE not in (800, 1600, 2400):
+        raise ConfigError(
+            f"DATASETS.VEHICLEID_TEST_SIZE = {cfg.DATASETS.VEHICLEID_TEST_SIZE} is not allowed; "
+            "choose one of 800, 1600, 2400 (the official VehicleID test lists)."
+        )
+    scales = list(cfg.TEST.MULTI_SCALE)
+    if not scales or any(float(s) <= 0 for s in scales):
+        raise ConfigError(
+            f"TEST.MULTI_SCALE = {scales}: give one or more positive scales, e.g. [1.0, 1.1] "
+            "(layumi's --ms 1,1.1); [1.0] tests at INPUT.SIZE_TEST only."
+        )
 
 
 def _check_dataset_names(names: list[str]) -> None:

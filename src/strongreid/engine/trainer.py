@@ -397,6 +397,23 @@ class Trainer:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _validate(self, epoch: int) -> None:
+        """DATASETS.VALIDATION: loss and top-1 error of the held-out images, on rank 0."""
+        if not self.splits.val or not self.dist.is_main:
+            return
+        from strongreid.data import build_test_loader
+        from strongreid.engine.validation import validation_metrics
+
+        if not hasattr(self, "_val_loader"):
+            self._val_loader = build_test_loader(self.cfg, self.splits.val)
+        val = validation_metrics(self.model, self._val_loader, self.device, self.amp_dtype)
+        self._log(f"epoch {epoch} validation: loss {val['val_loss']:.4f}, top-1 error "
+                  f"{100 * val['val_error']:.2f}% ({val['val_images']} images)")
+        self._append_metrics({"type": "val", "epoch": epoch, **val})
+        if self.tb is not None:
+            self.tb.add_scalar("val/loss", val["val_loss"], epoch)
+            self.tb.add_scalar("val/error", val["val_error"], epoch)
+
     def evaluate(self, epoch: int) -> dict[str, Any] | None:
         evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device)
         if evaluated is None:
@@ -429,6 +446,7 @@ class Trainer:
             self._sync_buffers()
             self._append_metrics({"type": "train", "epoch": epoch, **stats})
             self._log(f"epoch {epoch} done in {stats['time']:.1f} s ({stats['images_per_s']:.1f} img/s)")
+            self._validate(epoch)
             do_eval = epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == max_epochs
             evaluated = self.evaluate(epoch) if do_eval else None
             self._save(epoch, evaluated is not None)
