@@ -27,6 +27,10 @@ _C.MODEL.PRETRAIN_PATH = ""
 _C.MODEL.PRETRAIN_CHOICE = "imagenet"
 # 'bnneck' | 'no'
 _C.MODEL.NECK = "bnneck"
+# extension: the format of TEST.WEIGHT / FeatureExtractor weights: 'auto' (detected from the keys),
+# 'strongreid', or a registered foreign format (strongreid.modeling.formats.CHECKPOINT_FORMATS).
+# Checked when a checkpoint is loaded, since formats register themselves below the config.
+_C.MODEL.CHECKPOINT_FORMAT = "auto"
 # 'yes' | 'no' (YAML booleans accepted)
 _C.MODEL.IF_WITH_CENTER = "no"
 # 'triplet' | 'center' | 'triplet_center'

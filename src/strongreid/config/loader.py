@@ -492,6 +492,18 @@ def save_config(cfg: CfgNode, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def with_overrides(cfg: CfgNode, overrides: dict[str, Any], source: str) -> CfgNode:
+    """A validated, frozen copy of `cfg` with dotted keys set (e.g. what a foreign checkpoint
+    implies about the model); `source` names who asked, for error messages."""
+    out = cfg.clone()
+    out.defrost()
+    for key, value in overrides.items():
+        _set(out, key, value, source)
+    validate(out)
+    out.freeze()
+    return out
+
+
 def config_from_text(text: str) -> CfgNode:
     """Rebuild a config saved inside a checkpoint (YAML text), validated."""
     cfg = get_cfg_defaults()

@@ -165,12 +165,14 @@ def write_results(cfg: CfgNode, out_dir: str | os.PathLike, evaluated: dict[str,
     return plain
 
 
-def build_test_model(cfg: CfgNode, weights: str):
-    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched); a
+def build_test_model(cfg: CfgNode, weights: str) -> tuple[nn.Module, CfgNode]:
+    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched), and the
+    config to test it with (a foreign checkpoint sets its input size and pixel statistics); a
     checkpoint of another architecture is a CheckpointError naming both."""
-    from strongreid.deploy.extractor import load_inference_model
+    from strongreid.modeling.loading import load_inference_model
 
-    return load_inference_model(cfg, weights)
+    loaded = load_inference_model(cfg, weights)
+    return loaded.model, loaded.cfg
 
 
 def test_command(cfg: CfgNode) -> int:
@@ -187,7 +189,8 @@ def test_command(cfg: CfgNode) -> int:
     out_dir = Path(cfg.OUTPUT_DIR)
     setup_logging(out_dir, ctx.rank)
     splits = load_splits(cfg, need_train=False)
-    model = build_test_model(cfg, cfg.TEST.WEIGHT).to(device)
+    model, cfg = build_test_model(cfg, cfg.TEST.WEIGHT)
+    model = model.to(device)
     if use_channels_last(cfg.MODEL.CHANNELS_LAST, device):
         model = model.to(memory_format=torch.channels_last)
     logger.info("evaluating %s on %s: %d query, %d gallery images", cfg.TEST.WEIGHT, splits.test_name,
