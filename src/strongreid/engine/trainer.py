@@ -415,7 +415,8 @@ class Trainer:
             self.tb.add_scalar("val/error", val["val_error"], epoch)
 
     def evaluate(self, epoch: int) -> dict[str, Any] | None:
-        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device)
+        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device,
+                                   multi_query=self.splits.multi_query)
         if evaluated is None:
             return None
         res = evaluated["results"]["plain"].to_dict()
