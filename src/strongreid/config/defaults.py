@@ -51,6 +51,21 @@ _C.MODEL.AMP = "auto"
 _C.MODEL.CHANNELS_LAST = "auto"
 # extension: wrap the model in torch.compile
 _C.MODEL.COMPILE = False
+# extension (layumi heads, modeling/layumi.py): 'baseline' (BNNeck or not, as MODEL.NECK says)
+# | 'layumi' (layumi's ClassBlock: Linear -> BN -> (LeakyReLU) -> Dropout -> classifier; the
+# test feature is the LINEAR_NUM-d embedding) | 'pcb' (PCB_PARTS horizontal stripes, one
+# ClassBlock each; test feature: the part-normalised concatenation). MODEL.NECK and
+# TEST.NECK_FEAT apply to 'baseline' only.
+_C.MODEL.HEAD = "baseline"
+# ClassBlock embedding width (layumi --linear_num; 0 = no Linear, BN on the backbone feature)
+_C.MODEL.LINEAR_NUM = 512
+# ClassBlock dropout before the classifier (layumi --droprate); PCB's stripe dropout too
+_C.MODEL.DROPRATE = 0.5
+# LeakyReLU(0.1) after the ClassBlock BN (layumi's relu=True; its models use False)
+_C.MODEL.HEAD_RELU = False
+# PCB stripes and the width of each stripe's ClassBlock embedding (layumi: 6 and 256)
+_C.MODEL.PCB_PARTS = 6
+_C.MODEL.PCB_LINEAR_NUM = 256
 
 # ---------------------------------------------------------------------------------------------
 # INPUT

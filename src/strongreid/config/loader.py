@@ -45,6 +45,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
     "MODEL.METRIC_LOSS_TYPE": ("triplet", "center", "triplet_center"),
     "MODEL.POOLING": ("avg", "gem"),
+    "MODEL.HEAD": ("baseline", "layumi", "pcb"),
     "MODEL.AMP": ("auto", "off", "bf16", "fp16"),
     "MODEL.CHANNELS_LAST": ("auto", "on", "off"),
     "INPUT.RE_FILL": ("original", "zero", "random"),
@@ -407,6 +408,20 @@ def validate(cfg: CfgNode) -> None:
     if cfg.MODEL.PRETRAIN_CHOICE == "self" and not cfg.MODEL.PRETRAIN_PATH:
         raise ConfigError("MODEL.PRETRAIN_CHOICE 'self' needs MODEL.PRETRAIN_PATH (a strongreid checkpoint).")
     _check_model_name(cfg.MODEL.NAME)
+    _check_layumi_head(cfg)
+
+
+def _check_layumi_head(cfg: CfgNode) -> None:
+    # layumi heads / PCB (modeling/layumi.py)
+    m = cfg.MODEL
+    if m.LINEAR_NUM < 0:
+        raise ConfigError(f"MODEL.LINEAR_NUM = {m.LINEAR_NUM} must be >= 0 (0: no embedding Linear).")
+    if m.PCB_LINEAR_NUM < 0:
+        raise ConfigError(f"MODEL.PCB_LINEAR_NUM = {m.PCB_LINEAR_NUM} must be >= 0.")
+    if not 0.0 <= m.DROPRATE < 1.0:
+        raise ConfigError(f"MODEL.DROPRATE = {m.DROPRATE} must lie in [0, 1).")
+    if m.PCB_PARTS < 1:
+        raise ConfigError(f"MODEL.PCB_PARTS = {m.PCB_PARTS} must be at least 1 (PCB uses 6).")
 
 
 def _check_layumi_keys(cfg: CfgNode) -> None:

@@ -266,6 +266,8 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        from strongreid.modeling.layumi import class_scores, logits_to_float  # PCB: part logits
+
         cfg = self.cfg
         self.train_model.train()
         sampler = getattr(self.loader, "batch_sampler", None)
@@ -299,9 +301,9 @@ class Trainer:
             with autocast(self.device, self.amp_dtype):
                 logits, feats = self.train_model(images)
             # Losses in fp32: the triplet distances and center terms lose too much in bf16.
-            terms, loss = self._losses(logits.float(), feats.float(), targets)
+            terms, loss = self._losses(logits_to_float(logits), feats.float(), targets)
             with torch.no_grad():
-                acc = (logits.argmax(1) == targets).float().mean()
+                acc = (class_scores(logits).argmax(1) == targets).float().mean()
                 # One small collective per step: the logged numbers are means over all ranks, and
                 # a NaN on any rank stops every rank here (not in a collective that never returns).
                 values = D.all_reduce_mean_(torch.stack([v.detach().float() for v in terms.values()] + [acc]))
@@ -369,7 +371,7 @@ class Trainer:
             return terms, terms["total"]
         terms: dict[str, torch.Tensor] = {}
         if lf.id_loss is not None:
-            terms["id"] = lf.id_weight * lf.id_loss(logits, targets)
+            terms["id"] = lf.id_weight * lf.id_term(logits, targets)
         all_feats = D.all_gather_with_grad(feats)
         all_targets = D.all_gather_with_grad(targets)
         terms["triplet"] = lf.triplet_weight * lf.triplet(all_feats, all_targets)

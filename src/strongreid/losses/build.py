@@ -45,12 +45,18 @@ class ReIDLoss(nn.Module):
         self.triplet_weight = float(triplet_weight)
         self.center_weight = float(center_weight)
 
+    def id_term(self, logits: torch.Tensor | list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """The unweighted ID loss; PCB's list of part logits gives the sum over parts (layumi)."""
+        if isinstance(logits, (list, tuple)):
+            return torch.stack([self.id_loss(part, targets) for part in logits]).sum()
+        return self.id_loss(logits, targets)
+
     def forward(
-        self, logits: torch.Tensor, feats: torch.Tensor, targets: torch.Tensor
+        self, logits: torch.Tensor | list[torch.Tensor], feats: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         if self.id_loss is not None:
-            terms["id"] = self.id_weight * self.id_loss(logits, targets)
+            terms["id"] = self.id_weight * self.id_term(logits, targets)
         if self.triplet is not None:
             terms["triplet"] = self.triplet_weight * self.triplet(feats, targets)
         if self.center is not None:
