@@ -70,6 +70,21 @@ _C.MODEL.SPHEREFACE_MARGIN = 4
 # Circle softmax (classification circle loss): fast-reid's SBS recipe uses s 64, m 0.35
 _C.MODEL.CIRCLE_SOFTMAX_SCALE = 64.0
 _C.MODEL.CIRCLE_SOFTMAX_MARGIN = 0.35
+# extension (layumi heads, modeling/layumi.py): 'baseline' (BNNeck or not, as MODEL.NECK says)
+# | 'layumi' (layumi's ClassBlock: Linear -> BN -> (LeakyReLU) -> Dropout -> classifier; the
+# test feature is the LINEAR_NUM-d embedding) | 'pcb' (PCB_PARTS horizontal stripes, one
+# ClassBlock each; test feature: the part-normalised concatenation). MODEL.NECK and
+# TEST.NECK_FEAT apply to 'baseline' only.
+_C.MODEL.HEAD = "baseline"
+# ClassBlock embedding width (layumi --linear_num; 0 = no Linear, BN on the backbone feature)
+_C.MODEL.LINEAR_NUM = 512
+# ClassBlock dropout before the classifier (layumi --droprate); PCB's stripe dropout too
+_C.MODEL.DROPRATE = 0.5
+# LeakyReLU(0.1) after the ClassBlock BN (layumi's relu=True; its models use False)
+_C.MODEL.HEAD_RELU = False
+# PCB stripes and the width of each stripe's ClassBlock embedding (layumi: 6 and 256)
+_C.MODEL.PCB_PARTS = 6
+_C.MODEL.PCB_LINEAR_NUM = 256
 
 # ---------------------------------------------------------------------------------------------
 # INPUT
@@ -107,6 +122,16 @@ _C.DATASETS.CUHK03_KIND = "labeled"
 _C.DATASETS.LIST_TRAIN = ""
 _C.DATASETS.LIST_QUERY = ""
 _C.DATASETS.LIST_GALLERY = ""
+# extension, layumi compatibility (docs/coming-from-layumi.md):
+# 'off' | 'first': hold out the first image (path order) of each training identity as a
+# validation split (layumi's val/; the `layumi` dataset uses its own val/ folder); its loss and
+# top-1 error are logged each epoch as {"type": "val"} rows of metrics.jsonl
+_C.DATASETS.VALIDATION = "off"
+# keep the validation images in the training split too (layumi --train_all); the `layumi`
+# dataset reads train_all/ instead of train/
+_C.DATASETS.TRAIN_ALL = False
+# VehicleID test list: 800 | 1600 | 2400 vehicles
+_C.DATASETS.VEHICLEID_TEST_SIZE = 800
 
 # ---------------------------------------------------------------------------------------------
 # DATALOADER
@@ -230,6 +255,13 @@ _C.TEST.MAX_RANK = 50
 _C.TEST.CUHK03_METRIC = False
 # extension: evaluate during training with re-ranking as well
 _C.TEST.EVAL_RE_RANKING = False
+# extension, layumi compatibility (docs/coming-from-layumi.md):
+# multi-query (Market protocol): a query's feature is the mean of the test dataset's
+# multi-query images (Market gt_bbox/, layumi multi-query/) of its identity and camera
+_C.TEST.MULTI_QUERY = False
+# multi-scale test as layumi's --ms: each value s resizes the image by sqrt(s) per side
+# (bicubic) and the features of all scales (and flips) are averaged; [1.0] = one scale
+_C.TEST.MULTI_SCALE = [1.0]
 
 # ---------------------------------------------------------------------------------------------
 # Misc

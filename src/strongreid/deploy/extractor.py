@@ -3,7 +3,8 @@
 The feature of an image is computed exactly as `strongreid test` computes it: the test transform
 (resize to INPUT.SIZE_TEST, ToTensor, normalise), the model's eval forward (the BN feature with
 TEST.NECK_FEAT 'after', the pooled one with 'before'), then, with TEST.FLIP_AUG, the mean of the
-image's and its horizontal mirror's features, and last, with TEST.FEAT_NORM 'yes', L2
+image's and its horizontal mirror's features (TEST.MULTI_SCALE adds rescaled copies to that
+mean, as layumi's --ms), and last, with TEST.FEAT_NORM 'yes', L2
 normalisation (eps 1e-12). The flip mean is taken BEFORE normalising, so with both options on
 the result is normalise((f(x) + f(flip(x))) / 2), a unit vector.
 """
@@ -141,6 +142,7 @@ class FeatureExtractor:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         self.flip = bool(cfg.TEST.FLIP_AUG)
+        self.scales = tuple(float(s) for s in cfg.TEST.MULTI_SCALE)
         self.feat_norm = flag(cfg.TEST.FEAT_NORM)
         self.input_size = (int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1]))
         self.transform = build_transforms(cfg, is_train=False)
@@ -154,7 +156,8 @@ class FeatureExtractor:
 
     def __repr__(self) -> str:
         return (f"FeatureExtractor({self.cfg.MODEL.NAME}, weights={self.weights!r}, device={self.device}, "
-                f"dim={self.feat_dim}, flip={self.flip}, feat_norm={self.feat_norm})")
+                f"dim={self.feat_dim}, flip={self.flip}, scales={list(self.scales)}, "
+                f"feat_norm={self.feat_norm})")
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -240,7 +243,9 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def features(self, batch: torch.Tensor) -> torch.Tensor:
-        """Features of one preprocessed batch: forward (+ flip mean), then L2 with FEAT_NORM."""
+        """Features of one preprocessed batch: forward (+ flip / multi-scale mean), then L2 with
+        FEAT_NORM."""
+        from strongreid.engine.inference import tta_forward
         from strongreid.engine.runtime import autocast
 
         if batch.shape[0] == 0:
@@ -249,9 +254,7 @@ class FeatureExtractor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
-            f = self.model(x).float()
-            if self.flip:
-                f = (f + self.model(torch.flip(x, dims=[3])).float()) / 2
+            f = tta_forward(self.model, x, self.flip, self.scales)
         if self.feat_norm:
             f = F.normalize(f, p=2, dim=1, eps=1e-12)
         return f.float().cpu()
@@ -347,7 +350,8 @@ def extract_command(cfg: CfgNode, images: str, out: str) -> int:
     written = write_features(
         out, feats, paths, ids[:, 0], ids[:, 1],
         {"weights": extractor.weights, "arch": cfg.MODEL.NAME, "feat_norm": str(extractor.feat_norm),
-         "flip": str(extractor.flip), "neck_feat": str(cfg.TEST.NECK_FEAT)},
+         "flip": str(extractor.flip), "neck_feat": str(cfg.TEST.NECK_FEAT),
+         "multi_scale": ",".join(str(s) for s in extractor.scales)},
     )
     print(f"{len(paths)} features of dimension {feats.shape[1]} written to "
           f"{' and '.join(str(p) for p in written)}")

@@ -266,6 +266,8 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        from strongreid.modeling.layumi import class_scores, logits_to_float  # PCB: part logits
+
         cfg = self.cfg
         self.train_model.train()
         sampler = getattr(self.loader, "batch_sampler", None)
@@ -299,9 +301,9 @@ class Trainer:
             with autocast(self.device, self.amp_dtype):
                 logits, feats = self.train_model(images)
             # Losses in fp32: the triplet distances and center terms lose too much in bf16.
-            terms, loss = self._losses(logits.float(), feats.float(), targets)
+            terms, loss = self._losses(logits_to_float(logits), feats.float(), targets)
             with torch.no_grad():
-                acc = (logits.argmax(1) == targets).float().mean()
+                acc = (class_scores(logits).argmax(1) == targets).float().mean()
                 # One small collective per step: the logged numbers are means over all ranks, and
                 # a NaN on any rank stops every rank here (not in a collective that never returns).
                 values = D.all_reduce_mean_(torch.stack([v.detach().float() for v in terms.values()] + [acc]))
@@ -392,8 +394,26 @@ class Trainer:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _validate(self, epoch: int) -> None:
+        """DATASETS.VALIDATION: loss and top-1 error of the held-out images, on rank 0."""
+        if not self.splits.val or not self.dist.is_main:
+            return
+        from strongreid.data import build_test_loader
+        from strongreid.engine.validation import validation_metrics
+
+        if not hasattr(self, "_val_loader"):
+            self._val_loader = build_test_loader(self.cfg, self.splits.val)
+        val = validation_metrics(self.model, self._val_loader, self.device, self.amp_dtype)
+        self._log(f"epoch {epoch} validation: loss {val['val_loss']:.4f}, top-1 error "
+                  f"{100 * val['val_error']:.2f}% ({val['val_images']} images)")
+        self._append_metrics({"type": "val", "epoch": epoch, **val})
+        if self.tb is not None:
+            self.tb.add_scalar("val/loss", val["val_loss"], epoch)
+            self.tb.add_scalar("val/error", val["val_error"], epoch)
+
     def evaluate(self, epoch: int) -> dict[str, Any] | None:
-        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device)
+        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device,
+                                   multi_query=self.splits.multi_query)
         if evaluated is None:
             return None
         res = evaluated["results"]["plain"].to_dict()
@@ -424,6 +444,7 @@ class Trainer:
             self._sync_buffers()
             self._append_metrics({"type": "train", "epoch": epoch, **stats})
             self._log(f"epoch {epoch} done in {stats['time']:.1f} s ({stats['images_per_s']:.1f} img/s)")
+            self._validate(epoch)
             do_eval = epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == max_epochs
             evaluated = self.evaluate(epoch) if do_eval else None
             self._save(epoch, evaluated is not None)

@@ -86,7 +86,9 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
                 break
         shapes = {_bare_key(str(k)): tuple(v.shape) for k, v in state.items()
                   if isinstance(v, torch.Tensor)}
-    classifier = shapes.get("classifier.weight")
+    # BNNeck / plain classifier, layumi's ClassBlock, PCB's first part classifier.
+    classifier = next((shapes[k] for k in ("classifier.weight", "classifier.classifier.0.weight",
+                                           "classifier0.classifier.0.weight") if k in shapes), None)
     if classifier is not None and len(classifier) == 2:
         info["classifier_rows"] = int(classifier[0])
     return info
