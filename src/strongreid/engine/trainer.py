@@ -113,7 +113,7 @@ class Trainer:
         self.loader = build_train_loader(cfg, self.splits.train, rank=self.dist.rank,
                                          world_size=self.dist.world_size)
         model = build_model(cfg, self.num_classes)
-        self.sync_bn = bool(cfg.MODEL.SYNC_BN) and self.dist.enabled
+        self.sync_bn = D.world_switch(cfg.MODEL.SYNC_BN, self.dist.world_size)
         if self.sync_bn:
             model = D.convert_sync_batchnorm(model, self.device)
         self.channels_last = use_channels_last(cfg.MODEL.CHANNELS_LAST, self.device)
@@ -124,7 +124,7 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = build_loss(cfg, self.num_classes, model.feat_dim).to(self.device)
-        self.triplet_gather = (bool(cfg.SOLVER.TRIPLET_GATHER) and self.dist.enabled
+        self.triplet_gather = (D.world_switch(cfg.SOLVER.TRIPLET_GATHER, self.dist.world_size)
                                and self.loss_fn.triplet is not None)
         solver_cfg = scale_lr(cfg)
         self.optimizer = make_optimizer(solver_cfg, model)
@@ -160,10 +160,11 @@ class Trainer:
             len(self.loader), self.device, self.amp_dtype, self.channels_last, self.dist.world_size,
         )
         if self.dist.enabled:
-            logger.info("distributed: %d ranks x %d images (global batch %d), SyncBN %s, triplet over %s",
+            logger.info("distributed: %d ranks x %d images (global batch %d), SyncBN %s (MODEL.SYNC_BN %s), "
+                        "triplet over %s (SOLVER.TRIPLET_GATHER %s)",
                         self.dist.world_size, D.local_batch_size(cfg, self.dist.world_size),
-                        cfg.SOLVER.IMS_PER_BATCH, "on" if self.sync_bn else "off",
-                        "all ranks" if self.triplet_gather else "each rank's batch")
+                        cfg.SOLVER.IMS_PER_BATCH, "on" if self.sync_bn else "off", cfg.MODEL.SYNC_BN,
+                        "all ranks" if self.triplet_gather else "each rank's batch", cfg.SOLVER.TRIPLET_GATHER)
 
     def _agree_on_resume(self) -> bool:
         """Resume when every rank sees last.pt, start afresh when none does; anything else means
