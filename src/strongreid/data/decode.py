@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -33,7 +34,10 @@ def _pil(blob: bytes) -> np.ndarray:
 
 def _torchvision(blob: bytes) -> np.ndarray:
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 announces its move to torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
 
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     return decode_jpeg(data, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
@@ -52,7 +56,9 @@ def available_decoders() -> list[str]:
     """The decoders importable here, Pillow first."""
     names = ["pil"]
     try:
-        import torchvision.io  # noqa: F401
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import torchvision.io  # noqa: F401
 
         names.append("torchvision")
     except ImportError:

@@ -83,6 +83,7 @@ class Trainer:
 
     def __init__(self, cfg: CfgNode, resume: bool | str = False) -> None:
         from strongreid.data import build_train_loader
+        from strongreid.data.integrity import check_splits
         from strongreid.data.splits import load_splits
         from strongreid.losses import build_loss
         from strongreid.modeling import build_model
@@ -110,8 +111,11 @@ class Trainer:
 
         self.splits = load_splits(cfg)
         self.num_classes = self.splits.num_classes
+        # Every unreadable image named before anything trains (data/integrity.py).
+        unreadable = check_splits(cfg, self.splits, write_list=self.dist.is_main)
         self.loader = build_train_loader(cfg, self.splits.train, rank=self.dist.rank,
-                                         world_size=self.dist.world_size)
+                                         world_size=self.dist.world_size, device=self.device,
+                                         known_corrupt=unreadable)
         model = build_model(cfg, self.num_classes)
         self.sync_bn = D.world_switch(cfg.MODEL.SYNC_BN, self.dist.world_size)
         if self.sync_bn:
