@@ -42,8 +42,10 @@ _C.MODEL.LABEL_SMOOTH_EPSILON = 0.1
 # extension: 'avg' (global average pooling, the paper) | 'gem' (generalised mean)
 _C.MODEL.POOLING = "avg"
 _C.MODEL.GEM_P = 3.0
-# extension: convert BatchNorm to SyncBatchNorm under torchrun
-_C.MODEL.SYNC_BN = False
+# extension: BatchNorm statistics over all ranks under torchrun (SyncBatchNorm on CUDA).
+# 'auto' = on when the world is larger than 1, so torchrun trains the single-process recipe;
+# 'off' keeps per-rank statistics (faster, another recipe) | 'on'
+_C.MODEL.SYNC_BN = "auto"
 # extension: mixed precision. 'auto' = bf16 on a CPU with native bf16 (AMX/AVX512-BF16) and
 # fp16 with GradScaler on CUDA; 'off' | 'bf16' | 'fp16'
 _C.MODEL.AMP = "auto"
@@ -143,6 +145,19 @@ _C.DATALOADER.SAMPLER = "softmax"
 _C.DATALOADER.NUM_INSTANCE = 16
 # extension: skip images that cannot be decoded (counted and reported) instead of failing
 _C.DATALOADER.SKIP_CORRUPT = False
+# --- extension: data checks and the data path (docs/data-path.md) ---
+# Check every image before training and evaluation, naming all bad files at once:
+# 'header' (format, size, end marker: cheap) | 'full' (decode every image) | 'off'
+_C.DATALOADER.CHECK_IMAGES = "header"
+# JPEG decoder: 'auto' (simplejpeg, then torchvision.io, whichever is installed and decodes to
+# Pillow's exact pixels; else Pillow) | 'pil' | 'torchvision' | 'simplejpeg'
+_C.DATALOADER.JPEG_DECODER = "auto"
+# Training data path: 'pil' (per-image PIL transforms in loader workers, the original) |
+# 'device' (decoded-image cache + batched flip/pad/crop/erasing/normalisation on the training
+# device, with the PIL path's per-image random decisions)
+_C.DATALOADER.DATA_PATH = "pil"
+# Where the 'device' path keeps its uint8 memmap caches; '' = DATASETS.ROOT_DIR/.strongreid_cache
+_C.DATALOADER.CACHE_DIR = ""
 
 # ---------------------------------------------------------------------------------------------
 # SOLVER
@@ -191,8 +206,9 @@ _C.SOLVER.GRAD_CLIP = 0.0
 # extension: multiply BASE_LR by (global batch / SOLVER.LR_REFERENCE_BATCH) (off by default)
 _C.SOLVER.SCALE_LR = False
 _C.SOLVER.LR_REFERENCE_BATCH = 64
-# extension: triplet loss mines over the batches of all ranks (all_gather with gradient)
-_C.SOLVER.TRIPLET_GATHER = False
+# extension: triplet loss mines over the batches of all ranks (all_gather with gradient).
+# 'auto' = on when the world is larger than 1 (the single-process recipe) | 'on' | 'off'
+_C.SOLVER.TRIPLET_GATHER = "auto"
 # --- extension: loss zoo (docs/losses.md); SOLVER.TRIPLET_GATHER gathers every pair loss ------
 # Triplet miner: 'batch_hard' (the original, raw Euclidean distances) | 'multi_similarity'
 # (layumi: pytorch-metric-learning's MultiSimilarityMiner + TripletMarginLoss, normalised

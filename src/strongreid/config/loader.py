@@ -32,6 +32,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
     "MODEL.NECK": ("bnneck", "no"),
     "MODEL.CHANNELS_LAST": ("on", "off"),
+    "MODEL.SYNC_BN": ("on", "off"),
+    "SOLVER.TRIPLET_GATHER": ("on", "off"),
     "TEST.RE_RANKING": ("yes", "no"),
     "TEST.FEAT_NORM": ("yes", "no"),
 }
@@ -53,9 +55,14 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "MODEL.HEAD": ("baseline", "layumi", "pcb"),
     "MODEL.AMP": ("auto", "off", "bf16", "fp16"),
     "MODEL.CHANNELS_LAST": ("auto", "on", "off"),
+    "MODEL.SYNC_BN": ("auto", "on", "off"),
+    "SOLVER.TRIPLET_GATHER": ("auto", "on", "off"),
     "INPUT.RE_FILL": ("original", "zero", "random"),
     "DATASETS.CUHK03_KIND": ("labeled", "detected"),
     "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
+    "DATALOADER.CHECK_IMAGES": ("header", "full", "off"),
+    "DATALOADER.JPEG_DECODER": ("auto", "pil", "torchvision", "simplejpeg"),
+    "DATALOADER.DATA_PATH": ("pil", "device"),
     "SOLVER.OPTIMIZER_NAME": (
         "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta",
     ),
