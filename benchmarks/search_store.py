@@ -118,7 +118,8 @@ def bench_search(work: Path, n: int, dim: int, index: str, queries: int, batch: 
         ms.append((time.perf_counter() - t0) * 1000)
         recall.append(len({int(h.key, 16) for h in hits} & truth) / 10)
     store.close()
-    path.unlink(missing_ok=True)
+    # Milvus Lite 3 keeps a gallery in a folder named like the file.
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return {"n": n, "dim": dim, "index": index, "index_params": index_params,
             "search_params": search_params, "insert_vectors_per_s": round(n / insert_s, 1),
             **percentiles(ms), "recall_at_10": round(float(np.mean(recall)), 4),

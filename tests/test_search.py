@@ -385,3 +385,45 @@ def test_cli_ingest_twice_then_the_demo_command(world, tmp_path, capsys) -> None
     assert main(demo) == 0
     out = capsys.readouterr().out
     assert f"strongreid serve --gallery {tmp_path / 'demo.db'} --model {world['model']}" in out
+
+
+# -- parsers and quoting, property-tested ---------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from strongreid.search.ingest import read_mot  # noqa: E402
+
+_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FFF, exclude_categories=("Cs",)),
+                min_size=1, max_size=30)
+
+
+@pytest.fixture(scope="module")
+def names_store(tmp_path_factory):
+    store = MilvusStore(str(tmp_path_factory.mktemp("names") / "names.db"))
+    store.open(4)
+    yield store
+    store.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=_TEXT)
+def test_any_camera_name_filters_exactly_itself(names_store, name) -> None:
+    key = format(abs(hash(name)), "040x")[:40]
+    names_store.upsert([{"key": key, "vector": [1.0, 0.0, 0.0, 0.0], "camera": name},
+                        {"key": "f" * 40, "vector": [1.0, 0.0, 0.0, 0.0], "camera": name + "x"}])
+    hits = names_store.search(np.array([1.0, 0, 0, 0]), 10, Filters(cameras=[name]))[0]
+    assert {h.meta["camera"] for h in hits} == {name}
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(1, 10**6), st.integers(-1, 10**4),
+                               *[st.floats(-1e4, 1e4, allow_nan=False) for _ in range(4)],
+                               st.sampled_from([0.0, 0.5, 1.0])), max_size=20),
+       gt=st.booleans())
+def test_read_mot_round_trips(tmp_path_factory, rows, gt) -> None:
+    path = tmp_path_factory.mktemp("mot") / ("gt.txt" if gt else "det.txt")
+    path.write_text("".join(f"{f},{i},{a!r},{b!r},{c!r},{d!r},{s!r},1,1\n"
+                            for f, i, a, b, c, d, s in rows))
+    expected = [r for r in rows if not (gt and r[6] == 0)]  # gt's consider flag 0 is left out
+    assert read_mot(path) == expected
