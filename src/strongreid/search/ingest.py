@@ -404,6 +404,8 @@ def ingest_command(args: Any) -> int:
 
     if not args.crops and not args.videos:
         raise StrongReIDError("nothing to ingest: pass --crops DIR and/or --videos DIR")
+    # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     extractor = FeatureExtractor(args.config, args.model, device=args.device)
     store = MilvusStore(args.gallery, token=args.token or "", index_type=args.index)
     try:

@@ -321,6 +321,8 @@ def serve_command(args: Any) -> int:
     from strongreid.deploy.extractor import FeatureExtractor
     from strongreid.search.store import MilvusStore, thumbs_dir_for
 
+    # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     store = MilvusStore(args.gallery, token=args.token or "", create=False)
     extractor = FeatureExtractor(args.config, args.model, device=args.device)
     if store.dim is not None and store.dim != extractor.feat_dim:
