@@ -24,7 +24,10 @@ class CosineClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+            if x.element_size() < 4:  # bf16/fp16 autocast output; fp64 stays fp64
+                x = x.float()
+            w = self.weight.to(x.dtype)
+            return F.linear(F.normalize(x, dim=1), F.normalize(w, dim=1))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
