@@ -79,6 +79,13 @@ def test_arcface_exact():
     assert loss.item() == pytest.approx(ce([2 * math.cos(math.pi / 3 + 0.5), 0.4], 0), abs=1e-12)
 
 
+def test_margins_have_finite_gradients_at_cos_one():
+    for margin in (ArcFaceLogits(), SphereFaceLogits(), CosFaceLogits(), CircleSoftmaxLogits()):
+        cos = torch.tensor([[1.0, -1.0]], requires_grad=True)
+        MarginIDLoss(margin, CrossEntropyLoss())(cos, torch.tensor([0])).backward()
+        assert torch.isfinite(cos.grad).all(), margin
+
+
 def test_cosface_exact_with_label_smoothing():
     cos = torch.tensor([[0.5, 0.2]], dtype=torch.float64)
     loss = MarginIDLoss(CosFaceLogits(2.0, 0.35), CrossEntropyLabelSmooth(2, 0.1))(cos, torch.tensor([0]))
