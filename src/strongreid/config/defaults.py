@@ -27,6 +27,10 @@ _C.MODEL.PRETRAIN_PATH = ""
 _C.MODEL.PRETRAIN_CHOICE = "imagenet"
 # 'bnneck' | 'no'
 _C.MODEL.NECK = "bnneck"
+# extension: the format of TEST.WEIGHT / FeatureExtractor weights: 'auto' (detected from the keys),
+# 'strongreid', or a registered foreign format (strongreid.modeling.formats.CHECKPOINT_FORMATS).
+# Checked when a checkpoint is loaded, since formats register themselves below the config.
+_C.MODEL.CHECKPOINT_FORMAT = "auto"
 # 'yes' | 'no' (YAML booleans accepted)
 _C.MODEL.IF_WITH_CENTER = "no"
 # 'triplet' | 'center' | 'triplet_center'
@@ -38,8 +42,10 @@ _C.MODEL.LABEL_SMOOTH_EPSILON = 0.1
 # extension: 'avg' (global average pooling, the paper) | 'gem' (generalised mean)
 _C.MODEL.POOLING = "avg"
 _C.MODEL.GEM_P = 3.0
-# extension: convert BatchNorm to SyncBatchNorm under torchrun
-_C.MODEL.SYNC_BN = False
+# extension: BatchNorm statistics over all ranks under torchrun (SyncBatchNorm on CUDA).
+# 'auto' = on when the world is larger than 1, so torchrun trains the single-process recipe;
+# 'off' keeps per-rank statistics (faster, another recipe) | 'on'
+_C.MODEL.SYNC_BN = "auto"
 # extension: mixed precision. 'auto' = bf16 on a CPU with native bf16 (AMX/AVX512-BF16) and
 # fp16 with GradScaler on CUDA; 'off' | 'bf16' | 'fp16'
 _C.MODEL.AMP = "auto"
@@ -66,6 +72,21 @@ _C.MODEL.SPHEREFACE_MARGIN = 4
 # Circle softmax (classification circle loss): fast-reid's SBS recipe uses s 64, m 0.35
 _C.MODEL.CIRCLE_SOFTMAX_SCALE = 64.0
 _C.MODEL.CIRCLE_SOFTMAX_MARGIN = 0.35
+# extension (layumi heads, modeling/layumi.py): 'baseline' (BNNeck or not, as MODEL.NECK says)
+# | 'layumi' (layumi's ClassBlock: Linear -> BN -> (LeakyReLU) -> Dropout -> classifier; the
+# test feature is the LINEAR_NUM-d embedding) | 'pcb' (PCB_PARTS horizontal stripes, one
+# ClassBlock each; test feature: the part-normalised concatenation). MODEL.NECK and
+# TEST.NECK_FEAT apply to 'baseline' only.
+_C.MODEL.HEAD = "baseline"
+# ClassBlock embedding width (layumi --linear_num; 0 = no Linear, BN on the backbone feature)
+_C.MODEL.LINEAR_NUM = 512
+# ClassBlock dropout before the classifier (layumi --droprate); PCB's stripe dropout too
+_C.MODEL.DROPRATE = 0.5
+# LeakyReLU(0.1) after the ClassBlock BN (layumi's relu=True; its models use False)
+_C.MODEL.HEAD_RELU = False
+# PCB stripes and the width of each stripe's ClassBlock embedding (layumi: 6 and 256)
+_C.MODEL.PCB_PARTS = 6
+_C.MODEL.PCB_LINEAR_NUM = 256
 
 # ---------------------------------------------------------------------------------------------
 # INPUT
@@ -103,6 +124,16 @@ _C.DATASETS.CUHK03_KIND = "labeled"
 _C.DATASETS.LIST_TRAIN = ""
 _C.DATASETS.LIST_QUERY = ""
 _C.DATASETS.LIST_GALLERY = ""
+# extension, layumi compatibility (docs/coming-from-layumi.md):
+# 'off' | 'first': hold out the first image (path order) of each training identity as a
+# validation split (layumi's val/; the `layumi` dataset uses its own val/ folder); its loss and
+# top-1 error are logged each epoch as {"type": "val"} rows of metrics.jsonl
+_C.DATASETS.VALIDATION = "off"
+# keep the validation images in the training split too (layumi --train_all); the `layumi`
+# dataset reads train_all/ instead of train/
+_C.DATASETS.TRAIN_ALL = False
+# VehicleID test list: 800 | 1600 | 2400 vehicles
+_C.DATASETS.VEHICLEID_TEST_SIZE = 800
 
 # ---------------------------------------------------------------------------------------------
 # DATALOADER
@@ -114,6 +145,19 @@ _C.DATALOADER.SAMPLER = "softmax"
 _C.DATALOADER.NUM_INSTANCE = 16
 # extension: skip images that cannot be decoded (counted and reported) instead of failing
 _C.DATALOADER.SKIP_CORRUPT = False
+# --- extension: data checks and the data path (docs/data-path.md) ---
+# Check every image before training and evaluation, naming all bad files at once:
+# 'header' (format, size, end marker: cheap) | 'full' (decode every image) | 'off'
+_C.DATALOADER.CHECK_IMAGES = "header"
+# JPEG decoder: 'auto' (simplejpeg, then torchvision.io, whichever is installed and decodes to
+# Pillow's exact pixels; else Pillow) | 'pil' | 'torchvision' | 'simplejpeg'
+_C.DATALOADER.JPEG_DECODER = "auto"
+# Training data path: 'pil' (per-image PIL transforms in loader workers, the original) |
+# 'device' (decoded-image cache + batched flip/pad/crop/erasing/normalisation on the training
+# device, with the PIL path's per-image random decisions)
+_C.DATALOADER.DATA_PATH = "pil"
+# Where the 'device' path keeps its uint8 memmap caches; '' = DATASETS.ROOT_DIR/.strongreid_cache
+_C.DATALOADER.CACHE_DIR = ""
 
 # ---------------------------------------------------------------------------------------------
 # SOLVER
@@ -162,8 +206,9 @@ _C.SOLVER.GRAD_CLIP = 0.0
 # extension: multiply BASE_LR by (global batch / SOLVER.LR_REFERENCE_BATCH) (off by default)
 _C.SOLVER.SCALE_LR = False
 _C.SOLVER.LR_REFERENCE_BATCH = 64
-# extension: triplet loss mines over the batches of all ranks (all_gather with gradient)
-_C.SOLVER.TRIPLET_GATHER = False
+# extension: triplet loss mines over the batches of all ranks (all_gather with gradient).
+# 'auto' = on when the world is larger than 1 (the single-process recipe) | 'on' | 'off'
+_C.SOLVER.TRIPLET_GATHER = "auto"
 # --- extension: loss zoo (docs/losses.md); SOLVER.TRIPLET_GATHER gathers every pair loss ------
 # Triplet miner: 'batch_hard' (the original, raw Euclidean distances) | 'multi_similarity'
 # (layumi: pytorch-metric-learning's MultiSimilarityMiner + TripletMarginLoss, normalised
@@ -226,6 +271,13 @@ _C.TEST.MAX_RANK = 50
 _C.TEST.CUHK03_METRIC = False
 # extension: evaluate during training with re-ranking as well
 _C.TEST.EVAL_RE_RANKING = False
+# extension, layumi compatibility (docs/coming-from-layumi.md):
+# multi-query (Market protocol): a query's feature is the mean of the test dataset's
+# multi-query images (Market gt_bbox/, layumi multi-query/) of its identity and camera
+_C.TEST.MULTI_QUERY = False
+# multi-scale test as layumi's --ms: each value s resizes the image by sqrt(s) per side
+# (bicubic) and the features of all scales (and flips) are averaged; [1.0] = one scale
+_C.TEST.MULTI_SCALE = [1.0]
 
 # ---------------------------------------------------------------------------------------------
 # Misc

@@ -56,13 +56,19 @@ class ReIDLoss(nn.Module):
     def triplet(self) -> nn.Module | None:
         return self.metrics["triplet"] if "triplet" in self.metrics else None
 
+    def id_term(self, logits: torch.Tensor | list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """The unweighted ID loss; PCB's list of part logits gives the sum over parts (layumi)."""
+        if isinstance(logits, (list, tuple)):
+            return torch.stack([self.id_loss(part, targets) for part in logits]).sum()
+        return self.id_loss(logits, targets)
+
     def forward(
-        self, logits: torch.Tensor, feats: torch.Tensor, targets: torch.Tensor,
+        self, logits: torch.Tensor | list[torch.Tensor], feats: torch.Tensor, targets: torch.Tensor,
         gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         if self.id_loss is not None:
-            terms["id"] = self.id_weight * self.id_loss(logits, targets)
+            terms["id"] = self.id_weight * self.id_term(logits, targets)
         pair_feats, pair_targets = gathered if gathered is not None else (feats, targets)
         for name, term in self.metrics.items():
             terms[name] = self.metric_weights[name] * term(pair_feats, pair_targets)
