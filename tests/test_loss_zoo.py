@@ -409,6 +409,27 @@ def test_each_loss_trains_a_bnneck_model_under_bf16_autocast(id_type, metric):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("head,extra", [("layumi", []), ("pcb", ["MODEL.PCB_PARTS", "4"])])
+def test_margin_classifiers_replace_the_layumi_and_pcb_classifiers(head, extra):
+    from strongreid.modeling import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, [
+        "MODEL.NAME", "resnet18", "MODEL.PRETRAIN_CHOICE", "none", "MODEL.HEAD", head, *extra,
+        "DATALOADER.SAMPLER", "softmax_triplet", "MODEL.ID_LOSS_TYPE", "cosface",
+        "MODEL.METRIC_LOSS_TYPE", "circle", "DATALOADER.NUM_INSTANCE", "2", "SOLVER.IMS_PER_BATCH", "8"])
+    model = build_model(cfg, 4)
+    cosine = [n for n, m in model.named_modules() if isinstance(m, CosineClassifier)]
+    assert len(cosine) == (4 if head == "pcb" else 1)
+    assert all(m.out_features != 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model.train()
+    logits, feats = model(torch.randn(8, 3, 64, 32))
+    terms = build_loss(cfg, 4, model.feat_dim)(logits, feats, torch.arange(4).repeat_interleave(2))
+    terms["total"].backward()
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert all(dict(model.named_parameters())[n + ".weight"].grad is not None for n in cosine)
+
+
 def test_cosine_classifier_checkpoint_loads_and_tests_like_the_linear_one(tmp_path):
     from strongreid.engine.checkpoint import save_checkpoint
     from strongreid.modeling import build_model

@@ -382,13 +382,6 @@ def validate(cfg: CfgNode) -> None:
         raise ConfigError(f"SOLVER.STEPS = {steps} must be increasing epoch numbers.")
 
     check_losses(cfg)  # loss zoo: terms, combinations, weights (config/loss_zoo.py)
-    if cfg.MODEL.ID_LOSS_TYPE != "softmax" and cfg.MODEL.HEAD != "baseline":
-        raise ConfigError(
-            f"MODEL.ID_LOSS_TYPE {cfg.MODEL.ID_LOSS_TYPE!r} replaces the BNNeck classifier with a "
-            f"cosine classifier and needs MODEL.HEAD 'baseline' (now {cfg.MODEL.HEAD!r}); with "
-            "layumi's heads keep MODEL.ID_LOSS_TYPE softmax and add a metric loss "
-            "(MODEL.METRIC_LOSS_TYPE, e.g. 'circle')."
-        )
     sampler = cfg.DATALOADER.SAMPLER
     if sampler != "softmax":
         k = cfg.DATALOADER.NUM_INSTANCE
