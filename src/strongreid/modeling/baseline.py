@@ -65,6 +65,7 @@ class ReIDModel(nn.Module):
 def build_model(cfg: CfgNode, num_classes: int) -> ReIDModel:
     """ReIDModel from cfg.MODEL, initialised as MODEL.PRETRAIN_CHOICE says."""
     from strongreid.modeling import weights
+    from strongreid.modeling.init_options import apply_init_options
 
     backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE)
     model = ReIDModel(
@@ -75,6 +76,7 @@ def build_model(cfg: CfgNode, num_classes: int) -> ReIDModel:
         pooling=cfg.MODEL.POOLING,
         gem_p=cfg.MODEL.GEM_P,
     )
+    apply_init_options(cfg, model)  # issue 14's init keys; no-op at their defaults
     choice = cfg.MODEL.PRETRAIN_CHOICE
     path = cfg.MODEL.PRETRAIN_PATH
     if choice == "imagenet":
