@@ -40,6 +40,7 @@ BOT: list[str] = [
     "INPUT.RE_FILL", "original",
     "INPUT.RE_SH", "0.4",
     "TEST.NECK_FEAT", "after",
+    "INPUT.INTERPOLATION", "bilinear",
 ]
 
 NO_CENTER = ["MODEL.METRIC_LOSS_TYPE", "triplet", "MODEL.IF_WITH_CENTER", "no"]
@@ -59,6 +60,7 @@ VARIANTS: dict[str, list[str] | None] = {
     "zero_init_residual": ["MODEL.ZERO_INIT_RESIDUAL", "True"],
     "re_fill_zero": RE_FASTREID,
     "test_before_bn": ["TEST.NECK_FEAT", "before"],
+    "bicubic": ["INPUT.INTERPOLATION", "bicubic"],
     "fastreid": FASTREID,
     "fastreid+zero_init": FASTREID + ["MODEL.ZERO_INIT_RESIDUAL", "True"],
     "no_center+warmup_iter": NO_CENTER + WARMUP_ITER,

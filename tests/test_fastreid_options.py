@@ -187,3 +187,22 @@ def test_ablation_variants_and_table(tmp_path):
     # mean 72.0, sample std sqrt(((-2)^2 + 2^2) / 1) = 2.83; rank-1 82.0 +- 2.83
     assert "| bot | 2 | 72.0 ± 2.8 | 82.0 ± 2.8 | 70.0..74.0 | 100 |" in text
     assert "| fastreid | 1 | 81.0 | 90.0 | 81.0..81.0 | 90 |" in text
+
+
+@pytest.mark.parametrize("name", ["bilinear", "bicubic"])
+def test_interpolation_option_resizes_with_that_filter(name):
+    import numpy as np
+    from PIL import Image
+
+    from strongreid.data.transforms import build_transforms
+
+    cfg = load_config(None, ["INPUT.SIZE_TEST", "[16, 8]", "INPUT.INTERPOLATION", name,
+                             "INPUT.PIXEL_MEAN", "[0, 0, 0]", "INPUT.PIXEL_STD", "[1, 1, 1]"])
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8))
+    filt = Image.Resampling.BICUBIC if name == "bicubic" else Image.Resampling.BILINEAR
+    expected = torch.from_numpy(np.asarray(img.resize((8, 16), filt))).permute(2, 0, 1).float() / 255
+    got = build_transforms(cfg, is_train=False)(img)
+    assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="INPUT.INTERPOLATION.*'bilinear', 'bicubic'"):
+        load_config(None, ["INPUT.INTERPOLATION", "nearest"])

@@ -200,3 +200,5 @@ _C.MODEL.CLASSIFIER_INIT_STD = 0.001
 # zero the scale of the last BN in every residual block (Goyal et al. 2017) when training from
 # random init, so each block starts as the identity; neither the original nor fast-reid do it
 _C.MODEL.ZERO_INIT_RESIDUAL = False
+# resize filter of the train and test transforms: 'bilinear' (the original) | 'bicubic' (fast-reid)
+_C.INPUT.INTERPOLATION = "bilinear"

@@ -48,6 +48,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "MODEL.AMP": ("auto", "off", "bf16", "fp16"),
     "MODEL.CHANNELS_LAST": ("auto", "on", "off"),
     "INPUT.RE_FILL": ("original", "zero", "random"),
+    "INPUT.INTERPOLATION": ("bilinear", "bicubic"),
     "DATASETS.CUHK03_KIND": ("labeled", "detected"),
     "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
     "SOLVER.OPTIMIZER_NAME": (
