@@ -8,7 +8,8 @@ warm-up stepped per epoch, classifier std 0.001, erasing fill of the original), 
 does not move when configs/demo.yml itself changes; `demo` is configs/demo.yml as it stands.
 
 Results are appended to a JSON file after every training (default runs/ablation/results.json);
-a rerun skips the (variant, seed) pairs already there, so an interrupted ablation continues.
+a rerun skips the (variant, seed) pairs already there and resumes a training that was stopped
+half-way from its last.pt, so an interrupted ablation continues where it stopped.
 
     python benchmarks/ablation.py                                   # every variant, 3 seeds
     python benchmarks/ablation.py --variants bot no_center --seeds 2
@@ -105,12 +106,12 @@ def train_once(config: str, name: str, seed: int, out: Path, opts: list[str]) ->
     """One `strongreid train` in a subprocess (a fresh process per run: nothing leaks between
     variants); returns its final metrics and wall time."""
     run_dir = out / name / f"seed{seed}"
-    if (run_dir / "last.pt").exists():
-        # An interrupted training of this pair: start it afresh rather than mixing two runs.
-        for f in sorted(run_dir.rglob("*"), reverse=True):
-            f.unlink() if f.is_file() or f.is_symlink() else f.rmdir()
-    cmd = [sys.executable, "-m", "strongreid", "train", "--config", config,
-           *overrides(name), "SOLVER.SEED", str(seed), "OUTPUT_DIR", str(run_dir), *opts]
+    # An interrupted training of this pair continues from its last.pt: `strongreid train
+    # --resume` gives the same model as an uninterrupted run (tests/test_train.py), so a long
+    # ablation survives being stopped. Its wall time then covers only the resumed part.
+    resumed = (run_dir / "last.pt").is_file()
+    cmd = [sys.executable, "-m", "strongreid", "train", *(["--resume"] if resumed else []),
+           "--config", config, *overrides(name), "SOLVER.SEED", str(seed), "OUTPUT_DIR", str(run_dir), *opts]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
@@ -121,7 +122,7 @@ def train_once(config: str, name: str, seed: int, out: Path, opts: list[str]) ->
     res = json.loads((run_dir / "results.json").read_text())
     return {"variant": name, "seed": seed, "mAP": res["mAP"], "rank1": res["rank1"],
             "mINP": res.get("mINP"), "wall_s": wall, "train_time_s": res.get("train_time_s"),
-            "overrides": overrides(name) + opts, "config": config}
+            "overrides": overrides(name) + opts, "config": config, "resumed": resumed}
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -141,10 +142,11 @@ def table(rows: list[dict]) -> str:
         m, ms = _mean_spread([100 * r["mAP"] for r in got])
         r1, r1s = _mean_spread([100 * r["rank1"] for r in got])
         lo, hi = min(100 * r["mAP"] for r in got), max(100 * r["mAP"] for r in got)
-        wall = statistics.fmean(r["wall_s"] for r in got)
+        fresh = [r["wall_s"] for r in got if not r.get("resumed")]  # resumed: a part only
+        wall = f"{statistics.fmean(fresh):.0f}" if fresh else "?"
         pm = lambda s: "" if math.isnan(s) else f" ± {s:.1f}"  # noqa: E731
         lines.append(f"| {name} | {len(got)} | {m:.1f}{pm(ms)} | {r1:.1f}{pm(r1s)} | "
-                     f"{lo:.1f}..{hi:.1f} | {wall:.0f} |")
+                     f"{lo:.1f}..{hi:.1f} | {wall} |")
     return "\n".join(lines)
 
 

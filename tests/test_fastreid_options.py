@@ -206,3 +206,20 @@ def test_interpolation_option_resizes_with_that_filter(name):
     assert torch.allclose(got, expected, atol=1e-6)
     with pytest.raises(ConfigError, match="INPUT.INTERPOLATION.*'bilinear', 'bicubic'"):
         load_config(None, ["INPUT.INTERPOLATION", "nearest"])
+
+
+def test_ablation_resumes_an_interrupted_training(tiny_synthetic_root, tmp_path):
+    ab = _ablation()
+    out = tmp_path / "abl"
+    run_dir = out / "demo" / "seed0"
+    # A run stopped after epoch 1 of 2 (simulated by training 1 epoch into the pair's folder).
+    first = tiny_train_opts(tiny_synthetic_root, run_dir, **{"SOLVER.MAX_EPOCHS": 1, "SOLVER.EVAL_PERIOD": 2})
+    assert main(["train", "--config", str(ROOT / "configs" / "demo.yml"), *first]) == 0
+    opts = tiny_train_opts(tiny_synthetic_root, run_dir, **{"SOLVER.MAX_EPOCHS": 2, "SOLVER.EVAL_PERIOD": 2})
+    opts = opts[:-2]  # OUTPUT_DIR is the ablation's own
+    row = ab.train_once(str(ROOT / "configs" / "demo.yml"), "demo", 0, out, opts)
+    assert row["resumed"] is True and 0 <= row["mAP"] <= 1
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["type"] == "train"]
+    assert epochs == [1, 2]
+    assert "| demo | 1 |" in ab.table([row]) and ab.table([row]).rstrip().endswith("| ? |")
