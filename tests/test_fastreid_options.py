@@ -201,7 +201,7 @@ def test_interpolation_option_resizes_with_that_filter(name):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8))
     filt = Image.Resampling.BICUBIC if name == "bicubic" else Image.Resampling.BILINEAR
-    expected = torch.from_numpy(np.asarray(img.resize((8, 16), filt))).permute(2, 0, 1).float() / 255
+    expected = torch.from_numpy(np.array(img.resize((8, 16), filt))).permute(2, 0, 1).float() / 255
     got = build_transforms(cfg, is_train=False)(img)
     assert torch.allclose(got, expected, atol=1e-6)
     with pytest.raises(ConfigError, match="INPUT.INTERPOLATION.*'bilinear', 'bicubic'"):
