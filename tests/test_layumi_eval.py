@@ -201,3 +201,23 @@ def test_multi_scale_and_flip_reach_extract_and_test(market_with_gt_bbox, tmp_pa
     assert not np.allclose(plain(batch).numpy(), saved, atol=1e-4)
     res = _test(root, ckpt, tmp_path / "ms", **extra)
     assert res["multi_scale"] == [1.0, 1.1] and res["flip"] is True
+
+
+def test_training_logs_validation_loss_and_error(tiny_synthetic_root, tmp_path):
+    from _train_utils import tiny_train_opts
+
+    from strongreid.viz.curves import epoch_summary, read_metrics
+
+    out = tmp_path / "run"
+    opts = tiny_train_opts(tiny_synthetic_root, out, **{"DATASETS.VALIDATION": "first",
+                                                        "SOLVER.MAX_EPOCHS": 1})
+    assert cli_main(["train", *opts]) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    val = [r for r in rows if r["type"] == "val"]
+    # One held-out image per training identity (the synthetic set trains on 12 of its 24).
+    assert len(val) == 1 and val[0]["epoch"] == 1 and val[0]["val_images"] == 12
+    assert math.isfinite(val[0]["val_loss"]) and 0.0 <= val[0]["val_error"] <= 1.0
+    series = epoch_summary(rows)
+    assert series["val_acc"] == {1: 1.0 - val[0]["val_error"]}
+    assert cli_main(["visualize", "--results", str(out)]) == 0
+    assert (out / "viz" / "training.png").is_file()
