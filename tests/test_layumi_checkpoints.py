@@ -22,7 +22,7 @@ from strongreid.errors import CheckpointError
 from strongreid.modeling.formats import CHECKPOINT_FORMATS, detect_format
 from strongreid.modeling.loading import load_inference_model, read_checkpoint_file
 
-OPTS = ["MODEL.DEVICE", "cpu", "MODEL.AMP", "off", "MODEL.CHANNELS_LAST", "off",
+OPTS = ["MODEL.DEVICE", "cpu", "MODEL.AMP", "off", "MODEL.CHANNELS_LAST", "off", "DATALOADER.NUM_WORKERS", "0",
         "MODEL.PRETRAIN_CHOICE", "none", "TEST.IMS_PER_BATCH", "2"]
 NUM_CLASSES = 7
 
@@ -195,3 +195,57 @@ def test_wrong_files_get_one_message_naming_them(tmp_path):
     with pytest.raises(CheckpointError, match=r"net_swin\.pth has layumi's classifier keys but a "
                                               r"backbone strongreid does not map.*ft_net \(ResNet-50\)"):
         load_inference_model(load_config(None, OPTS), swin)
+
+
+def test_layumi_dense_through_test_and_export(tmp_path):
+    """`strongreid test` on a layumi folder with layumi's file, then `export` and reloading it."""
+    import json
+
+    from PIL import Image
+
+    from strongreid.cli import main
+    from strongreid.deploy.export import export_model
+
+    torch.manual_seed(4)
+    ref = RefDense()
+    path = write_layumi(tmp_path / "model" / "ft_net_dense" / "net_last.pth", ref, stride=2)
+    data = tmp_path / "Market" / "pytorch"
+    names = {"query": ["0001_c1s1_001051_00.jpg", "0002_c2s1_000301_00.jpg"],
+             "gallery": ["0001_c2s1_000451_03.jpg", "0001_c1s1_000551_01.jpg",
+                         "0002_c1s1_000801_01.jpg", "0000_c3s1_000151_01.jpg"]}
+    rng = torch.Generator().manual_seed(0)
+    for split, files in names.items():
+        for name in files:
+            (data / split / name[:4]).mkdir(parents=True, exist_ok=True)
+            pixels = torch.randint(0, 256, (48, 24, 3), generator=rng, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(data / split / name[:4] / name)
+    out = tmp_path / "run"
+    opts = OPTS + ["DATASETS.NAMES", "layumi", "DATASETS.ROOT_DIR", str(tmp_path), "TEST.WEIGHT", str(path),
+                   "TEST.AP", "trapezoid", "TEST.UNMATCHED", "fail", "TEST.FLIP_AUG", "True",
+                   "OUTPUT_DIR", str(out)]
+    assert main(["test", *opts]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_query"] == 2 and res["num_gallery"] == 4 and res["flip"] is True
+    exported = tmp_path / "dense.safetensors"
+    cfg = load_config(None, opts)
+    _, diff = export_model(cfg, "safetensors", exported)
+    assert diff == 0.0
+    x = torch.randn(2, 3, 256, 128)
+    with torch.no_grad():  # the exported config keeps TEST.FLIP_AUG True: layumi's flip sum
+        ref.eval()
+        expected = nn.functional.normalize(ref.test_feature(x) + ref.test_feature(x.flip(3)), dim=1)
+    reloaded = FeatureExtractor(None, exported, device="cpu")
+    assert reloaded.flip
+    assert reloaded.cfg.MODEL.NAME == "layumi_densenet121" and reloaded.cfg.MODEL.HEAD == "layumi"
+    torch.testing.assert_close(reloaded(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("last_stride", "rows_cols"), [(1, (15, 7)), (2, (8, 4))])
+def test_layumi_densenet_map_at_256x128(last_stride, rows_cols):
+    from strongreid.modeling.backbones import create_backbone
+
+    with torch.device("meta"):
+        backbone = create_backbone("layumi_densenet121", last_stride)
+        shape = backbone(torch.empty(2, 3, 256, 128)).shape
+    # layumi's --stride 1 sets transition3's 2x2 average pool to stride 1: one row/column fewer.
+    assert tuple(shape) == (2, 1024, *rows_cols) and backbone.feat_dim == 1024
