@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_viz import write_synthetic_run
 from torch import nn
 
 from strongreid.cli import main as cli_main
-from strongreid.errors import StrongReIDError
 from strongreid.engine.inference import tta_forward
 from strongreid.engine.validation import validation_metrics
+from strongreid.errors import StrongReIDError
 from strongreid.evaluation import multi_query_features
 from strongreid.viz.ranked import RankedLayout, resolve_queries
-from test_viz import write_synthetic_run
 
 
 def test_multi_query_features_by_hand():

@@ -28,7 +28,7 @@ class Splits:
 
 def load_splits(cfg: CfgNode, *, need_train: bool = True) -> Splits:
     """Train on every dataset of DATASETS.NAMES (pids/camids kept disjoint), test on TEST_NAME."""
-    from strongreid.data.datasets import build_dataset, combine_train, dataset_options
+    from strongreid.data.datasets import build_dataset, dataset_options
 
     names = dataset_names(cfg)
     test_name = cfg.DATASETS.TEST_NAME or names[0]
