@@ -20,6 +20,7 @@ import yaml
 from yacs.config import CfgNode
 
 from strongreid.config.defaults import _C
+from strongreid.config.loss_zoo import ID_LOSS_TYPES, check_losses
 from strongreid.errors import ConfigError
 
 logger = logging.getLogger("strongreid")
@@ -31,6 +32,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
     "MODEL.NECK": ("bnneck", "no"),
     "MODEL.CHANNELS_LAST": ("on", "off"),
+    "MODEL.SYNC_BN": ("on", "off"),
+    "SOLVER.TRIPLET_GATHER": ("on", "off"),
     "TEST.RE_RANKING": ("yes", "no"),
     "TEST.FEAT_NORM": ("yes", "no"),
 }
@@ -43,14 +46,23 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "MODEL.NECK": ("bnneck", "no"),
     "MODEL.IF_WITH_CENTER": ("yes", "no"),
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
-    "MODEL.METRIC_LOSS_TYPE": ("triplet", "center", "triplet_center"),
+    # loss zoo; MODEL.METRIC_LOSS_TYPE (comma-separated terms) is checked in config/loss_zoo.py
+    "MODEL.ID_LOSS_TYPE": ID_LOSS_TYPES,
+    "SOLVER.TRIPLET_MINER": ("batch_hard", "multi_similarity"),
+    "SOLVER.CIRCLE_REDUCTION": ("anchor", "batch"),
+    "SOLVER.INSTANCE_TARGET": ("image", "layumi"),
     "MODEL.POOLING": ("avg", "gem"),
     "MODEL.HEAD": ("baseline", "layumi", "pcb"),
     "MODEL.AMP": ("auto", "off", "bf16", "fp16"),
     "MODEL.CHANNELS_LAST": ("auto", "on", "off"),
+    "MODEL.SYNC_BN": ("auto", "on", "off"),
+    "SOLVER.TRIPLET_GATHER": ("auto", "on", "off"),
     "INPUT.RE_FILL": ("original", "zero", "random"),
     "DATASETS.CUHK03_KIND": ("labeled", "detected"),
     "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
+    "DATALOADER.CHECK_IMAGES": ("header", "full", "off"),
+    "DATALOADER.JPEG_DECODER": ("auto", "pil", "torchvision", "simplejpeg"),
+    "DATALOADER.DATA_PATH": ("pil", "device"),
     "SOLVER.OPTIMIZER_NAME": (
         "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta",
     ),
@@ -156,6 +168,9 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         if isinstance(value, str):
             return value
         raise bad("a dataset name or a list of names")
+
+    if key == "MODEL.METRIC_LOSS_TYPE" and isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))  # a YAML list of terms combines them
 
     if key in NULLABLE_KEYS and (value is None or (isinstance(value, str)
                                                    and value.strip().lower() in {"none", "null", "~", ""})):
@@ -366,31 +381,15 @@ def validate(cfg: CfgNode) -> None:
     if steps != sorted(steps):
         raise ConfigError(f"SOLVER.STEPS = {steps} must be increasing epoch numbers.")
 
-    sampler = cfg.DATALOADER.SAMPLER
-    center = flag(cfg.MODEL.IF_WITH_CENTER)
-    loss_type = cfg.MODEL.METRIC_LOSS_TYPE
-    if center:
-        if loss_type == "triplet":
-            raise ConfigError(
-                "MODEL.IF_WITH_CENTER 'yes' needs MODEL.METRIC_LOSS_TYPE 'center' or "
-                "'triplet_center', not 'triplet' (or set IF_WITH_CENTER 'no')."
-            )
-        if cfg.SOLVER.CENTER_LOSS_WEIGHT <= 0:
-            raise ConfigError(
-                f"SOLVER.CENTER_LOSS_WEIGHT = {cfg.SOLVER.CENTER_LOSS_WEIGHT} must be positive "
-                "with center loss (its gradient is rescaled by 1/weight)."
-            )
-        if loss_type == "triplet_center" and sampler == "softmax":
-            raise ConfigError(
-                "MODEL.METRIC_LOSS_TYPE 'triplet_center' mines hard triplets, which needs the P x K "
-                "identity sampler: set DATALOADER.SAMPLER 'softmax_triplet' (the shuffled 'softmax' "
-                "loader gives batches with unequal images per identity)."
-            )
-    elif sampler != "softmax" and loss_type != "triplet":
+    check_losses(cfg)  # loss zoo: terms, combinations, weights (config/loss_zoo.py)
+    if cfg.MODEL.ID_LOSS_TYPE != "softmax" and cfg.MODEL.HEAD != "baseline":
         raise ConfigError(
-            f"MODEL.METRIC_LOSS_TYPE {loss_type!r} needs MODEL.IF_WITH_CENTER 'yes'; with "
-            f"IF_WITH_CENTER 'no' and DATALOADER.SAMPLER {sampler!r} use METRIC_LOSS_TYPE 'triplet'."
+            f"MODEL.ID_LOSS_TYPE {cfg.MODEL.ID_LOSS_TYPE!r} replaces the BNNeck classifier with a "
+            f"cosine classifier and needs MODEL.HEAD 'baseline' (now {cfg.MODEL.HEAD!r}); with "
+            "layumi's heads keep MODEL.ID_LOSS_TYPE softmax and add a metric loss "
+            "(MODEL.METRIC_LOSS_TYPE, e.g. 'circle')."
         )
+    sampler = cfg.DATALOADER.SAMPLER
     if sampler != "softmax":
         k = cfg.DATALOADER.NUM_INSTANCE
         if cfg.SOLVER.IMS_PER_BATCH % k:

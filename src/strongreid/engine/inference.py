@@ -243,6 +243,9 @@ def test_command(cfg: CfgNode) -> int:
     out_dir = Path(cfg.OUTPUT_DIR)
     setup_logging(out_dir, ctx.rank)
     splits = load_splits(cfg, need_train=False)
+    from strongreid.data.integrity import check_splits
+
+    check_splits(cfg, splits, train=False, write_list=ctx.is_main)  # every bad file named at once
     model, cfg = build_test_model(cfg, cfg.TEST.WEIGHT)
     model = model.to(device)
     if use_channels_last(cfg.MODEL.CHANNELS_LAST, device):
