@@ -219,6 +219,12 @@ def export_model(cfg: CfgNode, fmt: str, out: str | os.PathLike,
             "ONNX export needs the onnx and onnxruntime packages: pip install 'strongreid[deploy]'"
         )
     model, cfg = build_inference_model(cfg, weights)
+    if cfg.MODEL.CHECKPOINT_FORMAT != "auto":
+        # The exported file is strongreid's own, whatever project wrote the checkpoint (layumi,
+        # fast-reid...): its stored config must not send the reader to that format's converter.
+        from strongreid.config.loader import with_overrides
+
+        cfg = with_overrides(cfg, {"MODEL.CHECKPOINT_FORMAT": "auto"}, "for the exported file")
     meta = export_metadata(cfg, model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
