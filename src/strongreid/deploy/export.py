@@ -125,24 +125,26 @@ def _quiet_export():
         yield
 
 
-def _export_onnx(model: InferenceModel, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
+def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
     import onnx
 
-    with _quiet_export():
-        if importlib.util.find_spec("onnxscript") is not None:
-            # The torch.export-based exporter (PyTorch's default since 2.9) needs onnxscript.
-            batch = torch.export.Dim("batch", min=1)
-            program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes={"images": {0: batch}}, opset_version=ONNX_OPSET, external_data=False,
-            )
-            program.save(str(out))
-        else:
+    # The exporter is chosen explicitly: torch's TorchScript-based one (dynamo=False), whatever
+    # is installed. Leaving the choice to torch picks the torch.export-based exporter as soon as
+    # onnxscript is importable (BoxMOT's [onnx] extra pulls it in), which writes another graph,
+    # raises opset 17 to 18 and logs a traceback; the same command must give the same file.
+    try:
+        with _quiet_export():
             torch.onnx.export(
                 model, (example,), str(out), dynamo=False, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
+    except Exception as exc:  # noqa: BLE001 - any exporter failure becomes one message
+        raise StrongReIDError(
+            f"torch.onnx.export (TorchScript exporter, opset {ONNX_OPSET}) failed for {out}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+            "try --format torchscript"
+        ) from None
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
     del proto.metadata_props[:]
@@ -162,7 +164,7 @@ def _run_onnx(out: Path) -> Callable[[torch.Tensor], np.ndarray]:
     return lambda x: session.run(None, {name: x.numpy()})[0]
 
 
-def _export_torchscript(model: InferenceModel, example: torch.Tensor, out: Path,
+def _export_torchscript(model: nn.Module, example: torch.Tensor, out: Path,
                         meta: dict[str, str]) -> None:
     with _quiet_export(), torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
@@ -199,13 +201,33 @@ def _run_safetensors(cfg: CfgNode, out: Path) -> Callable[[torch.Tensor], np.nda
     return run
 
 
-def export_model(cfg: CfgNode, fmt: str, out: str | os.PathLike,
-                 weights: str | os.PathLike | None = None) -> tuple[Path, float]:
+TARGETS = ("strongreid", "boxmot")
+
+
+def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
+                 weights: str | os.PathLike | None = None,
+                 target: str = "strongreid") -> tuple[Path, float]:
     """Export the inference model of `weights` (default TEST.WEIGHT) and check it.
 
-    Returns the file and the largest absolute difference from PyTorch on the check batches;
-    raises StrongReIDError when that exceeds PARITY_TOLERANCE (the file is kept for inspection).
+    `target` 'boxmot' writes the graph BoxMOT feeds (ImageNet-normalised RGB crops: the
+    difference from INPUT.PIXEL_MEAN/STD is part of the graph) and its `<out>.metadata.json`;
+    `fmt` may then be None (taken from the suffix, .onnx or .torchscript). Returns the file and
+    the largest absolute difference from PyTorch on the check batches; raises StrongReIDError
+    when that exceeds PARITY_TOLERANCE (the file is kept for inspection).
     """
+    from strongreid.deploy import boxmot
+
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
+    if target == "boxmot":
+        fmt = boxmot.boxmot_format(out, fmt)
+        adapter = boxmot.input_adapter(cfg)
+    elif fmt is None:
+        fmt = {".onnx": "onnx", ".safetensors": "safetensors", ".ts": "torchscript",
+               ".torchscript": "torchscript"}.get(Path(out).suffix.lower())
+        if fmt is None:
+            raise ConfigError(f"--out {out}: give --format ({', '.join(FORMATS)}) or a file "
+                              "ending in .onnx, .torchscript, .ts or .safetensors")
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     weights = weights or cfg.TEST.WEIGHT
@@ -219,14 +241,21 @@ def export_model(cfg: CfgNode, fmt: str, out: str | os.PathLike,
         )
     model = build_inference_model(cfg, weights)
     meta = export_metadata(cfg, model)
+    graph: nn.Module = model
+    if target == "boxmot":
+        graph = boxmot.BoxMOTModel(model, adapter).eval()
+        meta["target"] = "boxmot"
+        meta["input"] = (f"RGB float32 N x 3 x {meta['input_size']}, (pixel / 255 - imagenet_mean)"
+                         " / imagenet_std (BoxMOT's preprocessing); INPUT.PIXEL_MEAN/STD are "
+                         "applied inside the graph")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = sample_inputs(cfg, (2,), seed=1)[0]
     if fmt == "onnx":
-        _export_onnx(model, example, out, meta)
+        _export_onnx(graph, example, out, meta)
         runner = _run_onnx(out)
     elif fmt == "torchscript":
-        _export_torchscript(model, example, out, meta)
+        _export_torchscript(graph, example, out, meta)
         runner = _run_torchscript(out)
     else:
         _export_safetensors(model, out, meta)
@@ -234,7 +263,7 @@ def export_model(cfg: CfgNode, fmt: str, out: str | os.PathLike,
 
     def reference(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            return model(x).numpy()
+            return graph(x).numpy()
 
     diff = max_abs_diff(reference, runner, sample_inputs(cfg))
     if not diff <= PARITY_TOLERANCE:  # `not <=` so that a NaN difference fails too
@@ -242,15 +271,30 @@ def export_model(cfg: CfgNode, fmt: str, out: str | os.PathLike,
             f"the {fmt} export {out} differs from PyTorch by up to {diff:.3g} (tolerance "
             f"{PARITY_TOLERANCE:g}); the file is kept for inspection but should not be used"
         )
+    if target == "boxmot":
+        boxmot.write_sidecar(out, cfg)
     return out, diff
 
 
-def export_command(cfg: CfgNode, fmt: str, out: str) -> int:
-    """`strongreid export --config F TEST.WEIGHT ckpt --format onnx|torchscript|safetensors --out FILE`."""
-    path, diff = export_model(cfg, fmt, out)
+def export_command(cfg: CfgNode, fmt: str | None, out: str, target: str = "strongreid") -> int:
+    """`strongreid export --config F TEST.WEIGHT ckpt [--format F] [--target boxmot] --out FILE`."""
+    from strongreid.deploy import boxmot
+
+    path, diff = export_model(cfg, fmt, out, target=target)
+    fmt = fmt or ("safetensors" if path.suffix == ".safetensors" else
+                  "onnx" if path.suffix == ".onnx" else "torchscript")
     batches = " and ".join(str(n) for n in CHECK_BATCHES)
     print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
     print(f"parity: max |{fmt} - pytorch| = {diff:.3g} on batches of {batches} "
           f"(tolerance {PARITY_TOLERANCE:g})")
+    if target == "boxmot":
+        adapter = boxmot.input_adapter(cfg)
+        print(f"boxmot metadata: {boxmot.sidecar_path(path)} (img_size "
+              f"{[int(v) for v in cfg.INPUT.SIZE_TEST]})")
+        print("input normalisation: " + (
+            "ImageNet mean/std, as BoxMOT feeds it" if adapter is None else
+            f"INPUT.PIXEL_MEAN {list(cfg.INPUT.PIXEL_MEAN)} / PIXEL_STD {list(cfg.INPUT.PIXEL_STD)} "
+            "folded into the graph (BoxMOT feeds ImageNet mean/std)"))
+        print("use it in BoxMOT (pip install 'strongreid[tracking]'):")
+        print(boxmot.snippet(path))
     return 0
-
