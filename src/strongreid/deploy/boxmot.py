@@ -90,14 +90,14 @@ def boxmot_format(out: str | os.PathLike, fmt: str | None) -> str:
             f"NAME.onnx (recommended: the crop size is read from the graph) or NAME.torchscript"
         )
     wanted = BOXMOT_SUFFIXES[suffix]
-    if fmt is not None and fmt != wanted:
-        raise ConfigError(
-            f"--format {fmt} with --out {out}: BoxMOT reads a {suffix} file as {wanted}; use "
-            f"--format {wanted} or the suffix {'.onnx' if fmt == 'onnx' else '.torchscript'}"
-            if fmt in BOXMOT_SUFFIXES.values() else
-            f"--format {fmt}: BoxMOT loads onnx or torchscript exports of a strongreid model"
-        )
-    return wanted
+    if fmt is None or fmt == wanted or (suffix == ".onnx" and fmt == "onnx-int8"):
+        return fmt or wanted
+    if fmt in BOXMOT_SUFFIXES.values():
+        other = ".onnx" if fmt == "onnx" else ".torchscript"
+        raise ConfigError(f"--format {fmt} with --out {out}: BoxMOT reads a {suffix} file as "
+                          f"{wanted}; use --format {wanted} or the suffix {other}")
+    raise ConfigError(f"--format {fmt}: BoxMOT loads onnx, onnx-int8 or torchscript exports of a "
+                      "strongreid model")
 
 
 def sidecar_path(out: str | os.PathLike) -> Path:

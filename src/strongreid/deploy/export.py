@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,9 @@ from strongreid.errors import ConfigError, StrongReIDError
 
 logger = logging.getLogger("strongreid")
 
-FORMATS = ("onnx", "torchscript", "safetensors")
+FORMATS = ("onnx", "torchscript", "safetensors", "openvino")
+# Formats `strongreid export` writes through deploy/quantize.py (checked by cosine, not 1e-4).
+QUANTIZED_FORMATS = ("onnx-int8",)
 PARITY_TOLERANCE = 1e-4
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "features"
@@ -154,14 +157,16 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[
     onnx.save(proto, str(out))
 
 
-def _run_onnx(out: Path) -> Callable[[torch.Tensor], np.ndarray]:
+def _run_onnx(out: Path, threads: int | None = None) -> Callable[[torch.Tensor], np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
     session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x.numpy()})[0]
+    return lambda x: session.run(None, {name: np.asarray(x, dtype=np.float32)})[0]
 
 
 def _export_torchscript(model: nn.Module, example: torch.Tensor, out: Path,
@@ -181,6 +186,20 @@ def _run_torchscript(out: Path) -> Callable[[torch.Tensor], np.ndarray]:
             return loaded(x).numpy()
 
     return run
+
+
+def _export_openvino(model: nn.Module, example: torch.Tensor, out: Path,
+                     meta: dict[str, str]) -> Callable[[torch.Tensor], np.ndarray]:
+    from strongreid.deploy import quantize
+
+    quantize.require("openvino", "quant")
+    if out.suffix != ".xml":
+        raise ConfigError(f"--out {out}: an OpenVINO IR is NAME.xml (its weights go to NAME.bin)")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        _export_onnx(model, example, fp32, meta)
+        quantize.to_openvino(fp32, out, meta)
+    return quantize.run_openvino(out)
 
 
 def _export_safetensors(model: InferenceModel, out: Path, meta: dict[str, str]) -> None:
@@ -224,17 +243,20 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
         adapter = boxmot.input_adapter(cfg)
     elif fmt is None:
         fmt = {".onnx": "onnx", ".safetensors": "safetensors", ".ts": "torchscript",
-               ".torchscript": "torchscript"}.get(Path(out).suffix.lower())
+               ".torchscript": "torchscript", ".xml": "openvino"}.get(Path(out).suffix.lower())
         if fmt is None:
             raise ConfigError(f"--out {out}: give --format ({', '.join(FORMATS)}) or a file "
-                              "ending in .onnx, .torchscript, .ts or .safetensors")
+                              "ending in .onnx, .torchscript, .ts, .safetensors or .xml")
+    if fmt in QUANTIZED_FORMATS:
+        raise ConfigError(f"--format {fmt}: int8 models are written by "
+                          "strongreid.deploy.quantize.export_int8 (it needs calibration images)")
     if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS + QUANTIZED_FORMATS)}")
     weights = weights or cfg.TEST.WEIGHT
     if not weights:
         raise ConfigError("strongreid export needs TEST.WEIGHT: the checkpoint, e.g. "
                           "TEST.WEIGHT runs/demo/best.pt")
-    if fmt == "onnx" and (importlib.util.find_spec("onnx") is None
+    if fmt in ("onnx", "openvino") and (importlib.util.find_spec("onnx") is None
                           or importlib.util.find_spec("onnxruntime") is None):
         raise StrongReIDError(
             "ONNX export needs the onnx and onnxruntime packages: pip install 'strongreid[deploy]'"
@@ -257,6 +279,8 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
     elif fmt == "torchscript":
         _export_torchscript(graph, example, out, meta)
         runner = _run_torchscript(out)
+    elif fmt == "openvino":
+        runner = _export_openvino(graph, example, out, meta)
     else:
         _export_safetensors(model, out, meta)
         runner = _run_safetensors(cfg, out)
@@ -276,17 +300,29 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
     return out, diff
 
 
-def export_command(cfg: CfgNode, fmt: str | None, out: str, target: str = "strongreid") -> int:
+def export_command(cfg: CfgNode, fmt: str | None, out: str, target: str = "strongreid",
+                   calib: str | None = None) -> int:
     """`strongreid export --config F TEST.WEIGHT ckpt [--format F] [--target boxmot] --out FILE`."""
     from strongreid.deploy import boxmot
 
-    path, diff = export_model(cfg, fmt, out, target=target)
-    fmt = fmt or ("safetensors" if path.suffix == ".safetensors" else
-                  "onnx" if path.suffix == ".onnx" else "torchscript")
-    batches = " and ".join(str(n) for n in CHECK_BATCHES)
-    print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
-    print(f"parity: max |{fmt} - pytorch| = {diff:.3g} on batches of {batches} "
-          f"(tolerance {PARITY_TOLERANCE:g})")
+    if fmt in QUANTIZED_FORMATS:
+        from strongreid.deploy.quantize import export_int8
+
+        if target == "boxmot":
+            boxmot.boxmot_format(out, fmt)
+        path, report = export_int8(cfg, out, calib, target=target)
+        print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
+        print(f"parity: cosine to fp32 features on {report['images']} calibration images: mean "
+              f"{report['mean_cosine']:.5f}, min {report['min_cosine']:.5f} (max |int8 - fp32| = "
+              f"{report['max_abs_diff']:.3g})")
+    else:
+        path, diff = export_model(cfg, fmt, out, target=target)
+        fmt = fmt or {".safetensors": "safetensors", ".onnx": "onnx", ".xml": "openvino"}.get(
+            path.suffix, "torchscript")
+        batches = " and ".join(str(n) for n in CHECK_BATCHES)
+        print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
+        print(f"parity: max |{fmt} - pytorch| = {diff:.3g} on batches of {batches} "
+              f"(tolerance {PARITY_TOLERANCE:g})")
     if target == "boxmot":
         adapter = boxmot.input_adapter(cfg)
         print(f"boxmot metadata: {boxmot.sidecar_path(path)} (img_size "
