@@ -58,7 +58,7 @@ def test_refusals_name_the_fix(ckpt, tmp_path) -> None:
         export_model(cfg, None, tmp_path / "model.pt", target="boxmot")
     with pytest.raises(ConfigError, match="use --format torchscript"):
         export_model(cfg, "onnx", tmp_path / "model.torchscript", target="boxmot")
-    with pytest.raises(ConfigError, match="onnx, onnx-int8 or torchscript"):
+    with pytest.raises(ConfigError, match="onnx, onnx-int8, torchscript or openvino"):
         export_model(cfg, "safetensors", tmp_path / "model.onnx", target="boxmot")
     with pytest.raises(ConfigError, match="--target"):
         export_model(cfg, "onnx", tmp_path / "model.onnx", target="deepsort")

@@ -7,6 +7,7 @@ difference into the graph (BoxMOT always feeds ImageNet-normalised crops).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ pytest.importorskip("onnxruntime", reason="the deploy extra is not installed: pi
 
 from boxmot import BotSort  # noqa: E402
 from boxmot.reid.backends.onnx_backend import ONNXBackend  # noqa: E402
+from boxmot.reid.backends.openvino_backend import OpenVinoBackend  # noqa: E402
 from boxmot.reid.backends.torchscript_backend import TorchscriptBackend  # noqa: E402
 
 # BoxMOT's loader probes a .torchscript file with torch.load first, and torch.jit.load is
@@ -41,7 +43,7 @@ SEED = 1  # the seed conftest's tiny synthetic set is generated with
 
 @pytest.fixture(scope="module")
 def exported(tiny_synthetic_root, tmp_path_factory):
-    """A briefly trained ResNet-18 (64x32) exported for BoxMOT as .onnx and .torchscript."""
+    """A briefly trained ResNet-18 (64x32) exported for BoxMOT as .onnx, .torchscript (and .xml)."""
     root = tmp_path_factory.mktemp("tracking")
     opts = tiny_train_opts(tiny_synthetic_root, root / "run",
                            **{"INPUT.PIXEL_MEAN": MEAN, "INPUT.PIXEL_STD": STD,
@@ -53,7 +55,8 @@ def exported(tiny_synthetic_root, tmp_path_factory):
     weights = root / "run" / "last.pt"
     opts += ["TEST.WEIGHT", str(weights)]
     files = {}
-    for suffix in (".onnx", ".torchscript"):
+    suffixes = (".onnx", ".torchscript") + ((".xml",) if importlib.util.find_spec("openvino") else ())
+    for suffix in suffixes:
         files[suffix] = root / f"strongreid_resnet18{suffix}"
         assert main(["export", "--target", "boxmot", "--out", str(files[suffix]), *opts]) == 0
     return {"cfg": load_config(None, opts), "weights": weights, "files": files}
@@ -63,13 +66,16 @@ def _backend(cls, path: Path):
     return cls(weights=path, device=torch.device("cpu"), half=False)
 
 
-@pytest.mark.parametrize("suffix,cls", [(".onnx", ONNXBackend), (".torchscript", TorchscriptBackend)])
+@pytest.mark.parametrize("suffix,cls", [(".onnx", ONNXBackend), (".torchscript", TorchscriptBackend),
+                                        (".xml", OpenVinoBackend)])
 def test_exact_size_crop_parity_with_feature_extractor(exported, suffix, cls) -> None:
+    if suffix not in exported["files"]:
+        pytest.skip("OpenVINO is not installed: pip install 'strongreid[quant]'")
     path = exported["files"][suffix]
     sidecar = json.loads(Path(str(path) + ".metadata.json").read_text())
     assert sidecar["model_kwargs"]["img_size"] == [64, 32]
     backend = _backend(cls, path)
-    assert tuple(backend.input_shape) == (64, 32)  # from the graph (ONNX) or the sidecar (TorchScript)
+    assert tuple(backend.input_shape) == (64, 32)  # from the graph (ONNX) or the sidecar
     video = make_video(SEED, pick_pair(SEED, list(range(1, 25))), frames=12)
     frame = video.frames[5]
     # Boxes of exactly 32 x 64 pixels: neither pipeline resizes, so the features must agree.

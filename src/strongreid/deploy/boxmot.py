@@ -32,7 +32,7 @@ from strongreid.errors import ConfigError
 BOXMOT_PIXEL_MEAN = (0.485, 0.456, 0.406)
 BOXMOT_PIXEL_STD = (0.229, 0.224, 0.225)
 # File suffix -> strongreid export format: BoxMOT picks its runtime from the suffix.
-BOXMOT_SUFFIXES = {".onnx": "onnx", ".torchscript": "torchscript"}
+BOXMOT_SUFFIXES = {".onnx": "onnx", ".torchscript": "torchscript", ".xml": "openvino"}
 SIDECAR_SCHEMA_VERSION = 1
 MODEL_KWARGS_SCHEMA_VERSION = 1
 
@@ -87,17 +87,18 @@ def boxmot_format(out: str | os.PathLike, fmt: str | None) -> str:
     if suffix not in BOXMOT_SUFFIXES:
         raise ConfigError(
             f"--out {out}: BoxMOT chooses its runtime from the file suffix; name the file "
-            f"NAME.onnx (recommended: the crop size is read from the graph) or NAME.torchscript"
+            f"NAME.onnx (recommended: the crop size is read from the graph), NAME.torchscript or "
+            "NAME.xml (OpenVINO IR)"
         )
     wanted = BOXMOT_SUFFIXES[suffix]
     if fmt is None or fmt == wanted or (suffix == ".onnx" and fmt == "onnx-int8"):
         return fmt or wanted
     if fmt in BOXMOT_SUFFIXES.values():
-        other = ".onnx" if fmt == "onnx" else ".torchscript"
+        other = {v: k for k, v in BOXMOT_SUFFIXES.items()}[fmt]
         raise ConfigError(f"--format {fmt} with --out {out}: BoxMOT reads a {suffix} file as "
                           f"{wanted}; use --format {wanted} or the suffix {other}")
-    raise ConfigError(f"--format {fmt}: BoxMOT loads onnx, onnx-int8 or torchscript exports of a "
-                      "strongreid model")
+    raise ConfigError(f"--format {fmt}: BoxMOT loads onnx, onnx-int8, torchscript or openvino "
+                      "exports of a strongreid model")
 
 
 def sidecar_path(out: str | os.PathLike) -> Path:
