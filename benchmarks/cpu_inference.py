@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_dir = Path(tempfile.mkdtemp(prefix="calib_"))
     (calib_dir / "list.txt").write_text("\n".join(str(Path(r.path).resolve()) for r in splits.train))
 
-    eager = build_inference_model(cfg, args.weights)
+    eager, _ = build_inference_model(cfg, args.weights)
 
     def run_eager(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -81,7 +81,7 @@ def test_cli_writes_onnx_sidecar_and_snippet(ckpt, tmp_path, capsys) -> None:
     # The graph takes ImageNet-normalised crops and gives the model's features on its own input.
     x = torch.randn(3, 3, 32, 16, generator=torch.Generator().manual_seed(0))
     cfg = make_cfg(**OTHER_NORM, **{"TEST.WEIGHT": ckpt})
-    model = build_inference_model(cfg, ckpt)
+    model, _ = build_inference_model(cfg, ckpt)
     with torch.no_grad():
         want = model(boxmot.input_adapter(cfg)(x)).numpy()
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

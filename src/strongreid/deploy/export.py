@@ -241,7 +241,6 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
         raise ConfigError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
     if target == "boxmot":
         fmt = boxmot.boxmot_format(out, fmt)
-        adapter = boxmot.input_adapter(cfg)
     elif fmt is None:
         fmt = {".onnx": "onnx", ".safetensors": "safetensors", ".ts": "torchscript",
                ".torchscript": "torchscript", ".xml": "openvino"}.get(Path(out).suffix.lower())
@@ -266,7 +265,8 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
     meta = export_metadata(cfg, model)
     graph: nn.Module = model
     if target == "boxmot":
-        graph = boxmot.BoxMOTModel(model, adapter).eval()
+        # From the config the model was built with: a foreign checkpoint brings its own statistics.
+        graph = boxmot.BoxMOTModel(model, boxmot.input_adapter(cfg)).eval()
         meta["target"] = "boxmot"
         meta["input"] = (f"RGB float32 N x 3 x {meta['input_size']}, (pixel / 255 - imagenet_mean)"
                          " / imagenet_std (BoxMOT's preprocessing); INPUT.PIXEL_MEAN/STD are "
@@ -325,13 +325,16 @@ def export_command(cfg: CfgNode, fmt: str | None, out: str, target: str = "stron
         print(f"parity: max |{fmt} - pytorch| = {diff:.3g} on batches of {batches} "
               f"(tolerance {PARITY_TOLERANCE:g})")
     if target == "boxmot":
-        adapter = boxmot.input_adapter(cfg)
-        print(f"boxmot metadata: {boxmot.sidecar_path(path)} (img_size "
-              f"{[int(v) for v in cfg.INPUT.SIZE_TEST]})")
+        # What was written, not `cfg`: a foreign checkpoint may set its own size and statistics.
+        sidecar = boxmot.sidecar_path(path)
+        written = json.loads(sidecar.read_text(encoding="utf-8"))
+        mean, std = written["pixel_mean_folded"], written["pixel_std_folded"]
+        imagenet = mean == list(boxmot.BOXMOT_PIXEL_MEAN) and std == list(boxmot.BOXMOT_PIXEL_STD)
+        print(f"boxmot metadata: {sidecar} (img_size {written['model_kwargs']['img_size']})")
         print("input normalisation: " + (
-            "ImageNet mean/std, as BoxMOT feeds it" if adapter is None else
-            f"INPUT.PIXEL_MEAN {list(cfg.INPUT.PIXEL_MEAN)} / PIXEL_STD {list(cfg.INPUT.PIXEL_STD)} "
-            "folded into the graph (BoxMOT feeds ImageNet mean/std)"))
+            "ImageNet mean/std, as BoxMOT feeds it" if imagenet else
+            f"INPUT.PIXEL_MEAN {mean} / PIXEL_STD {std} folded into the graph (BoxMOT feeds "
+            "ImageNet mean/std)"))
         print("use it in BoxMOT (pip install 'strongreid[tracking]'):")
         print(boxmot.snippet(path))
     return 0

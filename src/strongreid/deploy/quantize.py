@@ -147,6 +147,16 @@ def int8_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Callab
             "max_abs_diff": float(np.abs(ref - got).max())}
 
 
+def _exported_config(onnx_path: Path) -> CfgNode:
+    """The merged config `strongreid export` stored in an ONNX file's metadata (a clone)."""
+    import onnx
+
+    from strongreid.config.loader import config_from_text
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return config_from_text(meta["config"]).clone()
+
+
 def export_int8(cfg: CfgNode, out: str | os.PathLike, calib: str | os.PathLike | None,
                 weights: str | os.PathLike | None = None, target: str = "strongreid") -> tuple[Path, dict]:
     """Write the int8 ONNX model of `weights` (default TEST.WEIGHT); returns it and its parity report.
@@ -158,28 +168,31 @@ def export_int8(cfg: CfgNode, out: str | os.PathLike, calib: str | os.PathLike |
     from strongreid.deploy.export import _run_onnx, export_model
 
     require("onnxruntime", "deploy")
-    calib_cfg = cfg
-    if target == "boxmot":
-        # The BoxMOT graph takes ImageNet-normalised crops: calibrate on such input.
-        calib_cfg = cfg.clone()
-        calib_cfg.defrost()
-        calib_cfg.INPUT.PIXEL_MEAN = list(boxmot.BOXMOT_PIXEL_MEAN)
-        calib_cfg.INPUT.PIXEL_STD = list(boxmot.BOXMOT_PIXEL_STD)
-        calib_cfg.freeze()
-    batches = calibration_batches(calib_cfg, calib)
+    if not calib:
+        calibration_batches(cfg, calib)  # raises the message naming --calib before any work
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         export_model(cfg, "onnx", fp32, weights=weights, target=target)
+        # Calibrate with the config the model was built with (a foreign checkpoint sets its own
+        # input size and statistics); export stored it in the file.
+        calib_cfg = _exported_config(fp32)
+        if target == "boxmot":
+            # The BoxMOT graph takes ImageNet-normalised crops: calibrate on such input.
+            calib_cfg.defrost()
+            calib_cfg.INPUT.PIXEL_MEAN = list(boxmot.BOXMOT_PIXEL_MEAN)
+            calib_cfg.INPUT.PIXEL_STD = list(boxmot.BOXMOT_PIXEL_STD)
+            calib_cfg.freeze()
+        batches = calibration_batches(calib_cfg, calib)
         quantize_int8(fp32, out, batches)
         report = int8_parity(_run_onnx(fp32), _run_onnx(out), batches)
+    if target == "boxmot":
+        boxmot.write_sidecar(out, _exported_config(out))
     if not report["mean_cosine"] >= INT8_MIN_COSINE:
         raise StrongReIDError(
             f"the int8 model {out} has a mean cosine of {report['mean_cosine']:.4f} to the fp32 "
             f"features on {report['images']} calibration images (at least {INT8_MIN_COSINE} "
             "needed); calibrate on more representative images or keep the fp32 export"
         )
-    if target == "boxmot":
-        boxmot.write_sidecar(out, cfg)
     return out, report
