@@ -123,3 +123,18 @@ def test_botsort_keeps_identities_with_appearance_and_swaps_without(exported) ->
     assert after == before  # appearance re-links each person to its own track
     before, after = _before_after(_track(exported, video, appearance=False), video)
     assert after == {0: before[1], 1: before[0]}  # motion alone hands each track the other person
+
+
+@pytest.mark.parametrize("name", ["StrongSort", "DeepOcSort", "HybridSort", "BoostTrack"])
+def test_other_trackers_load_the_export_and_track(exported, name) -> None:
+    import boxmot
+
+    kwargs = {"use_embeddings": True} if name == "BoostTrack" else {}  # off by default there
+    tracker = getattr(boxmot, name)(reid_weights=exported["files"][".onnx"],
+                                    device=torch.device("cpu"), half=False, **kwargs)
+    video = make_video(SEED, pick_pair(SEED, list(range(1, 25))), frames=8)
+    for frame, boxes in zip(video.frames, video.boxes):
+        dets = np.array([[x1, y1, x2, y2, 0.9, 0] for _, x1, y1, x2, y2 in boxes], dtype=np.float32)
+        out = tracker.update(dets, frame)
+    # Both people are confirmed tracks with two different ids by the last frame.
+    assert len(out) == 2 and len({int(row[4]) for row in out}) == 2
