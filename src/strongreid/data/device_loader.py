@@ -101,6 +101,10 @@ class DeviceBatchLoader:
 
         def produce() -> None:
             try:
+                if self.pin:
+                    # Pinned buffers belong to the current device's context: without this every
+                    # torchrun rank's loader thread would open a context on GPU 0.
+                    torch.cuda.set_device(self.device)
                 for batch in self._host_batches():
                     while not stop.is_set():
                         try:
