@@ -7,8 +7,8 @@
 worker processes); 'device' reads the decoded-image cache and augments the batch on the
 training device (docs/data-path.md). Each case builds a Trainer for
 configs/softmax_triplet_with_center.yml on the synthetic set (`strongreid synth --out
-data/synthetic`), runs one short epoch of --iters iterations to start the workers and build
-the cache, then times a second one (the trainer's own img/s and data-wait share). Cases: ResNet-18
+data/synthetic`), runs a one-iteration epoch to start the workers and build the cache, then
+times an epoch of --iters iterations (the trainer's own img/s and data-wait share). Cases: ResNet-18
 at 64x32 and ResNet-50 at 256x128. `--summarize` instead prints the last epoch's figures of
 finished `strongreid train` runs (their metrics.jsonl), as benchmarks/cuda_all.sh uses it.
 """
@@ -28,7 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-CASES = {"r18-64x32": ("resnet18", "[64, 32]", 64), "r50-256x128": ("resnet50", "[256, 128]", 16)}
+# (backbone, size, batch): the demo's ResNet-18 at 64x32 and the paper's ResNet-50 at 256x128, whose
+# CPU step takes a minute on 2 shared cores, hence the small batch there (--r50-batch).
+CASES = {"r18-64x32": ("resnet18", "[64, 32]", 64), "r50-256x128": ("resnet50", "[256, 128]", 8)}
 
 
 class FirstBatches:
@@ -52,6 +54,8 @@ def run_case(args: argparse.Namespace, case: str, path: str, out: Path) -> dict:
     from strongreid.engine.trainer import Trainer
 
     model, size, batch = CASES[case]
+    if case.startswith("r50") and args.r50_batch:
+        batch = args.r50_batch
     opts = ["MODEL.DEVICE", args.device, "MODEL.NAME", model, "MODEL.PRETRAIN_CHOICE", "none",
             "MODEL.AMP", args.amp, "INPUT.SIZE_TRAIN", size, "INPUT.SIZE_TEST", size,
             "DATASETS.NAMES", "synthetic", "DATASETS.ROOT_DIR", args.root,
@@ -63,9 +67,12 @@ def run_case(args: argparse.Namespace, case: str, path: str, out: Path) -> dict:
     trainer = Trainer(cfg)  # builds the cache on first use ('device')
     setup_s = time.perf_counter() - t0
     full = trainer.loader
-    trainer.loader = FirstBatches(full, args.iters)
-    trainer.train_one_epoch(1)  # warm-up: worker start, allocator, first cache reads
-    stats = trainer.train_one_epoch(2)
+    stats = {"images_per_s": float("nan"), "data_wait": float("nan")}
+    if not args.loader_only:
+        trainer.loader = FirstBatches(full, 1)
+        trainer.train_one_epoch(1)  # warm-up: worker start, allocator, first cache reads
+        trainer.loader = FirstBatches(full, args.iters)
+        stats = trainer.train_one_epoch(2)
     # The loader alone (no model): how many images/s this path can deliver at most.
     feed = FirstBatches(full, args.loader_iters)
     full.sampler.set_epoch(3)
@@ -73,10 +80,19 @@ def run_case(args: argparse.Namespace, case: str, path: str, out: Path) -> dict:
     for images, *_ in feed:
         n += images.shape[0]
     loader_ips = n / (time.perf_counter() - t1)
+    host_ips = float("nan")
+    if path == "device":
+        # Its host side alone (cache gather + the per-image decisions): what feeds a GPU, where
+        # the augmentation itself runs on the device.
+        full.sampler.set_epoch(4)
+        t1, n = time.perf_counter(), 0
+        for images, _params, _index in itertools.islice(full._host_batches(), args.loader_iters):
+            n += images.shape[0]
+        host_ips = n / (time.perf_counter() - t1)
     if trainer.tb is not None:
         trainer.tb.close()
     return {"case": case, "path": path, "img/s": stats["images_per_s"], "data_wait": stats["data_wait"],
-            "setup_s": setup_s, "loader_img/s": loader_ips, "batch": batch, "device": str(trainer.device), "amp": str(trainer.amp_dtype)}
+            "setup_s": setup_s, "loader_img/s": loader_ips, "host_img/s": host_ips, "batch": batch, "device": str(trainer.device), "amp": str(trainer.amp_dtype)}
 
 
 def summarize(dirs: list[str]) -> None:
@@ -98,11 +114,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="data", help="DATASETS.ROOT_DIR holding synthetic/")
     ap.add_argument("--iters", type=int, default=6, help="timed iterations per case")
+    ap.add_argument("--r50-batch", type=int, default=0, help="batch of the ResNet-50 case (default 8)")
     ap.add_argument("--loader-iters", type=int, default=8, help="batches of the loader-only pass")
     ap.add_argument("--workers", type=int, default=2, help="DATALOADER.NUM_WORKERS of the pil path")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off")
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--loader-only", action="store_true", help="skip the training epochs")
     ap.add_argument("--summarize", nargs="+", metavar="OUTPUT_DIR")
     args = ap.parse_args()
     if args.summarize:
@@ -120,8 +138,11 @@ def main() -> None:
                 results.append(r)
                 print(f"{case:12s} {path:6s} {r['img/s']:8.1f} img/s  data wait {100 * r['data_wait']:4.0f}%  "
                       f"loader alone {r['loader_img/s']:7.0f} img/s  "
-                      f"(batch {r['batch']}, {r['device']}, amp {r['amp']}, setup {r['setup_s']:.1f} s)", flush=True)
+                      + (f"host side alone {r['host_img/s']:7.0f} img/s  " if path == "device" else "")
+                      + f"(batch {r['batch']}, {r['device']}, amp {r['amp']}, setup {r['setup_s']:.1f} s)", flush=True)
     for case in args.cases.split(","):
+        if args.loader_only:
+            continue
         a, b = (next(r for r in results if r["case"] == case and r["path"] == p) for p in ("pil", "device"))
         print(f"{case}: device path x{b['img/s'] / a['img/s']:.2f} training img/s and x"
               f"{b['loader_img/s'] / a['loader_img/s']:.2f} loader img/s of the pil path; data wait "

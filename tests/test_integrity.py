@@ -3,22 +3,19 @@ met inside a loader worker still ends in one clean message."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from _train_utils import tiny_train_opts
 from torch.utils.data import DataLoader
 
+from strongreid.cli import main
 from strongreid.data.image import ImageDataset
 from strongreid.data.integrity import LIST_NAME, check_image, find_unreadable
 from strongreid.errors import ConfigError, DatasetError, StrongReIDError, _unwrap_worker_message
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _jpeg(root: Path) -> bytes:
@@ -59,15 +56,18 @@ def _corrupt_copy(root: Path, dest: Path, n_train: int, n_query: int) -> list[Pa
     return bad
 
 
-def _train(opts: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "strongreid", "train", *opts], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=300)
+def _train(opts: list[str], capsys) -> SimpleNamespace:
+    """`strongreid train ...` through the CLI's entry point, in this process (no interpreter start)."""
+    capsys.readouterr()
+    code = main(["train", *opts])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
-def test_train_names_every_unreadable_image_at_once(tiny_synthetic_root, tmp_path):
+def test_train_names_every_unreadable_image_at_once(tiny_synthetic_root, tmp_path, capsys):
     bad = _corrupt_copy(tiny_synthetic_root, tmp_path / "data", n_train=12, n_query=1)
     out = tmp_path / "run"
-    proc = _train(tiny_train_opts(tmp_path / "data", out, **{"SOLVER.MAX_EPOCHS": 1}))
+    proc = _train(tiny_train_opts(tmp_path / "data", out, **{"SOLVER.MAX_EPOCHS": 1}), capsys)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: 13 of ")
     assert "(12 train, 1 query" in proc.stderr and "... and 3 more" in proc.stderr
@@ -76,25 +76,25 @@ def test_train_names_every_unreadable_image_at_once(tiny_synthetic_root, tmp_pat
     assert sorted(line.split("\t")[1] for line in listed) == sorted(map(str, bad))
     assert not (out / "last.pt").exists()
     # SKIP_CORRUPT skips training images only: the bad query image still stops the run.
-    proc = _train(tiny_train_opts(tmp_path / "data", out, **{"SOLVER.MAX_EPOCHS": 1, "DATALOADER.SKIP_CORRUPT": True}))
+    proc = _train(tiny_train_opts(tmp_path / "data", out, **{"SOLVER.MAX_EPOCHS": 1, "DATALOADER.SKIP_CORRUPT": True}), capsys)
     assert proc.returncode == 2 and proc.stderr.startswith("error: 1 of ")
     assert "query and gallery images are never skipped" in proc.stderr
 
 
 @pytest.mark.parametrize("data_path", ["pil", "device"])
-def test_skip_corrupt_trains_without_the_bad_training_images(tiny_synthetic_root, tmp_path, data_path):
+def test_skip_corrupt_trains_without_the_bad_training_images(tiny_synthetic_root, tmp_path, capsys, data_path):
     _corrupt_copy(tiny_synthetic_root, tmp_path / "data", n_train=5, n_query=0)
     out = tmp_path / "run"
     proc = _train(tiny_train_opts(tmp_path / "data", out, **{
         "SOLVER.MAX_EPOCHS": 1, "DATALOADER.SKIP_CORRUPT": True, "DATALOADER.DATA_PATH": data_path,
-        "DATALOADER.CACHE_DIR": tmp_path / "cache"}))
+        "DATALOADER.CACHE_DIR": tmp_path / "cache"}), capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = (out / "log.txt").read_text()
     assert "skipping 5 unreadable training images" in log and (out / "results.json").is_file()
     assert len((out / LIST_NAME).read_text().splitlines()) == 5
 
 
-def test_a_file_gone_bad_in_a_worker_is_reraised_as_itself(tiny_synthetic_root, tmp_path):
+def test_a_file_gone_bad_in_a_worker_is_reraised_as_itself(tiny_synthetic_root, tmp_path, capsys):
     path = tmp_path / "late.jpg"
     path.write_bytes(_jpeg(tiny_synthetic_root)[:300])
     loader = DataLoader(ImageDataset([(str(path), 0, 0)]), num_workers=1)
@@ -105,7 +105,7 @@ def test_a_file_gone_bad_in_a_worker_is_reraised_as_itself(tiny_synthetic_root, 
     # Through the CLI, with the pre-check off: one line, exit 2.
     _corrupt_copy(tiny_synthetic_root, tmp_path / "data", n_train=10_000, n_query=0)  # the first batch fails
     proc = _train(tiny_train_opts(tmp_path / "data", tmp_path / "run", **{
-        "SOLVER.MAX_EPOCHS": 1, "DATALOADER.CHECK_IMAGES": "off", "DATALOADER.NUM_WORKERS": 1}))
+        "SOLVER.MAX_EPOCHS": 1, "DATALOADER.CHECK_IMAGES": "off", "DATALOADER.NUM_WORKERS": 1}), capsys)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot decode image")
     assert "Traceback" not in proc.stderr and "Caught" not in proc.stderr
 
