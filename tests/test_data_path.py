@@ -49,6 +49,9 @@ def test_batched_path_equals_the_seeded_pil_path_pixel_for_pixel(tiny_synthetic_
     got = augment(torch.from_numpy(np.array(cache.images)), params)
     assert got.dtype == torch.float32 and got.shape == expected.shape == (48, 3, 64, 32)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # The GPU's one-gather flip + crop and the CPU's per-image slicing agree exactly.
+    raw = torch.from_numpy(np.array(cache.images))
+    assert torch.equal(augment._flip_crop_gather(raw, params), augment._flip_crop_loop(raw, params))
     # Not a vacuous comparison: the decisions vary over the batch.
     assert 0 < int(params.flip.sum()) < 48
     assert len(set(params.top.tolist())) > 3 and len(set(params.left.tolist())) > 3
