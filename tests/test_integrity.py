@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from _train_utils import tiny_train_opts
 from torch.utils.data import DataLoader
 
