@@ -87,7 +87,12 @@ class Trainer:
         from strongreid.data.splits import load_splits
         from strongreid.losses import build_loss
         from strongreid.modeling import build_model
-        from strongreid.solver import build_scheduler, make_center_optimizer, make_optimizer
+        from strongreid.solver import (
+            build_iteration_lr,
+            build_scheduler,
+            make_center_optimizer,
+            make_optimizer,
+        )
 
         self.cfg = cfg
         self.device = select_device(cfg)
@@ -129,13 +134,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = build_loss(cfg, self.num_classes, model.feat_dim).to(self.device)
         self.triplet_gather = (D.world_switch(cfg.SOLVER.TRIPLET_GATHER, self.dist.world_size)
-                               and self.loss_fn.triplet is not None)
+                               and len(self.loss_fn.metrics) > 0)
         solver_cfg = scale_lr(cfg)
         self.optimizer = make_optimizer(solver_cfg, model)
         self.center_optimizer = (
             make_center_optimizer(solver_cfg, self.loss_fn.center) if self.loss_fn.center is not None else None
         )
         self.scheduler = build_scheduler(solver_cfg, self.optimizer)
+        # SOLVER.LR_STEP_UNIT 'iter'/'warmup' (issue 14): the lr also moves within the epoch.
+        self.iter_lr = build_iteration_lr(cfg, self.scheduler, len(self.loader))
         self.start_epoch = 0
         self.best_map = -1.0
         self.last_eval: dict[str, Any] | None = None
@@ -271,6 +278,8 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        from strongreid.modeling.layumi import class_scores, logits_to_float  # PCB: part logits
+
         cfg = self.cfg
         self.train_model.train()
         sampler = getattr(self.loader, "batch_sampler", None)
@@ -298,15 +307,17 @@ class Trainer:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = pids.to(self.device, non_blocking=True)
+            if self.iter_lr is not None:
+                lr = self.iter_lr(epoch - 1, it - 1)
             self.optimizer.zero_grad(set_to_none=True)
             if self.center_optimizer is not None:
                 self.center_optimizer.zero_grad(set_to_none=True)
             with autocast(self.device, self.amp_dtype):
                 logits, feats = self.train_model(images)
             # Losses in fp32: the triplet distances and center terms lose too much in bf16.
-            terms, loss = self._losses(logits.float(), feats.float(), targets)
+            terms, loss = self._losses(logits_to_float(logits), feats.float(), targets)
             with torch.no_grad():
-                acc = (logits.argmax(1) == targets).float().mean()
+                acc = (class_scores(logits).argmax(1) == targets).float().mean()
                 # One small collective per step: the logged numbers are means over all ranks, and
                 # a NaN on any rank stops every rank here (not in a collective that never returns).
                 values = D.all_reduce_mean_(torch.stack([v.detach().float() for v in terms.values()] + [acc]))
@@ -362,8 +373,9 @@ class Trainer:
                 targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The weighted loss terms (what is logged) and the loss to back-propagate.
 
-        They differ only with SOLVER.TRIPLET_GATHER under torchrun: the triplet term is mined over
-        the global batch (every rank computes the same value), but the gathered features carry
+        They differ only with SOLVER.TRIPLET_GATHER under torchrun: the triplet term (and every
+        other metric term) is mined over the global batch (every rank computes the same value),
+        but the gathered features carry
         gradient only to this rank's slice, and DDP averages gradients over the W ranks, so the
         term is back-propagated W times over to give the single-process gradient. The ID and
         center terms stay per-rank means, whose DDP average is the global mean.
@@ -372,16 +384,10 @@ class Trainer:
         if not self.triplet_gather:
             terms = lf(logits, feats, targets)
             return terms, terms["total"]
-        terms: dict[str, torch.Tensor] = {}
-        if lf.id_loss is not None:
-            terms["id"] = lf.id_weight * lf.id_loss(logits, targets)
-        all_feats = D.all_gather_with_grad(feats)
-        all_targets = D.all_gather_with_grad(targets)
-        terms["triplet"] = lf.triplet_weight * lf.triplet(all_feats, all_targets)
-        if lf.center is not None:
-            terms["center"] = lf.center_weight * lf.center(feats, targets)
-        terms["total"] = torch.stack(list(terms.values())).sum()
-        return terms, terms["total"] + (self.dist.world_size - 1) * terms["triplet"]
+        gathered = (D.all_gather_with_grad(feats), D.all_gather_with_grad(targets))
+        terms = lf(logits, feats, targets, gathered=gathered)
+        pair_total = torch.stack([terms[k] for k in lf.metrics]).sum()
+        return terms, terms["total"] + (self.dist.world_size - 1) * pair_total
 
     def _center_step(self) -> None:
         center = self.loss_fn.center
@@ -402,8 +408,26 @@ class Trainer:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _validate(self, epoch: int) -> None:
+        """DATASETS.VALIDATION: loss and top-1 error of the held-out images, on rank 0."""
+        if not self.splits.val or not self.dist.is_main:
+            return
+        from strongreid.data import build_test_loader
+        from strongreid.engine.validation import validation_metrics
+
+        if not hasattr(self, "_val_loader"):
+            self._val_loader = build_test_loader(self.cfg, self.splits.val)
+        val = validation_metrics(self.model, self._val_loader, self.device, self.amp_dtype)
+        self._log(f"epoch {epoch} validation: loss {val['val_loss']:.4f}, top-1 error "
+                  f"{100 * val['val_error']:.2f}% ({val['val_images']} images)")
+        self._append_metrics({"type": "val", "epoch": epoch, **val})
+        if self.tb is not None:
+            self.tb.add_scalar("val/loss", val["val_loss"], epoch)
+            self.tb.add_scalar("val/error", val["val_error"], epoch)
+
     def evaluate(self, epoch: int) -> dict[str, Any] | None:
-        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device)
+        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device,
+                                   multi_query=self.splits.multi_query)
         if evaluated is None:
             return None
         res = evaluated["results"]["plain"].to_dict()
@@ -434,6 +458,7 @@ class Trainer:
             self._sync_buffers()
             self._append_metrics({"type": "train", "epoch": epoch, **stats})
             self._log(f"epoch {epoch} done in {stats['time']:.1f} s ({stats['images_per_s']:.1f} img/s)")
+            self._validate(epoch)
             do_eval = epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == max_epochs
             evaluated = self.evaluate(epoch) if do_eval else None
             self._save(epoch, evaluated is not None)
