@@ -63,7 +63,11 @@ def _turbojpeg_handle():
 
 def _turbojpeg(blob: bytes) -> np.ndarray:
     handle, rgb = _turbojpeg_handle()
-    return handle.decode(blob, pixel_format=rgb)
+    # PyTurboJPEG reports libjpeg-turbo's recoverable errors (a truncated file: "Premature end of
+    # JPEG file") as warnings and returns a grey-filled image; they must fail like Pillow does.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return handle.decode(blob, pixel_format=rgb)
 
 
 _FUNCS = {"pil": _pil, "torchvision": _torchvision, "simplejpeg": _simplejpeg, "turbojpeg": _turbojpeg}
