@@ -77,7 +77,7 @@ def test_train_names_every_unreadable_image_at_once(tiny_synthetic_root, tmp_pat
     # SKIP_CORRUPT skips training images only: the bad query image still stops the run.
     proc = _train(tiny_train_opts(tmp_path / "data", out, **{"SOLVER.MAX_EPOCHS": 1, "DATALOADER.SKIP_CORRUPT": True}), capsys)
     assert proc.returncode == 2 and proc.stderr.startswith("error: 1 of ")
-    assert "query and gallery images are never skipped" in proc.stderr
+    assert "query, gallery and validation images are never skipped" in proc.stderr
 
 
 @pytest.mark.parametrize("data_path", ["pil", "device"])
