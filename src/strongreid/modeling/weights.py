@@ -167,6 +167,12 @@ def fetch_published_weights(backbone: nn.Module) -> tuple[dict[str, torch.Tensor
             f"no published ImageNet weights are known for {arch}: set MODEL.PRETRAIN_PATH to a "
             "weight file, or MODEL.PRETRAIN_CHOICE 'none' for random initialisation"
         )
+    if kind == "manual":  # published, but only behind a page no HTTP client can fetch from
+        raise StrongReIDError(
+            f"the ImageNet weights of {arch} cannot be downloaded automatically: get {ident}, "
+            "then set MODEL.PRETRAIN_PATH to the file (or MODEL.PRETRAIN_CHOICE 'none' for "
+            "random initialisation)"
+        )
     where = {"torchvision": f"torchvision {ident} IMAGENET1K_V1", "url": ident,
              "timm": f"timm {ident}"}[kind]
     try:
