@@ -4,6 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from yacs.config import CfgNode
+
+
+def model_cfg(**overrides) -> CfgNode:
+    """Defaults with a random-init ResNet-18; overrides as SECTION__KEY=value."""
+    from strongreid.config import get_cfg_defaults
+
+    cfg = get_cfg_defaults()
+    cfg.MODEL.NAME = "resnet18"
+    cfg.MODEL.PRETRAIN_CHOICE = "none"
+    for key, value in overrides.items():
+        section, leaf = key.split("__")
+        cfg[section][leaf] = value
+    return cfg
+
 
 def tiny_train_opts(root: Path, out: Path, **overrides) -> list[str]:
     """KEY VALUE overrides for a seconds-long CPU run on the tiny synthetic dataset."""

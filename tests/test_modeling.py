@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from _train_utils import model_cfg
 
-from strongreid.config import get_cfg_defaults
 from strongreid.errors import CheckpointError, ConfigError, StrongReIDError
 from strongreid.modeling import (
     BACKBONES,
@@ -33,14 +33,7 @@ ORIGINAL_NAMES = [
 ]
 
 
-def _cfg(**overrides):
-    cfg = get_cfg_defaults()
-    cfg.MODEL.NAME = "resnet18"
-    cfg.MODEL.PRETRAIN_CHOICE = "none"
-    for key, value in overrides.items():
-        section, leaf = key.split("__")
-        cfg[section][leaf] = value
-    return cfg
+_cfg = model_cfg
 
 
 def _meta_map(name: str, last_stride: int, size=(256, 128)) -> tuple[nn.Module, torch.Size]:

@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--out", default=None, help="folder for the PNGs (default RESULTS/viz)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--query", action="extend", nargs="+", default=None, metavar="N|FILE",
+                   help="draw only these queries: 0-based index or image file name (several "
+                        "allowed, as layumi's demo.py --query_index)")
     p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser("report", help="one static HTML page of a run")

@@ -27,6 +27,10 @@ _C.MODEL.PRETRAIN_PATH = ""
 _C.MODEL.PRETRAIN_CHOICE = "imagenet"
 # 'bnneck' | 'no'
 _C.MODEL.NECK = "bnneck"
+# extension: the format of TEST.WEIGHT / FeatureExtractor weights: 'auto' (detected from the keys),
+# 'strongreid', or a registered foreign format (strongreid.modeling.formats.CHECKPOINT_FORMATS).
+# Checked when a checkpoint is loaded, since formats register themselves below the config.
+_C.MODEL.CHECKPOINT_FORMAT = "auto"
 # 'yes' | 'no' (YAML booleans accepted)
 _C.MODEL.IF_WITH_CENTER = "no"
 # 'triplet' | 'center' | 'triplet_center'
@@ -38,8 +42,10 @@ _C.MODEL.LABEL_SMOOTH_EPSILON = 0.1
 # extension: 'avg' (global average pooling, the paper) | 'gem' (generalised mean)
 _C.MODEL.POOLING = "avg"
 _C.MODEL.GEM_P = 3.0
-# extension: convert BatchNorm to SyncBatchNorm under torchrun
-_C.MODEL.SYNC_BN = False
+# extension: BatchNorm statistics over all ranks under torchrun (SyncBatchNorm on CUDA).
+# 'auto' = on when the world is larger than 1, so torchrun trains the single-process recipe;
+# 'off' keeps per-rank statistics (faster, another recipe) | 'on'
+_C.MODEL.SYNC_BN = "auto"
 # extension: mixed precision. 'auto' = bf16 on a CPU with native bf16 (AMX/AVX512-BF16) and
 # fp16 with GradScaler on CUDA; 'off' | 'bf16' | 'fp16'
 _C.MODEL.AMP = "auto"
@@ -47,6 +53,40 @@ _C.MODEL.AMP = "auto"
 _C.MODEL.CHANNELS_LAST = "auto"
 # extension: wrap the model in torch.compile
 _C.MODEL.COMPILE = False
+# --- extension: loss zoo (docs/losses.md) ----------------------------------------------------
+# MODEL.METRIC_LOSS_TYPE above also takes 'circle', 'contrastive', 'lifted', 'instance', 'wrt'
+# and comma-separated combinations (e.g. 'triplet,circle'; add ',center' with IF_WITH_CENTER).
+# ID loss: 'softmax' (bias-free classifier + CE / label smoothing, the original) | 'arcface' |
+# 'cosface' | 'sphereface' | 'circle' (circle softmax). The margin types replace the classifier
+# with a cosine classifier (same weight key) and add their margin before the cross-entropy.
+_C.MODEL.ID_LOSS_TYPE = "softmax"
+# ArcFace s and additive angular margin m (radians; 0.5 = pytorch-metric-learning's 28.6 degrees)
+_C.MODEL.ARCFACE_SCALE = 64.0
+_C.MODEL.ARCFACE_MARGIN = 0.5
+# CosFace s and additive cosine margin m (pytorch-metric-learning's defaults, as layumi)
+_C.MODEL.COSFACE_SCALE = 64.0
+_C.MODEL.COSFACE_MARGIN = 0.35
+# SphereFace on the normalised feature: scale s, integer angular margin m (layumi: m 4)
+_C.MODEL.SPHEREFACE_SCALE = 30.0
+_C.MODEL.SPHEREFACE_MARGIN = 4
+# Circle softmax (classification circle loss): fast-reid's SBS recipe uses s 64, m 0.35
+_C.MODEL.CIRCLE_SOFTMAX_SCALE = 64.0
+_C.MODEL.CIRCLE_SOFTMAX_MARGIN = 0.35
+# extension (layumi heads, modeling/layumi.py): 'baseline' (BNNeck or not, as MODEL.NECK says)
+# | 'layumi' (layumi's ClassBlock: Linear -> BN -> (LeakyReLU) -> Dropout -> classifier; the
+# test feature is the LINEAR_NUM-d embedding) | 'pcb' (PCB_PARTS horizontal stripes, one
+# ClassBlock each; test feature: the part-normalised concatenation). MODEL.NECK and
+# TEST.NECK_FEAT apply to 'baseline' only.
+_C.MODEL.HEAD = "baseline"
+# ClassBlock embedding width (layumi --linear_num; 0 = no Linear, BN on the backbone feature)
+_C.MODEL.LINEAR_NUM = 512
+# ClassBlock dropout before the classifier (layumi --droprate); PCB's stripe dropout too
+_C.MODEL.DROPRATE = 0.5
+# LeakyReLU(0.1) after the ClassBlock BN (layumi's relu=True; its models use False)
+_C.MODEL.HEAD_RELU = False
+# PCB stripes and the width of each stripe's ClassBlock embedding (layumi: 6 and 256)
+_C.MODEL.PCB_PARTS = 6
+_C.MODEL.PCB_LINEAR_NUM = 256
 
 # ---------------------------------------------------------------------------------------------
 # INPUT
@@ -84,6 +124,16 @@ _C.DATASETS.CUHK03_KIND = "labeled"
 _C.DATASETS.LIST_TRAIN = ""
 _C.DATASETS.LIST_QUERY = ""
 _C.DATASETS.LIST_GALLERY = ""
+# extension, layumi compatibility (docs/coming-from-layumi.md):
+# 'off' | 'first': hold out the first image (path order) of each training identity as a
+# validation split (layumi's val/; the `layumi` dataset uses its own val/ folder); its loss and
+# top-1 error are logged each epoch as {"type": "val"} rows of metrics.jsonl
+_C.DATASETS.VALIDATION = "off"
+# keep the validation images in the training split too (layumi --train_all); the `layumi`
+# dataset reads train_all/ instead of train/
+_C.DATASETS.TRAIN_ALL = False
+# VehicleID test list: 800 | 1600 | 2400 vehicles
+_C.DATASETS.VEHICLEID_TEST_SIZE = 800
 
 # ---------------------------------------------------------------------------------------------
 # DATALOADER
@@ -95,6 +145,19 @@ _C.DATALOADER.SAMPLER = "softmax"
 _C.DATALOADER.NUM_INSTANCE = 16
 # extension: skip images that cannot be decoded (counted and reported) instead of failing
 _C.DATALOADER.SKIP_CORRUPT = False
+# --- extension: data checks and the data path (docs/data-path.md) ---
+# Check every image before training and evaluation, naming all bad files at once:
+# 'header' (format, size, end marker: cheap) | 'full' (decode every image) | 'off'
+_C.DATALOADER.CHECK_IMAGES = "header"
+# JPEG decoder: 'auto' (simplejpeg, then torchvision.io, whichever is installed and decodes to
+# Pillow's exact pixels; else Pillow) | 'pil' | 'torchvision' | 'simplejpeg'
+_C.DATALOADER.JPEG_DECODER = "auto"
+# Training data path: 'pil' (per-image PIL transforms in loader workers, the original) |
+# 'device' (decoded-image cache + batched flip/pad/crop/erasing/normalisation on the training
+# device, with the PIL path's per-image random decisions)
+_C.DATALOADER.DATA_PATH = "pil"
+# Where the 'device' path keeps its uint8 memmap caches; '' = DATASETS.ROOT_DIR/.strongreid_cache
+_C.DATALOADER.CACHE_DIR = ""
 
 # ---------------------------------------------------------------------------------------------
 # SOLVER
@@ -143,8 +206,36 @@ _C.SOLVER.GRAD_CLIP = 0.0
 # extension: multiply BASE_LR by (global batch / SOLVER.LR_REFERENCE_BATCH) (off by default)
 _C.SOLVER.SCALE_LR = False
 _C.SOLVER.LR_REFERENCE_BATCH = 64
-# extension: triplet loss mines over the batches of all ranks (all_gather with gradient)
-_C.SOLVER.TRIPLET_GATHER = False
+# extension: triplet loss mines over the batches of all ranks (all_gather with gradient).
+# 'auto' = on when the world is larger than 1 (the single-process recipe) | 'on' | 'off'
+_C.SOLVER.TRIPLET_GATHER = "auto"
+# --- extension: loss zoo (docs/losses.md); SOLVER.TRIPLET_GATHER gathers every pair loss ------
+# Triplet miner: 'batch_hard' (the original, raw Euclidean distances) | 'multi_similarity'
+# (layumi: pytorch-metric-learning's MultiSimilarityMiner + TripletMarginLoss, normalised
+# features; the margin is SOLVER.MARGIN)
+_C.SOLVER.TRIPLET_MINER = "batch_hard"
+_C.SOLVER.MS_MINER_EPSILON = 0.1
+# Pair-wise circle loss: m and gamma (layumi 0.25 / 32; fast-reid 0.25 / 128); reduction
+# 'anchor' (per-anchor mean: paper, fast-reid, pytorch-metric-learning) | 'batch' (layumi)
+_C.SOLVER.CIRCLE_MARGIN = 0.25
+_C.SOLVER.CIRCLE_GAMMA = 32.0
+_C.SOLVER.CIRCLE_REDUCTION = "anchor"
+_C.SOLVER.CIRCLE_LOSS_WEIGHT = 1.0
+# Contrastive loss on normalised distances (layumi: pos 0, neg 1)
+_C.SOLVER.CONTRASTIVE_POS_MARGIN = 0.0
+_C.SOLVER.CONTRASTIVE_NEG_MARGIN = 1.0
+_C.SOLVER.CONTRASTIVE_LOSS_WEIGHT = 1.0
+# Generalised lifted structure loss on normalised distances (layumi: pos 0, neg 1)
+_C.SOLVER.LIFTED_POS_MARGIN = 0.0
+_C.SOLVER.LIFTED_NEG_MARGIN = 1.0
+_C.SOLVER.LIFTED_LOSS_WEIGHT = 1.0
+# Instance loss: cosine scale gamma (layumi --ins_gamma 32); target 'image' (each image its own
+# class) | 'layumi' (layumi's / pytorch-metric-learning's label-rank target, see docs)
+_C.SOLVER.INSTANCE_GAMMA = 32.0
+_C.SOLVER.INSTANCE_TARGET = "image"
+_C.SOLVER.INSTANCE_LOSS_WEIGHT = 1.0
+# Weighted regularised triplet (AGW): no margin
+_C.SOLVER.WRT_LOSS_WEIGHT = 1.0
 
 # ---------------------------------------------------------------------------------------------
 # TEST
@@ -180,6 +271,13 @@ _C.TEST.MAX_RANK = 50
 _C.TEST.CUHK03_METRIC = False
 # extension: evaluate during training with re-ranking as well
 _C.TEST.EVAL_RE_RANKING = False
+# extension, layumi compatibility (docs/coming-from-layumi.md):
+# multi-query (Market protocol): a query's feature is the mean of the test dataset's
+# multi-query images (Market gt_bbox/, layumi multi-query/) of its identity and camera
+_C.TEST.MULTI_QUERY = False
+# multi-scale test as layumi's --ms: each value s resizes the image by sqrt(s) per side
+# (bicubic) and the features of all scales (and flips) are averaged; [1.0] = one scale
+_C.TEST.MULTI_SCALE = [1.0]
 
 # ---------------------------------------------------------------------------------------------
 # Misc

@@ -20,6 +20,7 @@ import yaml
 from yacs.config import CfgNode
 
 from strongreid.config.defaults import _C
+from strongreid.config.loss_zoo import ID_LOSS_TYPES, check_losses
 from strongreid.errors import ConfigError
 
 logger = logging.getLogger("strongreid")
@@ -31,6 +32,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
     "MODEL.NECK": ("bnneck", "no"),
     "MODEL.CHANNELS_LAST": ("on", "off"),
+    "MODEL.SYNC_BN": ("on", "off"),
+    "SOLVER.TRIPLET_GATHER": ("on", "off"),
     "TEST.RE_RANKING": ("yes", "no"),
     "TEST.FEAT_NORM": ("yes", "no"),
 }
@@ -43,13 +46,23 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "MODEL.NECK": ("bnneck", "no"),
     "MODEL.IF_WITH_CENTER": ("yes", "no"),
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
-    "MODEL.METRIC_LOSS_TYPE": ("triplet", "center", "triplet_center"),
+    # loss zoo; MODEL.METRIC_LOSS_TYPE (comma-separated terms) is checked in config/loss_zoo.py
+    "MODEL.ID_LOSS_TYPE": ID_LOSS_TYPES,
+    "SOLVER.TRIPLET_MINER": ("batch_hard", "multi_similarity"),
+    "SOLVER.CIRCLE_REDUCTION": ("anchor", "batch"),
+    "SOLVER.INSTANCE_TARGET": ("image", "layumi"),
     "MODEL.POOLING": ("avg", "gem"),
+    "MODEL.HEAD": ("baseline", "layumi", "pcb"),
     "MODEL.AMP": ("auto", "off", "bf16", "fp16"),
     "MODEL.CHANNELS_LAST": ("auto", "on", "off"),
+    "MODEL.SYNC_BN": ("auto", "on", "off"),
+    "SOLVER.TRIPLET_GATHER": ("auto", "on", "off"),
     "INPUT.RE_FILL": ("original", "zero", "random"),
     "DATASETS.CUHK03_KIND": ("labeled", "detected"),
     "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
+    "DATALOADER.CHECK_IMAGES": ("header", "full", "off"),
+    "DATALOADER.JPEG_DECODER": ("auto", "pil", "torchvision", "simplejpeg"),
+    "DATALOADER.DATA_PATH": ("pil", "device"),
     "SOLVER.OPTIMIZER_NAME": (
         "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta",
     ),
@@ -61,6 +74,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "TEST.METRIC": ("euclidean", "cosine"),
     "TEST.AP": ("plain", "trapezoid"),
     "TEST.UNMATCHED": ("skip", "fail"),
+    "DATASETS.VALIDATION": ("off", "first"),
 }
 
 # Keys the original defines but never reads. Old ymls set them; we accept and ignore them.
@@ -154,6 +168,9 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         if isinstance(value, str):
             return value
         raise bad("a dataset name or a list of names")
+
+    if key == "MODEL.METRIC_LOSS_TYPE" and isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))  # a YAML list of terms combines them
 
     if key in NULLABLE_KEYS and (value is None or (isinstance(value, str)
                                                    and value.strip().lower() in {"none", "null", "~", ""})):
@@ -364,31 +381,15 @@ def validate(cfg: CfgNode) -> None:
     if steps != sorted(steps):
         raise ConfigError(f"SOLVER.STEPS = {steps} must be increasing epoch numbers.")
 
-    sampler = cfg.DATALOADER.SAMPLER
-    center = flag(cfg.MODEL.IF_WITH_CENTER)
-    loss_type = cfg.MODEL.METRIC_LOSS_TYPE
-    if center:
-        if loss_type == "triplet":
-            raise ConfigError(
-                "MODEL.IF_WITH_CENTER 'yes' needs MODEL.METRIC_LOSS_TYPE 'center' or "
-                "'triplet_center', not 'triplet' (or set IF_WITH_CENTER 'no')."
-            )
-        if cfg.SOLVER.CENTER_LOSS_WEIGHT <= 0:
-            raise ConfigError(
-                f"SOLVER.CENTER_LOSS_WEIGHT = {cfg.SOLVER.CENTER_LOSS_WEIGHT} must be positive "
-                "with center loss (its gradient is rescaled by 1/weight)."
-            )
-        if loss_type == "triplet_center" and sampler == "softmax":
-            raise ConfigError(
-                "MODEL.METRIC_LOSS_TYPE 'triplet_center' mines hard triplets, which needs the P x K "
-                "identity sampler: set DATALOADER.SAMPLER 'softmax_triplet' (the shuffled 'softmax' "
-                "loader gives batches with unequal images per identity)."
-            )
-    elif sampler != "softmax" and loss_type != "triplet":
+    check_losses(cfg)  # loss zoo: terms, combinations, weights (config/loss_zoo.py)
+    if cfg.MODEL.ID_LOSS_TYPE != "softmax" and cfg.MODEL.HEAD != "baseline":
         raise ConfigError(
-            f"MODEL.METRIC_LOSS_TYPE {loss_type!r} needs MODEL.IF_WITH_CENTER 'yes'; with "
-            f"IF_WITH_CENTER 'no' and DATALOADER.SAMPLER {sampler!r} use METRIC_LOSS_TYPE 'triplet'."
+            f"MODEL.ID_LOSS_TYPE {cfg.MODEL.ID_LOSS_TYPE!r} replaces the BNNeck classifier with a "
+            f"cosine classifier and needs MODEL.HEAD 'baseline' (now {cfg.MODEL.HEAD!r}); with "
+            "layumi's heads keep MODEL.ID_LOSS_TYPE softmax and add a metric loss "
+            "(MODEL.METRIC_LOSS_TYPE, e.g. 'circle')."
         )
+    sampler = cfg.DATALOADER.SAMPLER
     if sampler != "softmax":
         k = cfg.DATALOADER.NUM_INSTANCE
         if cfg.SOLVER.IMS_PER_BATCH % k:
@@ -402,9 +403,39 @@ def validate(cfg: CfgNode) -> None:
                 f"SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE = {cfg.SOLVER.IMS_PER_BATCH // k}: "
                 "triplet mining needs at least 2 identities per batch."
             )
+    _check_layumi_keys(cfg)
     if cfg.MODEL.PRETRAIN_CHOICE == "self" and not cfg.MODEL.PRETRAIN_PATH:
         raise ConfigError("MODEL.PRETRAIN_CHOICE 'self' needs MODEL.PRETRAIN_PATH (a strongreid checkpoint).")
     _check_model_name(cfg.MODEL.NAME)
+    _check_layumi_head(cfg)
+
+
+def _check_layumi_head(cfg: CfgNode) -> None:
+    # layumi heads / PCB (modeling/layumi.py)
+    m = cfg.MODEL
+    if m.LINEAR_NUM < 0:
+        raise ConfigError(f"MODEL.LINEAR_NUM = {m.LINEAR_NUM} must be >= 0 (0: no embedding Linear).")
+    if m.PCB_LINEAR_NUM < 0:
+        raise ConfigError(f"MODEL.PCB_LINEAR_NUM = {m.PCB_LINEAR_NUM} must be >= 0.")
+    if not 0.0 <= m.DROPRATE < 1.0:
+        raise ConfigError(f"MODEL.DROPRATE = {m.DROPRATE} must lie in [0, 1).")
+    if m.PCB_PARTS < 1:
+        raise ConfigError(f"MODEL.PCB_PARTS = {m.PCB_PARTS} must be at least 1 (PCB uses 6).")
+
+
+def _check_layumi_keys(cfg: CfgNode) -> None:
+    # The keys of docs/coming-from-layumi.md.
+    if cfg.DATASETS.VEHICLEID_TEST_SIZE not in (800, 1600, 2400):
+        raise ConfigError(
+            f"DATASETS.VEHICLEID_TEST_SIZE = {cfg.DATASETS.VEHICLEID_TEST_SIZE} is not allowed; "
+            "choose one of 800, 1600, 2400 (the official VehicleID test lists)."
+        )
+    scales = list(cfg.TEST.MULTI_SCALE)
+    if not scales or any(float(s) <= 0 for s in scales):
+        raise ConfigError(
+            f"TEST.MULTI_SCALE = {scales}: give one or more positive scales, e.g. [1.0, 1.1] "
+            "(layumi's --ms 1,1.1); [1.0] tests at INPUT.SIZE_TEST only."
+        )
 
 
 def _check_dataset_names(names: list[str]) -> None:
@@ -473,6 +504,18 @@ def save_config(cfg: CfgNode, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(dump_config(cfg))
     os.replace(tmp, path)
+
+
+def with_overrides(cfg: CfgNode, overrides: dict[str, Any], source: str) -> CfgNode:
+    """A validated, frozen copy of `cfg` with dotted keys set (e.g. what a foreign checkpoint
+    implies about the model); `source` names who asked, for error messages."""
+    out = cfg.clone()
+    out.defrost()
+    for key, value in overrides.items():
+        _set(out, key, value, source)
+    validate(out)
+    out.freeze()
+    return out
 
 
 def config_from_text(text: str) -> CfgNode:

@@ -63,13 +63,14 @@ class InferenceModel(nn.Module):
         return f
 
 
-def build_inference_model(cfg: CfgNode, weights: str | os.PathLike) -> InferenceModel:
-    """The fp32 CPU inference model of a checkpoint, as the config's TEST keys define it."""
+def build_inference_model(cfg: CfgNode, weights: str | os.PathLike) -> tuple[InferenceModel, CfgNode]:
+    """The fp32 CPU inference model of a checkpoint, as the config's TEST keys define it, and the
+    config it was built with (a foreign checkpoint sets its input size and pixel statistics)."""
     from strongreid.config import flag
-    from strongreid.deploy.extractor import load_inference_model
+    from strongreid.modeling.loading import load_inference_model
 
-    model = load_inference_model(cfg, weights)
-    return InferenceModel(model, bool(cfg.TEST.FLIP_AUG), flag(cfg.TEST.FEAT_NORM)).eval()
+    model, cfg, _ = load_inference_model(cfg, weights)
+    return InferenceModel(model, bool(cfg.TEST.FLIP_AUG), flag(cfg.TEST.FEAT_NORM)).eval(), cfg
 
 
 def export_metadata(cfg: CfgNode, model: InferenceModel) -> dict[str, str]:
@@ -190,7 +191,7 @@ def _export_safetensors(model: InferenceModel, out: Path, meta: dict[str, str]) 
 
 
 def _run_safetensors(cfg: CfgNode, out: Path) -> Callable[[torch.Tensor], np.ndarray]:
-    rebuilt = build_inference_model(cfg, out)
+    rebuilt, _ = build_inference_model(cfg, out)
 
     def run(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -217,7 +218,7 @@ def export_model(cfg: CfgNode, fmt: str, out: str | os.PathLike,
         raise StrongReIDError(
             "ONNX export needs the onnx and onnxruntime packages: pip install 'strongreid[deploy]'"
         )
-    model = build_inference_model(cfg, weights)
+    model, cfg = build_inference_model(cfg, weights)
     meta = export_metadata(cfg, model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,7 @@ class Trainer:
 
     def __init__(self, cfg: CfgNode, resume: bool | str = False) -> None:
         from strongreid.data import build_train_loader
+        from strongreid.data.integrity import check_splits
         from strongreid.data.splits import load_splits
         from strongreid.losses import build_loss
         from strongreid.modeling import build_model
@@ -110,10 +111,13 @@ class Trainer:
 
         self.splits = load_splits(cfg)
         self.num_classes = self.splits.num_classes
+        # Every unreadable image named before anything trains (data/integrity.py).
+        unreadable = check_splits(cfg, self.splits, write_list=self.dist.is_main)
         self.loader = build_train_loader(cfg, self.splits.train, rank=self.dist.rank,
-                                         world_size=self.dist.world_size)
+                                         world_size=self.dist.world_size, device=self.device,
+                                         known_corrupt=unreadable)
         model = build_model(cfg, self.num_classes)
-        self.sync_bn = bool(cfg.MODEL.SYNC_BN) and self.dist.enabled
+        self.sync_bn = D.world_switch(cfg.MODEL.SYNC_BN, self.dist.world_size)
         if self.sync_bn:
             model = D.convert_sync_batchnorm(model, self.device)
         self.channels_last = use_channels_last(cfg.MODEL.CHANNELS_LAST, self.device)
@@ -124,8 +128,8 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = build_loss(cfg, self.num_classes, model.feat_dim).to(self.device)
-        self.triplet_gather = (bool(cfg.SOLVER.TRIPLET_GATHER) and self.dist.enabled
-                               and self.loss_fn.triplet is not None)
+        self.triplet_gather = (D.world_switch(cfg.SOLVER.TRIPLET_GATHER, self.dist.world_size)
+                               and len(self.loss_fn.metrics) > 0)
         solver_cfg = scale_lr(cfg)
         self.optimizer = make_optimizer(solver_cfg, model)
         self.center_optimizer = (
@@ -160,10 +164,11 @@ class Trainer:
             len(self.loader), self.device, self.amp_dtype, self.channels_last, self.dist.world_size,
         )
         if self.dist.enabled:
-            logger.info("distributed: %d ranks x %d images (global batch %d), SyncBN %s, triplet over %s",
+            logger.info("distributed: %d ranks x %d images (global batch %d), SyncBN %s (MODEL.SYNC_BN %s), "
+                        "triplet over %s (SOLVER.TRIPLET_GATHER %s)",
                         self.dist.world_size, D.local_batch_size(cfg, self.dist.world_size),
-                        cfg.SOLVER.IMS_PER_BATCH, "on" if self.sync_bn else "off",
-                        "all ranks" if self.triplet_gather else "each rank's batch")
+                        cfg.SOLVER.IMS_PER_BATCH, "on" if self.sync_bn else "off", cfg.MODEL.SYNC_BN,
+                        "all ranks" if self.triplet_gather else "each rank's batch", cfg.SOLVER.TRIPLET_GATHER)
 
     def _agree_on_resume(self) -> bool:
         """Resume when every rank sees last.pt, start afresh when none does; anything else means
@@ -266,6 +271,8 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        from strongreid.modeling.layumi import class_scores, logits_to_float  # PCB: part logits
+
         cfg = self.cfg
         self.train_model.train()
         sampler = getattr(self.loader, "batch_sampler", None)
@@ -299,9 +306,9 @@ class Trainer:
             with autocast(self.device, self.amp_dtype):
                 logits, feats = self.train_model(images)
             # Losses in fp32: the triplet distances and center terms lose too much in bf16.
-            terms, loss = self._losses(logits.float(), feats.float(), targets)
+            terms, loss = self._losses(logits_to_float(logits), feats.float(), targets)
             with torch.no_grad():
-                acc = (logits.argmax(1) == targets).float().mean()
+                acc = (class_scores(logits).argmax(1) == targets).float().mean()
                 # One small collective per step: the logged numbers are means over all ranks, and
                 # a NaN on any rank stops every rank here (not in a collective that never returns).
                 values = D.all_reduce_mean_(torch.stack([v.detach().float() for v in terms.values()] + [acc]))
@@ -357,8 +364,9 @@ class Trainer:
                 targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The weighted loss terms (what is logged) and the loss to back-propagate.
 
-        They differ only with SOLVER.TRIPLET_GATHER under torchrun: the triplet term is mined over
-        the global batch (every rank computes the same value), but the gathered features carry
+        They differ only with SOLVER.TRIPLET_GATHER under torchrun: the triplet term (and every
+        other metric term) is mined over the global batch (every rank computes the same value),
+        but the gathered features carry
         gradient only to this rank's slice, and DDP averages gradients over the W ranks, so the
         term is back-propagated W times over to give the single-process gradient. The ID and
         center terms stay per-rank means, whose DDP average is the global mean.
@@ -367,16 +375,10 @@ class Trainer:
         if not self.triplet_gather:
             terms = lf(logits, feats, targets)
             return terms, terms["total"]
-        terms: dict[str, torch.Tensor] = {}
-        if lf.id_loss is not None:
-            terms["id"] = lf.id_weight * lf.id_loss(logits, targets)
-        all_feats = D.all_gather_with_grad(feats)
-        all_targets = D.all_gather_with_grad(targets)
-        terms["triplet"] = lf.triplet_weight * lf.triplet(all_feats, all_targets)
-        if lf.center is not None:
-            terms["center"] = lf.center_weight * lf.center(feats, targets)
-        terms["total"] = torch.stack(list(terms.values())).sum()
-        return terms, terms["total"] + (self.dist.world_size - 1) * terms["triplet"]
+        gathered = (D.all_gather_with_grad(feats), D.all_gather_with_grad(targets))
+        terms = lf(logits, feats, targets, gathered=gathered)
+        pair_total = torch.stack([terms[k] for k in lf.metrics]).sum()
+        return terms, terms["total"] + (self.dist.world_size - 1) * pair_total
 
     def _center_step(self) -> None:
         center = self.loss_fn.center
@@ -397,8 +399,26 @@ class Trainer:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _validate(self, epoch: int) -> None:
+        """DATASETS.VALIDATION: loss and top-1 error of the held-out images, on rank 0."""
+        if not self.splits.val or not self.dist.is_main:
+            return
+        from strongreid.data import build_test_loader
+        from strongreid.engine.validation import validation_metrics
+
+        if not hasattr(self, "_val_loader"):
+            self._val_loader = build_test_loader(self.cfg, self.splits.val)
+        val = validation_metrics(self.model, self._val_loader, self.device, self.amp_dtype)
+        self._log(f"epoch {epoch} validation: loss {val['val_loss']:.4f}, top-1 error "
+                  f"{100 * val['val_error']:.2f}% ({val['val_images']} images)")
+        self._append_metrics({"type": "val", "epoch": epoch, **val})
+        if self.tb is not None:
+            self.tb.add_scalar("val/loss", val["val_loss"], epoch)
+            self.tb.add_scalar("val/error", val["val_error"], epoch)
+
     def evaluate(self, epoch: int) -> dict[str, Any] | None:
-        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device)
+        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device,
+                                   multi_query=self.splits.multi_query)
         if evaluated is None:
             return None
         res = evaluated["results"]["plain"].to_dict()
@@ -429,6 +449,7 @@ class Trainer:
             self._sync_buffers()
             self._append_metrics({"type": "train", "epoch": epoch, **stats})
             self._log(f"epoch {epoch} done in {stats['time']:.1f} s ({stats['images_per_s']:.1f} img/s)")
+            self._validate(epoch)
             do_eval = epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == max_epochs
             evaluated = self.evaluate(epoch) if do_eval else None
             self._save(epoch, evaluated is not None)

@@ -62,19 +62,28 @@ class ReIDModel(nn.Module):
         return feat if self.neck_feat == "after" else global_feat
 
 
-def build_model(cfg: CfgNode, num_classes: int) -> ReIDModel:
-    """ReIDModel from cfg.MODEL, initialised as MODEL.PRETRAIN_CHOICE says."""
+def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
+    """ReIDModel (or MODEL.HEAD's layumi / PCB model) from cfg.MODEL, initialised as MODEL.PRETRAIN_CHOICE says."""
     from strongreid.modeling import weights
 
     backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE)
-    model = ReIDModel(
-        backbone,
-        num_classes,
-        neck=cfg.MODEL.NECK,
-        neck_feat=cfg.TEST.NECK_FEAT,
-        pooling=cfg.MODEL.POOLING,
-        gem_p=cfg.MODEL.GEM_P,
-    )
+    if cfg.MODEL.HEAD != "baseline":  # layumi's ClassBlock or PCB (modeling/layumi.py)
+        from strongreid.modeling.layumi import build_layumi_head
+
+        model: nn.Module = build_layumi_head(cfg, backbone, num_classes)
+    else:
+        model = ReIDModel(
+            backbone,
+            num_classes,
+            neck=cfg.MODEL.NECK,
+            neck_feat=cfg.TEST.NECK_FEAT,
+            pooling=cfg.MODEL.POOLING,
+            gem_p=cfg.MODEL.GEM_P,
+        )
+    if cfg.MODEL.ID_LOSS_TYPE != "softmax":  # loss zoo: margin losses need cosine logits
+        from strongreid.modeling.cosine import use_cosine_classifier
+
+        use_cosine_classifier(model)
     choice = cfg.MODEL.PRETRAIN_CHOICE
     path = cfg.MODEL.PRETRAIN_PATH
     if choice == "imagenet":

@@ -228,6 +228,8 @@ def load_test_weights(model: nn.Module, path: str | Path) -> LoadReport:
     own = model.state_dict()
     targets = {_split_model_key(k): k for k in own}
     report = LoadReport()
+    # The layers sized by the class count (layumi heads / PCB name theirs: modeling/layumi.py).
+    class_layers = tuple(getattr(model, "class_layers", ("classifier.",)))
     to_load: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         part = _split_model_key(key)
@@ -239,7 +241,7 @@ def load_test_weights(model: nn.Module, path: str | Path) -> LoadReport:
                 report.unexpected.append(key)
             continue
         if tuple(tensor.shape) != tuple(own[target].shape):
-            if target.startswith("classifier."):
+            if target.startswith(class_layers):
                 report.skipped.append(key)
             else:
                 report.mismatched.append((key, tuple(tensor.shape), tuple(own[target].shape)))
@@ -249,7 +251,7 @@ def load_test_weights(model: nn.Module, path: str | Path) -> LoadReport:
     report.missing = [
         k for k in own
         if k not in to_load and not k.endswith("num_batches_tracked")
-        and not k.startswith("classifier.")
+        and not k.startswith(class_layers)
     ]
     arch = getattr(model, "arch", type(model).__name__)
     if report.missing or report.unexpected or report.mismatched:
