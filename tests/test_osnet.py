@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from strongreid.config import get_cfg_defaults
-from strongreid.errors import StrongReIDError
+from strongreid.errors import ConfigError, StrongReIDError
 from strongreid.losses import build_loss
 from strongreid.modeling import BACKBONES, build_model, create_backbone, load_backbone_file
 from strongreid.modeling.backbones.osnet import OSNet, WIDTHS, ChannelGate, OSBlock
@@ -72,7 +73,7 @@ def test_every_size_and_variant_is_registered():
 
 @pytest.mark.parametrize("name", sorted(TORCHREID_KEYS))
 def test_parameter_names_are_torchreids(name):
-    sd = create_backbone(name, 2).state_dict()
+    sd = create_backbone(name, 1).state_dict()
     for key, shape in TORCHREID_KEYS[name].items():
         assert tuple(sd[key].shape) == shape, key
     for key in ABSENT.get(name, []):
@@ -85,7 +86,7 @@ def test_parameter_names_are_torchreids(name):
 def test_parameter_counts_match_the_paper(width, published_m):
     # Zhou et al. 2019, Table 4: the counts include the 512-d fc (Linear + BN) after pooling.
     for prefix in ("osnet_", "osnet_ain_"):
-        net = create_backbone(prefix + width, 2)
+        net = create_backbone(prefix + width, 1)
         c = net.feat_dim
         total = sum(p.numel() for p in net.parameters()) + c * 512 + 512 + 2 * 512
         assert round(total / 1e6, 1) == published_m
@@ -93,9 +94,9 @@ def test_parameter_counts_match_the_paper(width, published_m):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_map_shape_and_last_stride(name):
-    # At 256x128: stride 16 (16x8) as published with last stride 2, stride 8 (32x16) with 1.
+    # At 256x128: 16x8 (output stride 16, the published network) with last stride 1, 8x4 with 2.
     with torch.device("meta"):
-        for last_stride, hw in ((2, (16, 8)), (1, (32, 16))):
+        for last_stride, hw in ((1, (16, 8)), (2, (8, 4))):
             net = create_backbone(name, last_stride)
             y = net(torch.empty(2, 3, 256, 128))
             assert tuple(y.shape) == (2, net.feat_dim, *hw)
@@ -103,15 +104,20 @@ def test_map_shape_and_last_stride(name):
     assert net.feat_dim == WIDTHS[width][3]
 
 
-def test_last_stride_one_removes_only_the_last_pool():
-    net = create_backbone("osnet_x0_25", 1)
-    assert isinstance(net.conv3[2][1], nn.Identity)
-    assert isinstance(net.conv2[2][1], nn.AvgPool2d)
-    ain = create_backbone("osnet_ain_x0_25", 1)
-    assert isinstance(ain.pool3[1], nn.Identity) and isinstance(ain.pool2[1], nn.AvgPool2d)
+def test_last_stride_two_pools_the_input_of_conv4():
+    net = create_backbone("osnet_x0_25", 2)
+    assert isinstance(net.last_pool, nn.AvgPool2d) and isinstance(net.conv3[2][1], nn.AvgPool2d)
+    assert isinstance(create_backbone("osnet_ain_x0_25", 1).last_pool, nn.Identity)
+    x = torch.randn(1, 3, 64, 32)
+    one = create_backbone("osnet_x0_25", 1).eval()
     # No parameter depends on the stride: a file of one loads into the other.
-    assert {k: v.shape for k, v in net.state_dict().items()} == {
-        k: v.shape for k, v in create_backbone("osnet_x0_25", 2).state_dict().items()}
+    net.load_state_dict(one.state_dict())
+    net.eval()
+    with torch.no_grad():
+        at_conv3 = one.conv3(one.conv2(one.maxpool(one.conv1(x))))
+        torch.testing.assert_close(net(x), one.conv5(one.conv4(F.avg_pool2d(at_conv3, 2))))
+    with pytest.raises(ConfigError, match="LAST_STRIDE"):
+        create_backbone("osnet_x0_25", 3)
 
 
 def test_channel_gate_exact_value():
@@ -140,15 +146,15 @@ def test_block_sums_the_four_gated_streams():
 
 
 def test_ain_and_ibn_normalise_where_published():
-    ain = OSNet(WIDTHS["x0_25"], 2, "ain")
+    ain = OSNet(WIDTHS["x0_25"], 1, "ain")
     with_in = [[b.IN is not None for b in stage] for stage in (ain.conv2, ain.conv3, ain.conv4)]
     assert with_in == [[True, True], [False, True], [True, False]]
     assert isinstance(ain.conv1.bn, nn.InstanceNorm2d)
-    ibn = OSNet(WIDTHS["x0_25"], 2, "ibn")
+    ibn = OSNet(WIDTHS["x0_25"], 1, "ibn")
     assert [b.IN is not None for b in ibn.conv2[:2]] == [True, True]
     assert all(b.IN is None for b in [*ibn.conv3[:2], *ibn.conv4])
     with pytest.raises(ValueError, match="variant"):
-        OSNet(WIDTHS["x0_25"], 2, "abc")
+        OSNet(WIDTHS["x0_25"], 1, "abc")
 
 
 def _cfg(**overrides):
@@ -161,31 +167,35 @@ def _cfg(**overrides):
     return cfg
 
 
-@pytest.mark.parametrize(("neck", "pooling", "loss"), [
-    ("bnneck", "avg", "triplet_center"), ("no", "gem", "triplet"), ("bnneck", "gem", "softmax"),
+@pytest.mark.parametrize(("head", "neck", "pooling", "loss", "id_loss", "dim"), [
+    ("baseline", "bnneck", "avg", "triplet_center", "softmax", 128),
+    ("baseline", "no", "gem", "triplet", "softmax", 128),
+    ("baseline", "bnneck", "gem", "triplet,circle", "arcface", 128),
+    ("layumi", "bnneck", "avg", "triplet", "softmax", 512),
+    ("torchreid", "bnneck", "avg", "triplet", "softmax", 512),
 ])
-def test_trains_with_heads_and_losses(neck, pooling, loss):
-    cfg = _cfg(MODEL__NAME="osnet_ain_x0_25", MODEL__NECK=neck, MODEL__POOLING=pooling,
-               MODEL__METRIC_LOSS_TYPE=loss,
+def test_trains_with_heads_and_losses(head, neck, pooling, loss, id_loss, dim):
+    cfg = _cfg(MODEL__NAME="osnet_ain_x0_25", MODEL__HEAD=head, MODEL__NECK=neck,
+               MODEL__POOLING=pooling, MODEL__METRIC_LOSS_TYPE=loss, MODEL__ID_LOSS_TYPE=id_loss,
                MODEL__IF_WITH_CENTER="yes" if "center" in loss else "no",
-               DATALOADER__SAMPLER="softmax" if loss == "softmax" else "softmax_triplet")
+               DATALOADER__SAMPLER="softmax_triplet")
     torch.manual_seed(0)
     model = build_model(cfg, 4).train()
     criterion = build_loss(cfg, 4, model.feat_dim)
     x, y = torch.randn(8, 3, 64, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     logits, feat = model(x)
-    assert logits.shape == (8, 4) and feat.shape == (8, 128)
+    assert logits.shape == (8, 4) and feat.shape == (8, dim)
     losses = criterion(logits, feat, y)
     losses["total"].backward()
     assert all(p.grad is not None for p in model.backbone.parameters())
     model.eval()
-    assert model(x).shape == (8, 128)
+    assert model(x).shape == (8, dim)
 
 
 def test_torchreid_imagenet_file_loads_into_the_backbone(tmp_path):
     # torchreid's `osnet_x0_25_imagenet.pth`: the whole classifier's state dict, fc and a
     # 1000-way classifier included; those two are not backbone parts and are skipped.
-    source = create_backbone("osnet_x0_25", 2)
+    source = create_backbone("osnet_x0_25", 1)
     with torch.no_grad():
         for t in source.state_dict().values():
             if t.is_floating_point():
@@ -197,7 +207,7 @@ def test_torchreid_imagenet_file_loads_into_the_backbone(tmp_path):
     path = tmp_path / "osnet_x0_25_imagenet.pth"
     torch.save({f"module.{k}": v for k, v in sd.items()}, path)
     model = build_model(_cfg(MODEL__PRETRAIN_CHOICE="imagenet", MODEL__PRETRAIN_PATH=str(path)), 3)
-    report = load_backbone_file(create_backbone("osnet_x0_25", 1), path)
+    report = load_backbone_file(create_backbone("osnet_x0_25", 2), path)
     assert len(report.skipped) == 6 and not report.missing and not report.unexpected
     for k, v in source.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[k], v), k

@@ -5,6 +5,7 @@ from strongreid.modeling.backbones import (  # noqa: F401  (register)
     osnet,
     resnet,
     resnet_ibn,
+    rsb_resnet,
     timm_models,
 )
 from strongreid.modeling.backbones.base import (

@@ -12,10 +12,12 @@ streams `conv2a`..`conv2d` and puts each transition (1x1 conv + 2x2 average pool
 (`pool2`, `pool3`). torchreid's `fc` (Linear-BN-ReLU to 512) and classifier are head parts, not
 part of this backbone: any strongreid head goes on top of `conv5`.
 
-LAST_STRIDE is the stride of the last downsampling, the transition after `conv3`: 2 is the
-published network (output stride 16: 16x8 maps at 256x128), 1 removes that pool (stride 8) just
-as last stride 1 keeps ResNet's layer4 at layer3's resolution. No parameter depends on it, so
-files load either way.
+LAST_STRIDE follows the contract of every backbone here, 16x8 maps at 256x128 with 1 and 8x4
+with 2. OSNet's last stage (conv4, conv5) already runs at the resolution of the stage before it,
+as a ResNet's layer4 does with last stride 1, so 1 is the published network (output stride 16);
+2 downsamples the input of conv4 by a 2x2 average pool, as OSNet's own transitions do (output
+stride 32, the analogue of ResNet's standard stride). No parameter depends on it: files load
+either way, and torchreid's features are those of LAST_STRIDE 1.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from strongreid.modeling.backbones.base import BACKBONES, apply_last_stride
+from strongreid.modeling.backbones.base import BACKBONES, check_last_stride
 
 TORCHREID_ZOO = "https://kaiyangzhou.github.io/deep-person-reid/MODEL_ZOO"
 
@@ -170,7 +172,7 @@ AIN_PATTERN = ((True, True), (False, True), (True, False))
 
 
 class OSNet(nn.Module):
-    """OSNet feature extractor up to `conv5` (B x C x H/16 x W/16 at last stride 2).
+    """OSNet feature extractor up to `conv5` (B x C x H/16 x W/16 at last stride 1).
 
     `variant`: 'plain', 'ibn' (IN in the stem and after conv2's blocks) or 'ain' (IN in the stem
     and inside the residual of the blocks AIN_PATTERN names).
@@ -193,15 +195,15 @@ class OSNet(nn.Module):
             self.conv3 = self._ain_stage(c1, c2, pattern[1])
             self.pool3 = _transition(c2)
             self.conv4 = self._ain_stage(c2, c3, pattern[2])
-            last = self.pool3
         else:
             ibn = variant == "ibn"
             self.conv2 = nn.Sequential(OSBlock(c0, c1, ibn), OSBlock(c1, c1, ibn), _transition(c1))
             self.conv3 = nn.Sequential(OSBlock(c1, c2), OSBlock(c2, c2), _transition(c2))
             self.conv4 = nn.Sequential(OSBlock(c2, c3), OSBlock(c3, c3))
-            last = self.conv3[-1]
         self.conv5 = ConvBNReLU(c3, c3)
-        apply_last_stride(last, last_stride)
+        check_last_stride(last_stride)
+        # Parameter-free, so not inside conv4 (that would renumber torchreid's conv4.<i> keys).
+        self.last_pool = nn.AvgPool2d(2, stride=2) if last_stride == 2 else nn.Identity()
         self.feat_dim = c3
         self._init_weights()
 
@@ -229,7 +231,7 @@ class OSNet(nn.Module):
         x = self.conv3(x)
         if self.variant == "ain":
             x = self.pool3(x)
-        return self.conv5(self.conv4(x))
+        return self.conv5(self.conv4(self.last_pool(x)))
 
 
 def _register(name: str, width: str, variant: str) -> None:
