@@ -11,7 +11,7 @@ from strongreid.config import get_cfg_defaults
 from strongreid.errors import ConfigError, StrongReIDError
 from strongreid.losses import build_loss
 from strongreid.modeling import BACKBONES, build_model, create_backbone, load_backbone_file
-from strongreid.modeling.backbones.osnet import OSNet, WIDTHS, ChannelGate, OSBlock
+from strongreid.modeling.backbones.osnet import WIDTHS, ChannelGate, OSBlock, OSNet
 
 NAMES = [
     "osnet_x1_0", "osnet_x0_75", "osnet_x0_5", "osnet_x0_25", "osnet_ibn_x1_0",

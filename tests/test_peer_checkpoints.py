@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _train_utils import tiny_train_opts
 
 from strongreid import FeatureExtractor
 from strongreid.cli import main
@@ -19,8 +20,6 @@ from strongreid.errors import CheckpointError
 from strongreid.modeling import create_backbone
 from strongreid.modeling.formats import detect_format
 from strongreid.modeling.loading import load_inference_model
-
-from _train_utils import tiny_train_opts
 
 OPTS = ["MODEL.DEVICE", "cpu", "MODEL.NAME", "resnet18", "MODEL.PRETRAIN_CHOICE", "none",
         "MODEL.AMP", "off", "MODEL.CHANNELS_LAST", "off", "TEST.IMS_PER_BATCH", "4"]
