@@ -121,7 +121,8 @@ def test_layumi_tree_of_all_market_names_has_the_published_statistics(tmp_path, 
     # train/ = 12,936 - 751 val images; query and gallery as Market-1501 (STATS.md).
     assert stats == {"train": {"ids": 751, "images": 12185, "cams": 6},
                      "query": {"ids": 750, "images": 3368, "cams": 6},
-                     "gallery": {"ids": 751, "images": 15913, "cams": 6}}
+                     "gallery": {"ids": 751, "images": 15913, "cams": 6},
+                     "val": {"ids": 751, "images": 751, "cams": 4}}  # first names: c1..c4 only
     assert len(ds.train) == 12936 and len(ds.val) == 751
 
 

@@ -286,3 +286,19 @@ _C.TEST.MULTI_SCALE = [1.0]
 # ---------------------------------------------------------------------------------------------
 # '' means runs/default
 _C.OUTPUT_DIR = ""
+
+# ---------------------------------------------------------------------------------------------
+# extension: fast-reid's BoT differences (issue 14, docs/ablation.md). The defaults are the
+# original's behaviour; configs/demo.yml turns on what the ablation measured to help.
+# ---------------------------------------------------------------------------------------------
+# When the LR schedule moves: 'epoch' (once per epoch, the original), 'iter' (the same warm-up
+# and decay evaluated at the fractional epoch before every iteration), 'warmup' (warm-up per
+# iteration, decay per epoch: fast-reid's WarmupLR + per-epoch lr_sched).
+_C.SOLVER.LR_STEP_UNIT = "epoch"
+# std of the BNNeck classifier's N(0, std^2) weights: 0.001 the original, 0.01 fast-reid
+_C.MODEL.CLASSIFIER_INIT_STD = 0.001
+# zero the scale of the last BN in every residual block (Goyal et al. 2017) when training from
+# random init, so each block starts as the identity; neither the original nor fast-reid do it
+_C.MODEL.ZERO_INIT_RESIDUAL = False
+# resize filter of the train and test transforms: 'bilinear' (the original) | 'bicubic' (fast-reid)
+_C.INPUT.INTERPOLATION = "bilinear"

@@ -58,6 +58,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "MODEL.SYNC_BN": ("auto", "on", "off"),
     "SOLVER.TRIPLET_GATHER": ("auto", "on", "off"),
     "INPUT.RE_FILL": ("original", "zero", "random"),
+    "INPUT.INTERPOLATION": ("bilinear", "bicubic"),
     "DATASETS.CUHK03_KIND": ("labeled", "detected"),
     "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
     "DATALOADER.CHECK_IMAGES": ("header", "full", "off"),
@@ -68,6 +69,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     ),
     "SOLVER.WARMUP_METHOD": ("linear", "constant"),
     "SOLVER.SCHED": ("multistep", "cosine"),
+    "SOLVER.LR_STEP_UNIT": ("epoch", "iter", "warmup"),
     "TEST.RE_RANKING": ("yes", "no"),
     "TEST.NECK_FEAT": ("after", "before"),
     "TEST.FEAT_NORM": ("yes", "no"),
@@ -373,6 +375,11 @@ def validate(cfg: CfgNode) -> None:
         raise ConfigError(f"DATALOADER.NUM_WORKERS = {cfg.DATALOADER.NUM_WORKERS} must be >= 0.")
     if cfg.SOLVER.BASE_LR <= 0:
         raise ConfigError(f"SOLVER.BASE_LR = {cfg.SOLVER.BASE_LR} must be positive.")
+    if cfg.MODEL.CLASSIFIER_INIT_STD <= 0:
+        raise ConfigError(
+            f"MODEL.CLASSIFIER_INIT_STD = {cfg.MODEL.CLASSIFIER_INIT_STD} must be positive "
+            "(0.001 the original, 0.01 fast-reid)."
+        )
     if cfg.SOLVER.MARGIN is not None and cfg.SOLVER.MARGIN < 0:
         raise ConfigError(f"SOLVER.MARGIN = {cfg.SOLVER.MARGIN} must be >= 0 (or None for soft margin).")
     if cfg.SOLVER.WARMUP_ITERS < 0:
@@ -382,13 +389,6 @@ def validate(cfg: CfgNode) -> None:
         raise ConfigError(f"SOLVER.STEPS = {steps} must be increasing epoch numbers.")
 
     check_losses(cfg)  # loss zoo: terms, combinations, weights (config/loss_zoo.py)
-    if cfg.MODEL.ID_LOSS_TYPE != "softmax" and cfg.MODEL.HEAD != "baseline":
-        raise ConfigError(
-            f"MODEL.ID_LOSS_TYPE {cfg.MODEL.ID_LOSS_TYPE!r} replaces the BNNeck classifier with a "
-            f"cosine classifier and needs MODEL.HEAD 'baseline' (now {cfg.MODEL.HEAD!r}); with "
-            "layumi's heads keep MODEL.ID_LOSS_TYPE softmax and add a metric loss "
-            "(MODEL.METRIC_LOSS_TYPE, e.g. 'circle')."
-        )
     sampler = cfg.DATALOADER.SAMPLER
     if sampler != "softmax":
         k = cfg.DATALOADER.NUM_INSTANCE

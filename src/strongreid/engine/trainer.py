@@ -87,7 +87,12 @@ class Trainer:
         from strongreid.data.splits import load_splits
         from strongreid.losses import build_loss
         from strongreid.modeling import build_model
-        from strongreid.solver import build_scheduler, make_center_optimizer, make_optimizer
+        from strongreid.solver import (
+            build_iteration_lr,
+            build_scheduler,
+            make_center_optimizer,
+            make_optimizer,
+        )
 
         self.cfg = cfg
         self.device = select_device(cfg)
@@ -136,6 +141,8 @@ class Trainer:
             make_center_optimizer(solver_cfg, self.loss_fn.center) if self.loss_fn.center is not None else None
         )
         self.scheduler = build_scheduler(solver_cfg, self.optimizer)
+        # SOLVER.LR_STEP_UNIT 'iter'/'warmup' (issue 14): the lr also moves within the epoch.
+        self.iter_lr = build_iteration_lr(cfg, self.scheduler, len(self.loader))
         self.start_epoch = 0
         self.best_map = -1.0
         self.last_eval: dict[str, Any] | None = None
@@ -300,6 +307,8 @@ class Trainer:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = pids.to(self.device, non_blocking=True)
+            if self.iter_lr is not None:
+                lr = self.iter_lr(epoch - 1, it - 1)
             self.optimizer.zero_grad(set_to_none=True)
             if self.center_optimizer is not None:
                 self.center_optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strongreid.engine.runtime import autocast
+from strongreid.modeling.layumi import class_scores, is_part_logits
 
 
 @torch.no_grad()
@@ -33,9 +34,14 @@ def validation_metrics(
             targets = pids.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
                 logits = model(images)[0]
-            logits = logits.float()
-            loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-            wrong += int((logits.argmax(1) != targets).sum())
+            if is_part_logits(logits):  # PCB: the parts' losses add up, as in training
+                parts = [t.float() for t in logits]
+                loss_sum += sum(float(F.cross_entropy(t, targets, reduction="sum")) for t in parts)
+                scores = class_scores(parts)
+            else:
+                scores = logits.float()
+                loss_sum += float(F.cross_entropy(scores, targets, reduction="sum"))
+            wrong += int((scores.argmax(1) != targets).sum())
             count += int(targets.numel())
     finally:
         model.train(was_training)

@@ -24,13 +24,26 @@ class CosineClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+            if x.element_size() < 4:  # bf16/fp16 autocast output; fp64 stays fp64
+                x = x.float()
+            w = self.weight.to(x.dtype)
+            return F.linear(F.normalize(x, dim=1), F.normalize(w, dim=1))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 def use_cosine_classifier(model: nn.Module) -> None:
-    """Swap the model's Linear classifier for a CosineClassifier of the same size."""
-    old = model.classifier
-    model.classifier = CosineClassifier(old.in_features, old.out_features)
+    """Swap every class-count Linear of the model for a CosineClassifier of the same size.
+
+    Those are the modules under the model's `class_layers` prefixes (layumi's ClassBlock
+    `classifier.classifier.0`, PCB's one per part), or ReIDModel's `classifier`.
+    """
+    prefixes = tuple(getattr(model, "class_layers", ("classifier.",)))
+    targets = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and (name + ".").startswith(prefixes)]
+    for name in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, leaf)
+        setattr(parent, leaf, CosineClassifier(old.in_features, old.out_features))

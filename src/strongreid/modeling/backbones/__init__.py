@@ -1,6 +1,7 @@
 """Backbones: `BACKBONES` registry and `create_backbone(name, last_stride)` (also `timm:<name>`)."""
 
 from strongreid.modeling.backbones import (  # noqa: F401  (register)
+    densenet,
     fastreid_resnet,
     osnet,
     resnet,
