@@ -24,6 +24,7 @@ from strongreid.modeling import (
     load_test_weights,
 )
 from strongreid.modeling.backbones import IBN, ResNetIBNa
+from strongreid.modeling.backbones.osnet import WIDTHS as OSNET_WIDTHS
 from strongreid.modeling.weights import canonical_key
 
 ORIGINAL_NAMES = [
@@ -62,7 +63,10 @@ def test_backbone_map_shape_at_256x128(name):
     _, shape2 = _meta_map(name, 2)
     assert tuple(shape1) == (2, backbone.feat_dim, 16, 8)
     assert tuple(shape2) == (2, backbone.feat_dim, 8, 4)
-    expected_dim = 512 if name in ("resnet18", "resnet34") else 2048
+    if name.startswith("osnet_"):  # OSNet's width: the last of its stage widths
+        expected_dim = OSNET_WIDTHS[name.rsplit("_", 2)[-2] + "_" + name.rsplit("_", 1)[-1]][3]
+    else:
+        expected_dim = 512 if name.endswith(("resnet18", "resnet34")) else 2048
     assert backbone.feat_dim == expected_dim
     assert backbone.arch == name
 

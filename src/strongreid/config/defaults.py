@@ -76,9 +76,11 @@ _C.MODEL.CIRCLE_SOFTMAX_MARGIN = 0.35
 # | 'layumi' (layumi's ClassBlock: Linear -> BN -> (LeakyReLU) -> Dropout -> classifier; the
 # test feature is the LINEAR_NUM-d embedding) | 'pcb' (PCB_PARTS horizontal stripes, one
 # ClassBlock each; test feature: the part-normalised concatenation). MODEL.NECK and
-# TEST.NECK_FEAT apply to 'baseline' only.
+# TEST.NECK_FEAT apply to 'baseline' only. 'torchreid' (modeling/torchreid_head.py): torchreid's
+# fc head, Linear(LINEAR_NUM) -> BN -> ReLU (none at LINEAR_NUM 0) -> classifier with bias; the
+# test feature is the fc output.
 _C.MODEL.HEAD = "baseline"
-# ClassBlock embedding width (layumi --linear_num; 0 = no Linear, BN on the backbone feature)
+# ClassBlock / torchreid fc width (layumi --linear_num; 0 = no Linear, BN on the backbone feature)
 _C.MODEL.LINEAR_NUM = 512
 # ClassBlock dropout before the classifier (layumi --droprate); PCB's stripe dropout too
 _C.MODEL.DROPRATE = 0.5

@@ -52,7 +52,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "SOLVER.CIRCLE_REDUCTION": ("anchor", "batch"),
     "SOLVER.INSTANCE_TARGET": ("image", "layumi"),
     "MODEL.POOLING": ("avg", "gem"),
-    "MODEL.HEAD": ("baseline", "layumi", "pcb"),
+    "MODEL.HEAD": ("baseline", "layumi", "pcb", "torchreid"),
     "MODEL.AMP": ("auto", "off", "bf16", "fp16"),
     "MODEL.CHANNELS_LAST": ("auto", "on", "off"),
     "MODEL.SYNC_BN": ("auto", "on", "off"),

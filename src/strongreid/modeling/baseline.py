@@ -68,10 +68,17 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
     from strongreid.modeling.init_options import apply_init_options
 
     backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE)
-    if cfg.MODEL.HEAD != "baseline":  # layumi's ClassBlock or PCB (modeling/layumi.py)
+    if cfg.MODEL.HEAD == "torchreid":  # torchreid's fc head (modeling/torchreid_head.py)
+        from strongreid.modeling.heads import build_pooling
+        from strongreid.modeling.torchreid_head import TorchreidModel
+
+        model: nn.Module = TorchreidModel(backbone, num_classes,
+                                          build_pooling(cfg.MODEL.POOLING, cfg.MODEL.GEM_P),
+                                          fc_dim=cfg.MODEL.LINEAR_NUM)
+    elif cfg.MODEL.HEAD != "baseline":  # layumi's ClassBlock or PCB (modeling/layumi.py)
         from strongreid.modeling.layumi import build_layumi_head
 
-        model: nn.Module = build_layumi_head(cfg, backbone, num_classes)
+        model = build_layumi_head(cfg, backbone, num_classes)
     else:
         model = ReIDModel(
             backbone,

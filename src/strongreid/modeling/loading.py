@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,7 +33,9 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
         raise CheckpointError(f"checkpoint {path} does not exist (check TEST.WEIGHT / MODEL.PRETRAIN_PATH / OUTPUT_DIR)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise pickled_objects_error(path, str(exc)) from None
+    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"cannot read checkpoint {path}: {first}. It is truncated, not a PyTorch file, or holds "
@@ -42,6 +45,33 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def pickled_objects_error(path: Path, message: str) -> CheckpointError:
+    """The one message for a file that pickles code objects, not just tensors.
+
+    torch.load(weights_only=True) names the first class it refused ("Unsupported global: GLOBAL
+    modeling.baseline.Baseline"); reid-strong-baseline's package is `modeling`, and its released
+    models and ignite 0.1.2 checkpoints pickle the whole module.
+    """
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    name = found.group(1) if found else None
+    if name is None or not name.startswith("modeling."):
+        what = f"a pickled {name}" if name else "pickled Python objects"
+        return CheckpointError(
+            f"cannot read checkpoint {path}: it holds {what}, not only tensors, and strongreid "
+            "reads checkpoints with weights_only=True so that no code from a file runs. Load it "
+            "in the project that wrote it and save `model.state_dict()` instead."
+        )
+    return CheckpointError(
+        f"{path} holds a whole pickled reid-strong-baseline model ({name}; its released "
+        "resnet50_model_*.pth and ignite 0.1.2 checkpoints are saved so), which cannot be loaded "
+        "safely: unpickling runs that project's code, and strongreid reads files with "
+        "weights_only=True. Convert it once in a checkout of reid-strong-baseline: python -c "
+        "\"import torch; m = torch.load('FILE', map_location='cpu', weights_only=False); "
+        "torch.save(m.state_dict(), 'FILE_state.pth')\" and give strongreid the new file "
+        "(docs/model-zoo.md)."
+    )
 
 
 def _bare_key(key: str) -> str:

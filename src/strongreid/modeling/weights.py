@@ -92,11 +92,9 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{p} is not a plain state dict ({str(exc).splitlines()[0]}). It may hold a whole "
-            "pickled model (reid-strong-baseline with ignite 0.1.2 saved those): load it in the "
-            "project that wrote it and save `model.state_dict()` instead."
-        ) from None
+        from strongreid.modeling.loading import pickled_objects_error
+
+        raise pickled_objects_error(p, str(exc)) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(f"cannot read {p}: {exc} (truncated or not a PyTorch file?)") from None
     if not isinstance(obj, Mapping):
@@ -166,6 +164,12 @@ def fetch_published_weights(backbone: nn.Module) -> tuple[dict[str, torch.Tensor
         raise StrongReIDError(
             f"no published ImageNet weights are known for {arch}: set MODEL.PRETRAIN_PATH to a "
             "weight file, or MODEL.PRETRAIN_CHOICE 'none' for random initialisation"
+        )
+    if kind == "manual":  # published, but only behind a page no HTTP client can fetch from
+        raise StrongReIDError(
+            f"the ImageNet weights of {arch} cannot be downloaded automatically: get {ident}, "
+            "then set MODEL.PRETRAIN_PATH to the file (or MODEL.PRETRAIN_CHOICE 'none' for "
+            "random initialisation)"
         )
     where = {"torchvision": f"torchvision {ident} IMAGENET1K_V1", "url": ident,
              "timm": f"timm {ident}"}[kind]

@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 # name -> factory(last_stride) returning a module whose forward gives a B x C x H x W map and
 # which exposes `feat_dim` (C), `arch` (the name) and `weights_source` (where published weights
-# come from: ("torchvision", name) | ("url", url) | ("timm", name)).
+# come from: ("torchvision", name) | ("url", url) | ("timm", name) | ("manual", where to get them)).
 BACKBONES: Registry = Registry("backbone")
 
 TIMM_PREFIX = "timm:"
