@@ -62,6 +62,12 @@ _C.MODEL.HEAD_RELU = False
 # PCB stripes and the width of each stripe's ClassBlock embedding (layumi: 6 and 256)
 _C.MODEL.PCB_PARTS = 6
 _C.MODEL.PCB_LINEAR_NUM = 256
+# extension: keyword arguments for timm.create_model of a 'timm:<name>' backbone, as a YAML
+# mapping (in a yml) or its text (on the command line), e.g. {drop_path_rate: 0.2} (layumi's
+# Swin/ConvNeXt), {dynamic_img_size: true}. img_size defaults to INPUT.SIZE_TRAIN for the models
+# that take one (ViT, DeiT, DINO, Swin, SwinV2): they train at ReID sizes, position embeddings
+# of ImageNet weights interpolated.
+_C.MODEL.TIMM_KWARGS = ""
 
 # ---------------------------------------------------------------------------------------------
 # INPUT
@@ -81,6 +87,13 @@ _C.INPUT.RE_SL = 0.02
 _C.INPUT.RE_SH = 0.4
 _C.INPUT.RE_R1 = 0.3
 _C.INPUT.RE_FILL = "original"
+# --- extension: layumi / fast-reid augmentation (data/transforms.py) --------------------------
+# colour jitter first in the train pipeline (layumi --color_jitter) with
+# [brightness, contrast, saturation, hue] (layumi: 0.1, 0.1, 0.1, 0)
+_C.INPUT.COLOR_JITTER = False
+_C.INPUT.CJ_PARAMS = [0.1, 0.1, 0.1, 0.0]
+# probability of torchvision's AutoAugment (ImageNet policy) per image; 0 = off (SBS: 0.1)
+_C.INPUT.AUTOAUG_PROB = 0.0
 
 # ---------------------------------------------------------------------------------------------
 # DATASETS
@@ -160,6 +173,22 @@ _C.SOLVER.SCALE_LR = False
 _C.SOLVER.LR_REFERENCE_BATCH = 64
 # extension: triplet loss mines over the batches of all ranks (all_gather with gradient)
 _C.SOLVER.TRIPLET_GATHER = False
+# --- extension: layumi / fast-reid training options (docs/coming-from-layumi.md) -------------
+# lr multiplier of the backbone's parameters (layumi trains the backbone at 0.1x the head's lr)
+_C.SOLVER.BACKBONE_LR_FACTOR = 1.0
+# Nesterov momentum for SGD (layumi: on)
+_C.SOLVER.NESTEROV = False
+# the backbone trains at lr 0 for the first N epochs (fast-reid SBS's FREEZE_ITERS, in epochs)
+_C.SOLVER.FREEZE_BACKBONE_EPOCHS = 0
+# SCHED 'cosine': hold the base lr for N epochs after warm-up, then the cosine (SBS DELAY_EPOCHS)
+_C.SOLVER.COSINE_DELAY_EPOCHS = 0
+# weight averaging of the model over the last part of training, saved as averaged.pt:
+# 'off' | 'ema' (exponential, decay WA_EMA_DECAY per epoch: layumi --wa, 0.996) | 'swa'
+# (equal-weight mean, torch.optim.swa_utils); BN statistics recomputed on the training set
+_C.SOLVER.WA = "off"
+# first epoch averaged, as a fraction of MAX_EPOCHS (layumi: from 0.8 x total epochs)
+_C.SOLVER.WA_START = 0.8
+_C.SOLVER.WA_EMA_DECAY = 0.996
 
 # ---------------------------------------------------------------------------------------------
 # TEST

@@ -64,9 +64,11 @@ class ReIDModel(nn.Module):
 
 def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
     """ReIDModel (or MODEL.HEAD's layumi / PCB model) from cfg.MODEL, initialised as MODEL.PRETRAIN_CHOICE says."""
+    from strongreid.config.loader import timm_kwargs
     from strongreid.modeling import weights
 
-    backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE)
+    backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE, timm_kwargs(cfg),
+                               img_size=tuple(cfg.INPUT.SIZE_TRAIN))
     if cfg.MODEL.HEAD != "baseline":  # layumi's ClassBlock or PCB (modeling/layumi.py)
         from strongreid.modeling.layumi import build_layumi_head
 
