@@ -117,3 +117,50 @@ def test_imagenet_vit_weights_are_resampled_to_the_reid_grid():
     assert not report.mismatched and "model.pos_embed" in report.loaded
     # The class token's embedding is carried over unchanged.
     assert torch.equal(backbone.model.pos_embed[0, 0], src.pos_embed[0, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# AGW's non-local blocks
+# --------------------------------------------------------------------------------------------
+
+
+def test_non_local_formula():
+    from strongreid.modeling.non_local import NonLocal
+
+    torch.manual_seed(0)
+    nl = NonLocal(4, inter_channels=2)
+    nn_init = torch.nn.init
+    nn_init.normal_(nl.W[1].weight)  # leave the zero init to see the attention term
+    nl.eval()
+    x = torch.randn(2, 4, 3, 2)
+    with torch.no_grad():
+        def conv(c, t):
+            return torch.einsum("oc,bchw->bohw", c.weight[:, :, 0, 0], t) + c.bias.view(1, -1, 1, 1)
+        th, ph, g = (conv(c, x).flatten(2) for c in (nl.theta, nl.phi, nl.g))  # B x I x N
+        att = torch.einsum("bin,bim->bnm", th, ph) / 6  # N = 3 * 2 positions
+        y = torch.einsum("bnm,bim->bin", att, g).reshape(2, 2, 3, 2)
+        expected = x + nl.W[1](conv(nl.W[0], y))
+        assert torch.allclose(nl(x), expected, atol=1e-5)
+
+
+def test_non_local_blocks_sit_where_agw_puts_them():
+    import copy
+
+    cfg = model_cfg(MODEL__NAME="resnet50", MODEL__NON_LOCAL=True)
+    plain = build_model(model_cfg(MODEL__NAME="resnet50"), 3)
+    model = build_model(cfg, 3).eval()
+    with_nl = [n for n, _ in model.named_modules() if n.endswith(".non_local")]
+    assert with_nl == ["backbone.layer2.2.non_local", "backbone.layer2.3.non_local",
+                       "backbone.layer3.3.non_local", "backbone.layer3.4.non_local",
+                       "backbone.layer3.5.non_local"]
+    # The ResNet's own names are unchanged (ImageNet files load); the blocks start as identity.
+    assert set(plain.state_dict()) < set(model.state_dict())
+    model.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain.eval()(x), atol=1e-5)
+        twin = copy.deepcopy(model)
+        torch.nn.init.ones_(twin.backbone.layer3[5].non_local.W[1].weight)
+        assert not torch.allclose(twin(x), model(x))  # the copy runs its own block
+    with pytest.raises(ConfigError, match="MODEL.NON_LOCAL needs a ResNet-style backbone"):
+        build_model(model_cfg(MODEL__NAME="timm:efficientnet_b0", MODEL__NON_LOCAL=True), 3)

@@ -68,6 +68,12 @@ _C.MODEL.PCB_LINEAR_NUM = 256
 # that take one (ViT, DeiT, DINO, Swin, SwinV2): they train at ReID sizes, position embeddings
 # of ImageNet weights interpolated.
 _C.MODEL.TIMM_KWARGS = ""
+# extension: AGW's non-local blocks in a ResNet backbone, after the last NL_LAYERS[k] blocks of
+# layer{k+1} (AGW / fast-reid ResNet-50: [0, 2, 3, 0]); NL_INTER_CHANNELS: the width of theta /
+# phi / g (fast-reid's code: 1; 0 = C/2, the Non-local paper's)
+_C.MODEL.NON_LOCAL = False
+_C.MODEL.NL_LAYERS = [0, 2, 3, 0]
+_C.MODEL.NL_INTER_CHANNELS = 1
 
 # ---------------------------------------------------------------------------------------------
 # INPUT

@@ -443,6 +443,11 @@ def _check_layumi_head(cfg: CfgNode) -> None:
     if m.PCB_PARTS < 1:
         raise ConfigError(f"MODEL.PCB_PARTS = {m.PCB_PARTS} must be at least 1 (PCB uses 6).")
     timm_kwargs(cfg)
+    if len(m.NL_LAYERS) != 4 or any(int(n) < 0 for n in m.NL_LAYERS) or m.NL_INTER_CHANNELS < 0:
+        raise ConfigError(
+            f"MODEL.NL_LAYERS = {list(m.NL_LAYERS)} / NL_INTER_CHANNELS = {m.NL_INTER_CHANNELS}: give "
+            "4 block counts >= 0 (AGW: [0, 2, 3, 0]) and a width >= 0."
+        )
     if cfg.MODEL.TIMM_KWARGS.strip() and not cfg.MODEL.NAME.startswith("timm:"):
         raise ConfigError(
             f"MODEL.TIMM_KWARGS applies to timm backbones ('timm:<name>'), not to MODEL.NAME "

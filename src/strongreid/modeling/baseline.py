@@ -69,6 +69,10 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
 
     backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE, timm_kwargs(cfg),
                                img_size=tuple(cfg.INPUT.SIZE_TRAIN))
+    if cfg.MODEL.NON_LOCAL:  # AGW's non-local blocks (modeling/non_local.py)
+        from strongreid.modeling.non_local import add_non_local
+
+        add_non_local(backbone, list(cfg.MODEL.NL_LAYERS), cfg.MODEL.NL_INTER_CHANNELS)
     if cfg.MODEL.HEAD != "baseline":  # layumi's ClassBlock or PCB (modeling/layumi.py)
         from strongreid.modeling.layumi import build_layumi_head
 
