@@ -74,6 +74,25 @@ _C.MODEL.TIMM_KWARGS = ""
 _C.MODEL.NON_LOCAL = False
 _C.MODEL.NL_LAYERS = [0, 2, 3, 0]
 _C.MODEL.NL_INTER_CHANNELS = 1
+# --- extension: loss zoo (docs/losses.md) ----------------------------------------------------
+# MODEL.METRIC_LOSS_TYPE above also takes 'circle', 'contrastive', 'lifted', 'instance', 'wrt'
+# and comma-separated combinations (e.g. 'triplet,circle'; add ',center' with IF_WITH_CENTER).
+# ID loss: 'softmax' (bias-free classifier + CE / label smoothing, the original) | 'arcface' |
+# 'cosface' | 'sphereface' | 'circle' (circle softmax). The margin types replace the classifier
+# with a cosine classifier (same weight key) and add their margin before the cross-entropy.
+_C.MODEL.ID_LOSS_TYPE = "softmax"
+# ArcFace s and additive angular margin m (radians; 0.5 = pytorch-metric-learning's 28.6 degrees)
+_C.MODEL.ARCFACE_SCALE = 64.0
+_C.MODEL.ARCFACE_MARGIN = 0.5
+# CosFace s and additive cosine margin m (pytorch-metric-learning's defaults, as layumi)
+_C.MODEL.COSFACE_SCALE = 64.0
+_C.MODEL.COSFACE_MARGIN = 0.35
+# SphereFace on the normalised feature: scale s, integer angular margin m (layumi: m 4)
+_C.MODEL.SPHEREFACE_SCALE = 30.0
+_C.MODEL.SPHEREFACE_MARGIN = 4
+# Circle softmax (classification circle loss): fast-reid's SBS recipe uses s 64, m 0.35
+_C.MODEL.CIRCLE_SOFTMAX_SCALE = 64.0
+_C.MODEL.CIRCLE_SOFTMAX_MARGIN = 0.35
 
 # ---------------------------------------------------------------------------------------------
 # INPUT
@@ -195,6 +214,33 @@ _C.SOLVER.WA = "off"
 # first epoch averaged, as a fraction of MAX_EPOCHS (layumi: from 0.8 x total epochs)
 _C.SOLVER.WA_START = 0.8
 _C.SOLVER.WA_EMA_DECAY = 0.996
+# --- extension: loss zoo (docs/losses.md); SOLVER.TRIPLET_GATHER gathers every pair loss ------
+# Triplet miner: 'batch_hard' (the original, raw Euclidean distances) | 'multi_similarity'
+# (layumi: pytorch-metric-learning's MultiSimilarityMiner + TripletMarginLoss, normalised
+# features; the margin is SOLVER.MARGIN)
+_C.SOLVER.TRIPLET_MINER = "batch_hard"
+_C.SOLVER.MS_MINER_EPSILON = 0.1
+# Pair-wise circle loss: m and gamma (layumi 0.25 / 32; fast-reid 0.25 / 128); reduction
+# 'anchor' (per-anchor mean: paper, fast-reid, pytorch-metric-learning) | 'batch' (layumi)
+_C.SOLVER.CIRCLE_MARGIN = 0.25
+_C.SOLVER.CIRCLE_GAMMA = 32.0
+_C.SOLVER.CIRCLE_REDUCTION = "anchor"
+_C.SOLVER.CIRCLE_LOSS_WEIGHT = 1.0
+# Contrastive loss on normalised distances (layumi: pos 0, neg 1)
+_C.SOLVER.CONTRASTIVE_POS_MARGIN = 0.0
+_C.SOLVER.CONTRASTIVE_NEG_MARGIN = 1.0
+_C.SOLVER.CONTRASTIVE_LOSS_WEIGHT = 1.0
+# Generalised lifted structure loss on normalised distances (layumi: pos 0, neg 1)
+_C.SOLVER.LIFTED_POS_MARGIN = 0.0
+_C.SOLVER.LIFTED_NEG_MARGIN = 1.0
+_C.SOLVER.LIFTED_LOSS_WEIGHT = 1.0
+# Instance loss: cosine scale gamma (layumi --ins_gamma 32); target 'image' (each image its own
+# class) | 'layumi' (layumi's / pytorch-metric-learning's label-rank target, see docs)
+_C.SOLVER.INSTANCE_GAMMA = 32.0
+_C.SOLVER.INSTANCE_TARGET = "image"
+_C.SOLVER.INSTANCE_LOSS_WEIGHT = 1.0
+# Weighted regularised triplet (AGW): no margin
+_C.SOLVER.WRT_LOSS_WEIGHT = 1.0
 
 # ---------------------------------------------------------------------------------------------
 # TEST

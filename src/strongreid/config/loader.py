@@ -20,6 +20,7 @@ import yaml
 from yacs.config import CfgNode
 
 from strongreid.config.defaults import _C
+from strongreid.config.loss_zoo import ID_LOSS_TYPES, check_losses
 from strongreid.errors import ConfigError
 
 logger = logging.getLogger("strongreid")
@@ -43,7 +44,11 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "MODEL.NECK": ("bnneck", "no"),
     "MODEL.IF_WITH_CENTER": ("yes", "no"),
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
-    "MODEL.METRIC_LOSS_TYPE": ("triplet", "center", "triplet_center"),
+    # loss zoo; MODEL.METRIC_LOSS_TYPE (comma-separated terms) is checked in config/loss_zoo.py
+    "MODEL.ID_LOSS_TYPE": ID_LOSS_TYPES,
+    "SOLVER.TRIPLET_MINER": ("batch_hard", "multi_similarity"),
+    "SOLVER.CIRCLE_REDUCTION": ("anchor", "batch"),
+    "SOLVER.INSTANCE_TARGET": ("image", "layumi"),
     "MODEL.POOLING": ("avg", "gem"),
     "MODEL.HEAD": ("baseline", "layumi", "pcb"),
     "SOLVER.WA": ("off", "ema", "swa"),
@@ -160,6 +165,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     if key == "MODEL.TIMM_KWARGS" and isinstance(value, dict):
         # Stored as YAML text: yacs values are scalars and lists.
         return yaml.safe_dump(value, default_flow_style=True).strip()
+    if key == "MODEL.METRIC_LOSS_TYPE" and isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))  # a YAML list of terms combines them
 
     if key in NULLABLE_KEYS and (value is None or (isinstance(value, str)
                                                    and value.strip().lower() in {"none", "null", "~", ""})):
@@ -370,31 +377,8 @@ def validate(cfg: CfgNode) -> None:
     if steps != sorted(steps):
         raise ConfigError(f"SOLVER.STEPS = {steps} must be increasing epoch numbers.")
 
+    check_losses(cfg)  # loss zoo: terms, combinations, weights (config/loss_zoo.py)
     sampler = cfg.DATALOADER.SAMPLER
-    center = flag(cfg.MODEL.IF_WITH_CENTER)
-    loss_type = cfg.MODEL.METRIC_LOSS_TYPE
-    if center:
-        if loss_type == "triplet":
-            raise ConfigError(
-                "MODEL.IF_WITH_CENTER 'yes' needs MODEL.METRIC_LOSS_TYPE 'center' or "
-                "'triplet_center', not 'triplet' (or set IF_WITH_CENTER 'no')."
-            )
-        if cfg.SOLVER.CENTER_LOSS_WEIGHT <= 0:
-            raise ConfigError(
-                f"SOLVER.CENTER_LOSS_WEIGHT = {cfg.SOLVER.CENTER_LOSS_WEIGHT} must be positive "
-                "with center loss (its gradient is rescaled by 1/weight)."
-            )
-        if loss_type == "triplet_center" and sampler == "softmax":
-            raise ConfigError(
-                "MODEL.METRIC_LOSS_TYPE 'triplet_center' mines hard triplets, which needs the P x K "
-                "identity sampler: set DATALOADER.SAMPLER 'softmax_triplet' (the shuffled 'softmax' "
-                "loader gives batches with unequal images per identity)."
-            )
-    elif sampler != "softmax" and loss_type != "triplet":
-        raise ConfigError(
-            f"MODEL.METRIC_LOSS_TYPE {loss_type!r} needs MODEL.IF_WITH_CENTER 'yes'; with "
-            f"IF_WITH_CENTER 'no' and DATALOADER.SAMPLER {sampler!r} use METRIC_LOSS_TYPE 'triplet'."
-        )
     if sampler != "softmax":
         k = cfg.DATALOADER.NUM_INSTANCE
         if cfg.SOLVER.IMS_PER_BATCH % k:

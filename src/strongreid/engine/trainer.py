@@ -126,7 +126,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = build_loss(cfg, self.num_classes, model.feat_dim).to(self.device)
         self.triplet_gather = (bool(cfg.SOLVER.TRIPLET_GATHER) and self.dist.enabled
-                               and self.loss_fn.triplet is not None)
+                               and len(self.loss_fn.metrics) > 0)
         solver_cfg = scale_lr(cfg)
         self.optimizer = make_optimizer(solver_cfg, model)
         self.center_optimizer = (
@@ -380,8 +380,9 @@ class Trainer:
                 targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The weighted loss terms (what is logged) and the loss to back-propagate.
 
-        They differ only with SOLVER.TRIPLET_GATHER under torchrun: the triplet term is mined over
-        the global batch (every rank computes the same value), but the gathered features carry
+        They differ only with SOLVER.TRIPLET_GATHER under torchrun: the triplet term (and every
+        other metric term) is mined over the global batch (every rank computes the same value),
+        but the gathered features carry
         gradient only to this rank's slice, and DDP averages gradients over the W ranks, so the
         term is back-propagated W times over to give the single-process gradient. The ID and
         center terms stay per-rank means, whose DDP average is the global mean.
@@ -390,16 +391,10 @@ class Trainer:
         if not self.triplet_gather:
             terms = lf(logits, feats, targets)
             return terms, terms["total"]
-        terms: dict[str, torch.Tensor] = {}
-        if lf.id_loss is not None:
-            terms["id"] = lf.id_weight * lf.id_term(logits, targets)
-        all_feats = D.all_gather_with_grad(feats)
-        all_targets = D.all_gather_with_grad(targets)
-        terms["triplet"] = lf.triplet_weight * lf.triplet(all_feats, all_targets)
-        if lf.center is not None:
-            terms["center"] = lf.center_weight * lf.center(feats, targets)
-        terms["total"] = torch.stack(list(terms.values())).sum()
-        return terms, terms["total"] + (self.dist.world_size - 1) * terms["triplet"]
+        gathered = (D.all_gather_with_grad(feats), D.all_gather_with_grad(targets))
+        terms = lf(logits, feats, targets, gathered=gathered)
+        pair_total = torch.stack([terms[k] for k in lf.metrics]).sum()
+        return terms, terms["total"] + (self.dist.world_size - 1) * pair_total
 
     def _center_step(self) -> None:
         center = self.loss_fn.center

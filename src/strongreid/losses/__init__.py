@@ -3,11 +3,37 @@
 from strongreid.losses.build import ReIDLoss, build_loss
 from strongreid.losses.center import CenterLoss
 from strongreid.losses.classification import CrossEntropyLabelSmooth, CrossEntropyLoss
+from strongreid.losses.instance import InstanceLoss
+from strongreid.losses.margin import (
+    ArcFaceLogits,
+    CircleSoftmaxLogits,
+    CosFaceLogits,
+    MarginIDLoss,
+    SphereFaceLogits,
+)
+from strongreid.losses.pairwise import (
+    CircleLoss,
+    ContrastiveLoss,
+    LiftedStructureLoss,
+    MultiSimilarityTripletLoss,
+    WeightedRegularizedTriplet,
+)
 from strongreid.losses.registry import LOSSES
 from strongreid.losses.triplet import TripletLoss, euclidean_dist, hard_example_mining
 
 __all__ = [
     "LOSSES",
+    "ArcFaceLogits",
+    "CircleLoss",
+    "CircleSoftmaxLogits",
+    "ContrastiveLoss",
+    "CosFaceLogits",
+    "InstanceLoss",
+    "LiftedStructureLoss",
+    "MarginIDLoss",
+    "MultiSimilarityTripletLoss",
+    "SphereFaceLogits",
+    "WeightedRegularizedTriplet",
     "CenterLoss",
     "CrossEntropyLabelSmooth",
     "CrossEntropyLoss",

@@ -1,4 +1,5 @@
-"""The strong baseline's loss: which terms, with which weights, from the original's flags."""
+"""The strong baseline's loss: which terms, with which weights, from the original's flags,
+plus the loss zoo's margin classifiers and pair losses (docs/losses.md)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import torch.nn as nn
 from yacs.config import CfgNode
 
 from strongreid.config import flag
+from strongreid.config.loss_zoo import WEIGHT_KEYS, check_losses, pair_terms
 from strongreid.errors import ConfigError
 from strongreid.losses.center import CenterLoss
 from strongreid.losses.classification import CrossEntropyLabelSmooth, CrossEntropyLoss
-from strongreid.losses.triplet import TripletLoss
+from strongreid.losses.zoo import build_id_loss, build_pair_term
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +22,12 @@ _warned_softmax_ls = False
 
 
 class ReIDLoss(nn.Module):
-    """forward(logits, feats, targets) -> {'id', 'triplet', 'center' (as configured), 'total'}.
+    """forward(logits, feats, targets) -> {'id', <metric terms>, 'center' (as configured), 'total'}.
 
     Every entry is already weighted, so 'total' is their sum and each can be logged on its own.
     `logits` come from the classifier (on the BN feature), `feats` are the pre-BN features.
+    The metric terms ('triplet', 'circle', ...) live in `.metrics` with weights in
+    `.metric_weights`; `gathered=(feats, targets)` of all ranks replaces their input.
     """
 
     def __init__(
@@ -34,16 +38,23 @@ class ReIDLoss(nn.Module):
         id_weight: float = 1.0,
         triplet_weight: float = 1.0,
         center_weight: float = 0.0005,
+        extra: dict[str, tuple[nn.Module, float]] | None = None,
     ) -> None:
         super().__init__()
-        if id_loss is None and triplet is None and center is None:
+        terms = ({"triplet": (triplet, triplet_weight)} if triplet is not None else {}) | (extra or {})
+        if id_loss is None and not terms and center is None:
             raise ConfigError("the loss has no term: enable the ID, triplet or center loss")
         self.id_loss = id_loss
-        self.triplet = triplet
+        self.metrics = nn.ModuleDict({k: m for k, (m, _) in terms.items()})
+        self.metric_weights = {k: float(w) for k, (_, w) in terms.items()}
         self.center = center
         self.id_weight = float(id_weight)
         self.triplet_weight = float(triplet_weight)
         self.center_weight = float(center_weight)
+
+    @property
+    def triplet(self) -> nn.Module | None:
+        return self.metrics["triplet"] if "triplet" in self.metrics else None
 
     def id_term(self, logits: torch.Tensor | list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """The unweighted ID loss; PCB's list of part logits gives the sum over parts (layumi)."""
@@ -52,13 +63,15 @@ class ReIDLoss(nn.Module):
         return self.id_loss(logits, targets)
 
     def forward(
-        self, logits: torch.Tensor | list[torch.Tensor], feats: torch.Tensor, targets: torch.Tensor
+        self, logits: torch.Tensor | list[torch.Tensor], feats: torch.Tensor, targets: torch.Tensor,
+        gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         if self.id_loss is not None:
             terms["id"] = self.id_weight * self.id_term(logits, targets)
-        if self.triplet is not None:
-            terms["triplet"] = self.triplet_weight * self.triplet(feats, targets)
+        pair_feats, pair_targets = gathered if gathered is not None else (feats, targets)
+        for name, term in self.metrics.items():
+            terms[name] = self.metric_weights[name] * term(pair_feats, pair_targets)
         if self.center is not None:
             terms["center"] = self.center_weight * self.center(feats, targets)
         terms["total"] = torch.stack(list(terms.values())).sum()
@@ -69,44 +82,32 @@ def build_loss(
     cfg: CfgNode, num_classes: int, feat_dim: int, device: torch.device | str | None = None
 ) -> ReIDLoss:
     """The loss of spec §4.4's table (DATALOADER.SAMPLER, MODEL.METRIC_LOSS_TYPE,
-    MODEL.IF_WITH_CENTER, MODEL.IF_LABELSMOOTH), with the weights of SOLVER.*_LOSS_WEIGHT."""
+    MODEL.IF_WITH_CENTER, MODEL.IF_LABELSMOOTH), with the weights of SOLVER.*_LOSS_WEIGHT;
+    MODEL.ID_LOSS_TYPE and the other metric terms as docs/losses.md describes."""
     global _warned_softmax_ls
+    check_losses(cfg)
     sampler = cfg.DATALOADER.SAMPLER
-    metric = cfg.MODEL.METRIC_LOSS_TYPE
     with_center = flag(cfg.MODEL.IF_WITH_CENTER)
     smooth = flag(cfg.MODEL.IF_LABELSMOOTH)
 
     def id_loss(label_smooth: bool) -> nn.Module:
         if label_smooth:
-            return CrossEntropyLabelSmooth(num_classes, cfg.MODEL.LABEL_SMOOTH_EPSILON)
-        return CrossEntropyLoss()
-
-    def triplet() -> TripletLoss:
-        return TripletLoss(cfg.SOLVER.MARGIN)
+            ce: nn.Module = CrossEntropyLabelSmooth(num_classes, cfg.MODEL.LABEL_SMOOTH_EPSILON)
+        else:
+            ce = CrossEntropyLoss()
+        return build_id_loss(cfg, ce)
 
     weights = {
         "id_weight": cfg.SOLVER.ID_LOSS_WEIGHT,
         "triplet_weight": cfg.SOLVER.TRIPLET_LOSS_WEIGHT,
         "center_weight": cfg.SOLVER.CENTER_LOSS_WEIGHT,
     }
+    extra = {n: (build_pair_term(cfg, n), cfg.SOLVER[WEIGHT_KEYS[n]]) for n in pair_terms(cfg)}
+    triplet = extra.pop("triplet", (None, 0.0))[0]
     if with_center:
         # As in the original, the sampler chooses the loader but not the loss formula here.
-        if metric not in ("center", "triplet_center"):
-            raise ConfigError(
-                f"MODEL.IF_WITH_CENTER 'yes' needs MODEL.METRIC_LOSS_TYPE 'center' or "
-                f"'triplet_center', not {metric!r}."
-            )
-        if cfg.SOLVER.CENTER_LOSS_WEIGHT <= 0:
-            raise ConfigError(
-                f"SOLVER.CENTER_LOSS_WEIGHT = {cfg.SOLVER.CENTER_LOSS_WEIGHT} must be positive "
-                "with center loss (the center gradient is rescaled by 1/weight)."
-            )
-        return ReIDLoss(
-            id_loss(smooth),
-            triplet() if metric == "triplet_center" else None,
-            CenterLoss(num_classes, feat_dim, device=device),
-            **weights,
-        )
+        return ReIDLoss(id_loss(smooth), triplet, CenterLoss(num_classes, feat_dim, device=device),
+                        extra=extra, **weights)
     if sampler == "softmax":
         # The original uses plain CE on this path whatever IF_LABELSMOOTH says, and softmax.yml's
         # published numbers were obtained that way. We keep the numbers (plain CE) but no longer
@@ -118,16 +119,7 @@ def build_loss(
                 "cross-entropy, as reid-strong-baseline); use SAMPLER 'softmax_triplet' for "
                 "label smoothing"
             )
-        return ReIDLoss(CrossEntropyLoss(), None, None, **weights)
-    if sampler in ("triplet", "softmax_triplet"):
-        if metric != "triplet":
-            raise ConfigError(
-                f"MODEL.METRIC_LOSS_TYPE {metric!r} needs MODEL.IF_WITH_CENTER 'yes'; without "
-                f"center loss, DATALOADER.SAMPLER {sampler!r} takes METRIC_LOSS_TYPE 'triplet'."
-            )
-        if sampler == "triplet":
-            return ReIDLoss(None, triplet(), None, **weights)
-        return ReIDLoss(id_loss(smooth), triplet(), None, **weights)
-    raise ConfigError(
-        f"DATALOADER.SAMPLER = {sampler!r}: use 'softmax', 'triplet' or 'softmax_triplet'."
-    )
+        return ReIDLoss(id_loss(False), None, None, **weights)
+    if sampler == "triplet":
+        return ReIDLoss(None, triplet, None, extra=extra, **weights)
+    return ReIDLoss(id_loss(smooth), triplet, None, extra=extra, **weights)

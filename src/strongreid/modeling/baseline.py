@@ -86,6 +86,11 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
             pooling=cfg.MODEL.POOLING,
             gem_p=cfg.MODEL.GEM_P,
         )
+    if cfg.MODEL.ID_LOSS_TYPE != "softmax":  # loss zoo: margin losses need cosine logits
+        from strongreid.modeling.cosine import use_cosine_classifier
+
+        for owner in getattr(model, "class_blocks", lambda: [model])():
+            use_cosine_classifier(owner)
     choice = cfg.MODEL.PRETRAIN_CHOICE
     path = cfg.MODEL.PRETRAIN_PATH
     if choice == "imagenet":
