@@ -73,9 +73,9 @@ def test_cosine_after_delay():
                       SOLVER__COSINE_MIN_LR_FACTOR=0.0)
     sched = build_scheduler(cfg, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0))
     got = [sched.factor(t) for t in range(10)]
-    # warm-up 0.1 -> 0.55, flat 1 for t = 2..4, then a cosine over t = 5..9 (4 steps) down to 0.
-    expected = [0.1, 0.55, 1, 1, 1, 1, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
-                0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0]
+    # warm-up 0.1 -> 0.55, flat 1 until t = 3 (the delay counts from the start, as fast-reid),
+    # then a cosine over t = 3..9 (6 steps) down to 0.
+    expected = [0.1, 0.55, 1, *(0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(7))]
     assert got == pytest.approx(expected, abs=1e-12)
 
 
@@ -141,3 +141,41 @@ def test_weight_averaging_writes_its_own_checkpoint(tiny_synthetic_root, tmp_pat
     capsys.readouterr()
     test_opts = tiny_train_opts(tiny_synthetic_root, tmp_path / "t", **{"TEST.WEIGHT": out / "averaged.pt"})
     assert main(["test", *test_opts]) == 0
+
+
+PRESETS = ["agw", "sbs", "layumi_resnet50", "layumi_pcb", "layumi_circle", "layumi_swinv2_circle"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_build(name):
+    from pathlib import Path
+
+    from strongreid.losses import build_loss
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yml"
+    cfg = load_config(str(path), ["MODEL.DEVICE", "cpu", "MODEL.PRETRAIN_CHOICE", "none"])
+    with torch.device("meta"):  # shapes only: ResNet-50 / SwinV2-B at their sizes in no time
+        model = build_model(cfg, 751)
+        out = model.eval()(torch.empty(2, 3, *cfg.INPUT.SIZE_TEST))
+    assert out.shape == (2, model.feat_dim)
+    loss = build_loss(cfg, 751, model.feat_dim)
+    assert loss.id_loss is not None
+    make_optimizer(cfg, model)
+
+
+def test_preset_values_are_the_published_recipes():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    agw = load_config(str(root / "agw.yml"), ["MODEL.DEVICE", "cpu"])
+    assert (agw.MODEL.NON_LOCAL, agw.MODEL.POOLING, agw.MODEL.METRIC_LOSS_TYPE,
+            agw.TEST.NECK_FEAT) == (True, "gem", "wrt", "before")
+    sbs = load_config(str(root / "sbs.yml"), ["MODEL.DEVICE", "cpu"])
+    assert (sbs.MODEL.ID_LOSS_TYPE, sbs.SOLVER.MARGIN, sbs.INPUT.AUTOAUG_PROB,
+            sbs.SOLVER.COSINE_DELAY_EPOCHS, sbs.SOLVER.FREEZE_BACKBONE_EPOCHS,
+            list(sbs.INPUT.SIZE_TRAIN)) == ("circle", None, 0.1, 30, 5, [384, 128])
+    ly = load_config(str(root / "layumi_resnet50.yml"), ["MODEL.DEVICE", "cpu"])
+    assert (ly.MODEL.HEAD, ly.SOLVER.BASE_LR, ly.SOLVER.BACKBONE_LR_FACTOR, ly.SOLVER.NESTEROV,
+            ly.MODEL.LAST_STRIDE, ly.SOLVER.IMS_PER_BATCH) == ("layumi", 0.05, 0.1, True, 2, 32)
+    pcb = load_config(str(root / "layumi_pcb.yml"), ["MODEL.DEVICE", "cpu"])
+    assert (pcb.MODEL.HEAD, list(pcb.INPUT.SIZE_TRAIN), pcb.SOLVER.BASE_LR) == ("pcb", [384, 192], 0.02)

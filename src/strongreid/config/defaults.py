@@ -205,7 +205,8 @@ _C.SOLVER.BACKBONE_LR_FACTOR = 1.0
 _C.SOLVER.NESTEROV = False
 # the backbone trains at lr 0 for the first N epochs (fast-reid SBS's FREEZE_ITERS, in epochs)
 _C.SOLVER.FREEZE_BACKBONE_EPOCHS = 0
-# SCHED 'cosine': hold the base lr for N epochs after warm-up, then the cosine (SBS DELAY_EPOCHS)
+# SCHED 'cosine': the base lr (after warm-up) for the first N epochs, warm-up included, then the
+# cosine over the remaining ones (fast-reid SBS's DELAY_EPOCHS)
 _C.SOLVER.COSINE_DELAY_EPOCHS = 0
 # weight averaging of the model over the last part of training, saved as averaged.pt:
 # 'off' | 'ema' (exponential, decay WA_EMA_DECAY per epoch: layumi --wa, 0.996) | 'swa'

@@ -117,7 +117,7 @@ class WarmupCosineLR(_EpochScheduler):
         _check_warmup(warmup_method, warmup_iters)
         if delay_epochs < 0:
             raise ConfigError(f"SOLVER.COSINE_DELAY_EPOCHS = {delay_epochs} must be >= 0.")
-        # fast-reid's delayed cosine (SBS): the lr stays at base for `delay_epochs` after warm-up.
+        # fast-reid's delayed cosine (SBS): base lr (after warm-up) until t = delay_epochs.
         self.delay_epochs = int(delay_epochs)
         if max_epochs < 1:
             raise ConfigError(f"SOLVER.MAX_EPOCHS = {max_epochs} must be at least 1.")
@@ -133,7 +133,8 @@ class WarmupCosineLR(_EpochScheduler):
     def factor(self, t: int) -> float:
         if t < self.warmup_iters:
             return warmup_factor_at(t, self.warmup_iters, self.warmup_factor, self.warmup_method)
-        start = self.warmup_iters + self.delay_epochs
+        # fast-reid counts the delay from the start, warm-up included.
+        start = max(self.warmup_iters, self.delay_epochs)
         if t < start:
             return 1.0
         span = self.max_epochs - 1 - start
