@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -163,8 +164,27 @@ def _worker(rank: int, world: int, port: int, root: str, workdir: str, pretraine
     classifier = trainer.model.classifier.weight
     result["triplet_only"] = {"loss": stats["loss"], "iterations": len(trainer.loader),
                               "classifier": classifier.detach().clone(), "classifier_grad": classifier.grad}
+    # The defaults ('auto' SyncBN and triplet gather): a whole fit with its sharded evaluation.
+    result["defaults"] = Trainer(load_config(None, _defaults_opts(Path(root), work / "defaults2", Path(pretrained)))).fit()
     torch.save(result, work / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _defaults_opts(root: Path, out: Path, pretrained: Path) -> list[str]:
+    """Default MODEL.SYNC_BN / SOLVER.TRIPLET_GATHER, fp32, Adam: 3 iterations of 4 x 8 images."""
+    return tiny_train_opts(root, out, **{
+        "SOLVER.IMS_PER_BATCH": 32, "DATALOADER.NUM_INSTANCE": 8, "SOLVER.MAX_EPOCHS": 1,
+        "SOLVER.LOG_PERIOD": 1, "MODEL.PRETRAIN_CHOICE": "self", "MODEL.PRETRAIN_PATH": pretrained})
+
+
+def _logged_iterations(log: Path) -> list[dict[str, float]]:
+    """The running loss means the trainer logs at every iteration (LOG_PERIOD 1)."""
+    rows = []
+    for line in log.read_text().splitlines():
+        m = re.search(r"epoch \d+ iter \d+/\d+: (.*?), lr ", line)
+        if m:
+            rows.append({k: float(v) for k, v in (item.split(" ") for item in m.group(1).split(", "))})
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +205,9 @@ def spawned(tiny_synthetic_root, tmp_path_factory) -> dict:
             pytest.fail("the 2-rank session did not finish in 240 s")
     ranks = [torch.load(work / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     single = _run_epochs(load_config(None, _equivalence_opts(tiny_synthetic_root, work / "single", pretrained)))
-    return {"ranks": ranks, "single": single, "pretrained": trained["model"]}
+    defaults = Trainer(load_config(None, _defaults_opts(tiny_synthetic_root, work / "defaults1", pretrained))).fit()
+    return {"ranks": ranks, "single": single, "pretrained": trained["model"], "work": work,
+            "defaults": defaults}
 
 
 # -- collectives ----------------------------------------------------------------------------------
@@ -267,6 +289,33 @@ def test_triplet_only_loss_trains_under_ddp(spawned):
         assert run["iterations"] == 3 and np.isfinite(run["loss"]) and run["loss"] > 0
         assert run["classifier_grad"] is None  # unused, left alone by DDP and the optimizer
         torch.testing.assert_close(run["classifier"], spawned["pretrained"]["classifier.weight"], atol=0, rtol=0)
+
+
+def test_default_settings_train_the_single_process_recipe_under_torchrun(spawned):
+    # 'auto' turns SyncBN and the triplet gather on in a world of 2 (and says so in the log).
+    work = spawned["work"]
+    log2 = (work / "defaults2" / "log.txt").read_text()
+    assert "SyncBN on (MODEL.SYNC_BN auto)" in log2 and "triplet over all ranks (SOLVER.TRIPLET_GATHER auto)" in log2
+    one, two = _logged_iterations(work / "defaults1" / "log.txt"), _logged_iterations(work / "defaults2" / "log.txt")
+    assert len(one) == len(two) == 3
+    for it, (a, b) in enumerate(zip(one, two), start=1):
+        assert a.keys() == b.keys() and {"id", "triplet", "center", "total"} <= a.keys()
+        for term in a:
+            assert abs(a[term] - b[term]) <= 2e-3, f"iteration {it} {term}: {a[term]} vs {b[term]}"
+    m1 = spawned["defaults"]["mAP"]
+    m2 = spawned["ranks"][0]["defaults"]["mAP"]
+    assert 0 < m1 <= 1 and abs(m1 - m2) <= 0.02, (m1, m2)
+
+
+def test_world_switch_resolves_auto_by_world_size():
+    assert [D.world_switch("auto", w) for w in (1, 2, 8)] == [False, True, True]
+    assert [D.world_switch("on", w) for w in (1, 2)] == [False, True]
+    assert [D.world_switch("off", w) for w in (1, 2)] == [False, False]
+    cfg = load_config(None, ["MODEL.SYNC_BN", "True", "SOLVER.TRIPLET_GATHER", "no"])
+    assert (cfg.MODEL.SYNC_BN, cfg.SOLVER.TRIPLET_GATHER) == ("on", "off")
+    assert get_cfg_defaults().MODEL.SYNC_BN == "auto" == get_cfg_defaults().SOLVER.TRIPLET_GATHER
+    with pytest.raises(ConfigError, match="'auto', 'on', 'off'"):
+        load_config(None, ["MODEL.SYNC_BN", "sometimes"])
 
 
 # Without SyncBN each rank normalises with the statistics of its own 32 images (4 identities).

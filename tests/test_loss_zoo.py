@@ -79,6 +79,13 @@ def test_arcface_exact():
     assert loss.item() == pytest.approx(ce([2 * math.cos(math.pi / 3 + 0.5), 0.4], 0), abs=1e-12)
 
 
+def test_margins_have_finite_gradients_at_cos_one():
+    for margin in (ArcFaceLogits(), SphereFaceLogits(), CosFaceLogits(), CircleSoftmaxLogits()):
+        cos = torch.tensor([[1.0, -1.0]], requires_grad=True)
+        MarginIDLoss(margin, CrossEntropyLoss())(cos, torch.tensor([0])).backward()
+        assert torch.isfinite(cos.grad).all(), margin
+
+
 def test_cosface_exact_with_label_smoothing():
     cos = torch.tensor([[0.5, 0.2]], dtype=torch.float64)
     loss = MarginIDLoss(CosFaceLogits(2.0, 0.35), CrossEntropyLabelSmooth(2, 0.1))(cos, torch.tensor([0]))
@@ -400,6 +407,27 @@ def test_each_loss_trains_a_bnneck_model_under_bf16_autocast(id_type, metric):
     for name in ("classifier.weight", "bottleneck.weight", "backbone.conv1.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("head,extra", [("layumi", []), ("pcb", ["MODEL.PCB_PARTS", "4"])])
+def test_margin_classifiers_replace_the_layumi_and_pcb_classifiers(head, extra):
+    from strongreid.modeling import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, [
+        "MODEL.NAME", "resnet18", "MODEL.PRETRAIN_CHOICE", "none", "MODEL.HEAD", head, *extra,
+        "DATALOADER.SAMPLER", "softmax_triplet", "MODEL.ID_LOSS_TYPE", "cosface",
+        "MODEL.METRIC_LOSS_TYPE", "circle", "DATALOADER.NUM_INSTANCE", "2", "SOLVER.IMS_PER_BATCH", "8"])
+    model = build_model(cfg, 4)
+    cosine = [n for n, m in model.named_modules() if isinstance(m, CosineClassifier)]
+    assert len(cosine) == (4 if head == "pcb" else 1)
+    assert all(m.out_features != 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model.train()
+    logits, feats = model(torch.randn(8, 3, 64, 32))
+    terms = build_loss(cfg, 4, model.feat_dim)(logits, feats, torch.arange(4).repeat_interleave(2))
+    terms["total"].backward()
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert all(dict(model.named_parameters())[n + ".weight"].grad is not None for n in cosine)
 
 
 def test_cosine_classifier_checkpoint_loads_and_tests_like_the_linear_one(tmp_path):

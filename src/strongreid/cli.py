@@ -140,7 +140,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from strongreid.deploy.export import export_command
 
-    return export_command(_load_cfg(args), args.format, args.out)
+    return export_command(_load_cfg(args), args.format, args.out, args.target, args.calib)
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -219,7 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("export", help="export the inference model")
-    _needed(p.add_argument("--format", choices=["onnx", "torchscript", "safetensors"]))
+    p.add_argument("--format", choices=["onnx", "torchscript", "safetensors", "openvino", "onnx-int8"],
+                   help="default: from the --out suffix")
+    p.add_argument("--calib", help="onnx-int8: folder or list file of calibration images")
+    p.add_argument("--target", choices=["strongreid", "boxmot"], default="strongreid",
+                   help="boxmot: ImageNet-normalised input and NAME.onnx.metadata.json for BoxMOT")
     _needed(p.add_argument("--out", help="output file"))
     _add_config_args(p)
     p.set_defaults(func=_cmd_export)
@@ -251,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--out", default=None, help="folder for the PNGs (default RESULTS/viz)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--query", action="extend", nargs="+", default=None, metavar="N|FILE",
+                   help="draw only these queries: 0-based index or image file name (several "
+                        "allowed, as layumi's demo.py --query_index)")
     p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser("report", help="one static HTML page of a run")

@@ -27,6 +27,10 @@ _C.MODEL.PRETRAIN_PATH = ""
 _C.MODEL.PRETRAIN_CHOICE = "imagenet"
 # 'bnneck' | 'no'
 _C.MODEL.NECK = "bnneck"
+# extension: the format of TEST.WEIGHT / FeatureExtractor weights: 'auto' (detected from the keys),
+# 'strongreid', or a registered foreign format (strongreid.modeling.formats.CHECKPOINT_FORMATS).
+# Checked when a checkpoint is loaded, since formats register themselves below the config.
+_C.MODEL.CHECKPOINT_FORMAT = "auto"
 # 'yes' | 'no' (YAML booleans accepted)
 _C.MODEL.IF_WITH_CENTER = "no"
 # 'triplet' | 'center' | 'triplet_center'
@@ -38,8 +42,10 @@ _C.MODEL.LABEL_SMOOTH_EPSILON = 0.1
 # extension: 'avg' (global average pooling, the paper) | 'gem' (generalised mean)
 _C.MODEL.POOLING = "avg"
 _C.MODEL.GEM_P = 3.0
-# extension: convert BatchNorm to SyncBatchNorm under torchrun
-_C.MODEL.SYNC_BN = False
+# extension: BatchNorm statistics over all ranks under torchrun (SyncBatchNorm on CUDA).
+# 'auto' = on when the world is larger than 1, so torchrun trains the single-process recipe;
+# 'off' keeps per-rank statistics (faster, another recipe) | 'on'
+_C.MODEL.SYNC_BN = "auto"
 # extension: mixed precision. 'auto' = bf16 on a CPU with native bf16 (AMX/AVX512-BF16) and
 # fp16 with GradScaler on CUDA; 'off' | 'bf16' | 'fp16'
 _C.MODEL.AMP = "auto"
@@ -137,6 +143,16 @@ _C.DATASETS.CUHK03_KIND = "labeled"
 _C.DATASETS.LIST_TRAIN = ""
 _C.DATASETS.LIST_QUERY = ""
 _C.DATASETS.LIST_GALLERY = ""
+# extension, layumi compatibility (docs/coming-from-layumi.md):
+# 'off' | 'first': hold out the first image (path order) of each training identity as a
+# validation split (layumi's val/; the `layumi` dataset uses its own val/ folder); its loss and
+# top-1 error are logged each epoch as {"type": "val"} rows of metrics.jsonl
+_C.DATASETS.VALIDATION = "off"
+# keep the validation images in the training split too (layumi --train_all); the `layumi`
+# dataset reads train_all/ instead of train/
+_C.DATASETS.TRAIN_ALL = False
+# VehicleID test list: 800 | 1600 | 2400 vehicles
+_C.DATASETS.VEHICLEID_TEST_SIZE = 800
 
 # ---------------------------------------------------------------------------------------------
 # DATALOADER
@@ -148,6 +164,19 @@ _C.DATALOADER.SAMPLER = "softmax"
 _C.DATALOADER.NUM_INSTANCE = 16
 # extension: skip images that cannot be decoded (counted and reported) instead of failing
 _C.DATALOADER.SKIP_CORRUPT = False
+# --- extension: data checks and the data path (docs/data-path.md) ---
+# Check every image before training and evaluation, naming all bad files at once:
+# 'header' (format, size, end marker: cheap) | 'full' (decode every image) | 'off'
+_C.DATALOADER.CHECK_IMAGES = "header"
+# JPEG decoder: 'auto' (simplejpeg, then torchvision.io, whichever is installed and decodes to
+# Pillow's exact pixels; else Pillow) | 'pil' | 'torchvision' | 'simplejpeg'
+_C.DATALOADER.JPEG_DECODER = "auto"
+# Training data path: 'pil' (per-image PIL transforms in loader workers, the original) |
+# 'device' (decoded-image cache + batched flip/pad/crop/erasing/normalisation on the training
+# device, with the PIL path's per-image random decisions)
+_C.DATALOADER.DATA_PATH = "pil"
+# Where the 'device' path keeps its uint8 memmap caches; '' = DATASETS.ROOT_DIR/.strongreid_cache
+_C.DATALOADER.CACHE_DIR = ""
 
 # ---------------------------------------------------------------------------------------------
 # SOLVER
@@ -196,8 +225,9 @@ _C.SOLVER.GRAD_CLIP = 0.0
 # extension: multiply BASE_LR by (global batch / SOLVER.LR_REFERENCE_BATCH) (off by default)
 _C.SOLVER.SCALE_LR = False
 _C.SOLVER.LR_REFERENCE_BATCH = 64
-# extension: triplet loss mines over the batches of all ranks (all_gather with gradient)
-_C.SOLVER.TRIPLET_GATHER = False
+# extension: triplet loss mines over the batches of all ranks (all_gather with gradient).
+# 'auto' = on when the world is larger than 1 (the single-process recipe) | 'on' | 'off'
+_C.SOLVER.TRIPLET_GATHER = "auto"
 # --- extension: layumi / fast-reid training options (docs/coming-from-layumi.md) -------------
 # lr multiplier of the backbone's parameters (layumi trains the backbone at 0.1x the head's lr)
 _C.SOLVER.BACKBONE_LR_FACTOR = 1.0
@@ -277,9 +307,32 @@ _C.TEST.MAX_RANK = 50
 _C.TEST.CUHK03_METRIC = False
 # extension: evaluate during training with re-ranking as well
 _C.TEST.EVAL_RE_RANKING = False
+# extension, layumi compatibility (docs/coming-from-layumi.md):
+# multi-query (Market protocol): a query's feature is the mean of the test dataset's
+# multi-query images (Market gt_bbox/, layumi multi-query/) of its identity and camera
+_C.TEST.MULTI_QUERY = False
+# multi-scale test as layumi's --ms: each value s resizes the image by sqrt(s) per side
+# (bicubic) and the features of all scales (and flips) are averaged; [1.0] = one scale
+_C.TEST.MULTI_SCALE = [1.0]
 
 # ---------------------------------------------------------------------------------------------
 # Misc
 # ---------------------------------------------------------------------------------------------
 # '' means runs/default
 _C.OUTPUT_DIR = ""
+
+# ---------------------------------------------------------------------------------------------
+# extension: fast-reid's BoT differences (issue 14, docs/ablation.md). The defaults are the
+# original's behaviour; configs/demo.yml turns on what the ablation measured to help.
+# ---------------------------------------------------------------------------------------------
+# When the LR schedule moves: 'epoch' (once per epoch, the original), 'iter' (the same warm-up
+# and decay evaluated at the fractional epoch before every iteration), 'warmup' (warm-up per
+# iteration, decay per epoch: fast-reid's WarmupLR + per-epoch lr_sched).
+_C.SOLVER.LR_STEP_UNIT = "epoch"
+# std of the BNNeck classifier's N(0, std^2) weights: 0.001 the original, 0.01 fast-reid
+_C.MODEL.CLASSIFIER_INIT_STD = 0.001
+# zero the scale of the last BN in every residual block (Goyal et al. 2017) when training from
+# random init, so each block starts as the identity; neither the original nor fast-reid do it
+_C.MODEL.ZERO_INIT_RESIDUAL = False
+# resize filter of the train and test transforms: 'bilinear' (the original) | 'bicubic' (fast-reid)
+_C.INPUT.INTERPOLATION = "bilinear"

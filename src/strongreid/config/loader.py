@@ -32,6 +32,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
     "MODEL.NECK": ("bnneck", "no"),
     "MODEL.CHANNELS_LAST": ("on", "off"),
+    "MODEL.SYNC_BN": ("on", "off"),
+    "SOLVER.TRIPLET_GATHER": ("on", "off"),
     "TEST.RE_RANKING": ("yes", "no"),
     "TEST.FEAT_NORM": ("yes", "no"),
 }
@@ -54,20 +56,28 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "SOLVER.WA": ("off", "ema", "swa"),
     "MODEL.AMP": ("auto", "off", "bf16", "fp16"),
     "MODEL.CHANNELS_LAST": ("auto", "on", "off"),
+    "MODEL.SYNC_BN": ("auto", "on", "off"),
+    "SOLVER.TRIPLET_GATHER": ("auto", "on", "off"),
     "INPUT.RE_FILL": ("original", "zero", "random"),
+    "INPUT.INTERPOLATION": ("bilinear", "bicubic"),
     "DATASETS.CUHK03_KIND": ("labeled", "detected"),
     "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
+    "DATALOADER.CHECK_IMAGES": ("header", "full", "off"),
+    "DATALOADER.JPEG_DECODER": ("auto", "pil", "torchvision", "simplejpeg"),
+    "DATALOADER.DATA_PATH": ("pil", "device"),
     "SOLVER.OPTIMIZER_NAME": (
         "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta",
     ),
     "SOLVER.WARMUP_METHOD": ("linear", "constant"),
     "SOLVER.SCHED": ("multistep", "cosine"),
+    "SOLVER.LR_STEP_UNIT": ("epoch", "iter", "warmup"),
     "TEST.RE_RANKING": ("yes", "no"),
     "TEST.NECK_FEAT": ("after", "before"),
     "TEST.FEAT_NORM": ("yes", "no"),
     "TEST.METRIC": ("euclidean", "cosine"),
     "TEST.AP": ("plain", "trapezoid"),
     "TEST.UNMATCHED": ("skip", "fail"),
+    "DATASETS.VALIDATION": ("off", "first"),
 }
 
 # Keys the original defines but never reads. Old ymls set them; we accept and ignore them.
@@ -369,6 +379,11 @@ def validate(cfg: CfgNode) -> None:
         raise ConfigError(f"DATALOADER.NUM_WORKERS = {cfg.DATALOADER.NUM_WORKERS} must be >= 0.")
     if cfg.SOLVER.BASE_LR <= 0:
         raise ConfigError(f"SOLVER.BASE_LR = {cfg.SOLVER.BASE_LR} must be positive.")
+    if cfg.MODEL.CLASSIFIER_INIT_STD <= 0:
+        raise ConfigError(
+            f"MODEL.CLASSIFIER_INIT_STD = {cfg.MODEL.CLASSIFIER_INIT_STD} must be positive "
+            "(0.001 the original, 0.01 fast-reid)."
+        )
     if cfg.SOLVER.MARGIN is not None and cfg.SOLVER.MARGIN < 0:
         raise ConfigError(f"SOLVER.MARGIN = {cfg.SOLVER.MARGIN} must be >= 0 (or None for soft margin).")
     if cfg.SOLVER.WARMUP_ITERS < 0:
@@ -392,6 +407,7 @@ def validate(cfg: CfgNode) -> None:
                 f"SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE = {cfg.SOLVER.IMS_PER_BATCH // k}: "
                 "triplet mining needs at least 2 identities per batch."
             )
+    _check_layumi_keys(cfg)
     if cfg.MODEL.PRETRAIN_CHOICE == "self" and not cfg.MODEL.PRETRAIN_PATH:
         raise ConfigError("MODEL.PRETRAIN_CHOICE 'self' needs MODEL.PRETRAIN_PATH (a strongreid checkpoint).")
     _check_model_name(cfg.MODEL.NAME)
@@ -439,6 +455,11 @@ def _check_layumi_head(cfg: CfgNode) -> None:
         )
     if not 0.0 <= cfg.INPUT.AUTOAUG_PROB <= 1.0:
         raise ConfigError(f"INPUT.AUTOAUG_PROB = {cfg.INPUT.AUTOAUG_PROB} must lie in [0, 1].")
+    if cfg.DATALOADER.DATA_PATH == "device" and (cfg.INPUT.COLOR_JITTER or cfg.INPUT.AUTOAUG_PROB > 0):
+        raise ConfigError(
+            "INPUT.COLOR_JITTER / INPUT.AUTOAUG_PROB run on PIL images; DATALOADER.DATA_PATH 'device' "
+            "augments decoded batches without them: use DATA_PATH 'pil' or turn them off."
+        )
     s = cfg.SOLVER
     if s.BACKBONE_LR_FACTOR < 0:
         raise ConfigError(f"SOLVER.BACKBONE_LR_FACTOR = {s.BACKBONE_LR_FACTOR} must be >= 0 (layumi: 0.1).")
@@ -453,6 +474,21 @@ def _check_layumi_head(cfg: CfgNode) -> None:
         raise ConfigError(f"SOLVER.WA_START = {s.WA_START} must lie in [0, 1) (a fraction of MAX_EPOCHS).")
     if not 0.0 < s.WA_EMA_DECAY < 1.0:
         raise ConfigError(f"SOLVER.WA_EMA_DECAY = {s.WA_EMA_DECAY} must lie in (0, 1) (layumi: 0.996).")
+
+
+def _check_layumi_keys(cfg: CfgNode) -> None:
+    # The keys of docs/coming-from-layumi.md.
+    if cfg.DATASETS.VEHICLEID_TEST_SIZE not in (800, 1600, 2400):
+        raise ConfigError(
+            f"DATASETS.VEHICLEID_TEST_SIZE = {cfg.DATASETS.VEHICLEID_TEST_SIZE} is not allowed; "
+            "choose one of 800, 1600, 2400 (the official VehicleID test lists)."
+        )
+    scales = list(cfg.TEST.MULTI_SCALE)
+    if not scales or any(float(s) <= 0 for s in scales):
+        raise ConfigError(
+            f"TEST.MULTI_SCALE = {scales}: give one or more positive scales, e.g. [1.0, 1.1] "
+            "(layumi's --ms 1,1.1); [1.0] tests at INPUT.SIZE_TEST only."
+        )
 
 
 def _check_dataset_names(names: list[str]) -> None:
@@ -521,6 +557,18 @@ def save_config(cfg: CfgNode, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(dump_config(cfg))
     os.replace(tmp, path)
+
+
+def with_overrides(cfg: CfgNode, overrides: dict[str, Any], source: str) -> CfgNode:
+    """A validated, frozen copy of `cfg` with dotted keys set (e.g. what a foreign checkpoint
+    implies about the model); `source` names who asked, for error messages."""
+    out = cfg.clone()
+    out.defrost()
+    for key, value in overrides.items():
+        _set(out, key, value, source)
+    validate(out)
+    out.freeze()
+    return out
 
 
 def config_from_text(text: str) -> CfgNode:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from strongreid.data.decode import resolve_decoder
 from strongreid.data.image import ImageDataset
 from strongreid.data.samplers import (
     DistributedIdentitySampler,
@@ -180,15 +181,27 @@ def _loader_options(cfg: Any, rank: int) -> dict[str, Any]:
 
 
 def build_train_loader(
-    cfg: Any, records: Sequence[Any], rank: int = 0, world_size: int = 1
+    cfg: Any, records: Sequence[Any], rank: int = 0, world_size: int = 1,
+    device: torch.device | str = "cpu", known_corrupt: Sequence[int] = (),
 ) -> DataLoader:
-    """Training loader; call `loader.sampler.set_epoch(epoch)` before each epoch."""
+    """Training loader; call `loader.sampler.set_epoch(epoch)` before each epoch.
+
+    DATALOADER.DATA_PATH 'device' returns a DeviceBatchLoader (cache + batched augmentation on
+    `device`) instead; `known_corrupt` are the indices the pre-check found unreadable.
+    """
     _check_records(records, "training")
     sampler, batch_size = build_train_sampler(cfg, records, rank, world_size)
+    if str(cfg.DATALOADER.DATA_PATH) == "device":
+        from strongreid.data.device_loader import build_device_loader
+
+        return build_device_loader(cfg, records, SeededSampler(sampler, int(cfg.SOLVER.SEED), rank),
+                                   batch_size, torch.device(device), known_corrupt)
     dataset = ImageDataset(
         records,
         build_transforms(cfg, is_train=True),
         skip_corrupt=bool(cfg.DATALOADER.SKIP_CORRUPT),
+        decoder=resolve_decoder(str(cfg.DATALOADER.JPEG_DECODER)),
+        known_corrupt=known_corrupt,
     )
     # P×K epochs are whole multiples of the batch, so drop_last=False never yields a ragged
     # triplet batch; the softmax path keeps the original's short last batch.
@@ -209,7 +222,8 @@ def build_test_loader(cfg: Any, records: Sequence[Any]) -> DataLoader:
     if batch_size < 1:
         raise ConfigError(f"TEST.IMS_PER_BATCH must be >= 1, got {batch_size}")
     return DataLoader(
-        ImageDataset(records, build_transforms(cfg, is_train=False)),
+        ImageDataset(records, build_transforms(cfg, is_train=False),
+                     decoder=resolve_decoder(str(cfg.DATALOADER.JPEG_DECODER))),
         batch_size=batch_size,
         shuffle=False,
         **_loader_options(cfg, rank=0),

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from strongreid.data.decode import JPEG_SUFFIXES, decode_jpeg_bytes
 from strongreid.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -26,13 +27,23 @@ _DECODE_ERRORS = (
 )
 
 
-def read_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode an image to RGB; a bad file fails at once (the original retried forever)."""
+def read_image(path: str | os.PathLike[str], decoder: str = "pil") -> Image.Image:
+    """Decode an image to RGB; a bad file fails at once (the original retried forever).
+
+    `decoder` (a resolved DATALOADER.JPEG_DECODER, see data/decode.py) decodes JPEG files; any
+    file it cannot decode goes to Pillow, whose result or error is then the answer.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DatasetError(
             f"image file not found: {path!r}; check DATASETS.ROOT_DIR and the dataset layout"
         )
+    if decoder != "pil" and path.lower().endswith(JPEG_SUFFIXES):
+        try:
+            with open(path, "rb") as f:
+                return Image.fromarray(decode_jpeg_bytes(f.read(), decoder), "RGB")
+        except Exception:  # CMYK, truncated, not really a JPEG...: Pillow decides
+            pass
     try:
         with Image.open(path) as img:
             # convert() forces a full decode inside the try, so truncated files fail here.
@@ -58,7 +69,10 @@ class ImageDataset(Dataset):
         records: Sequence[Sequence[Any]],
         transform: Callable[[Image.Image], Any] | None = None,
         skip_corrupt: bool = False,
+        decoder: str = "pil",
+        known_corrupt: Sequence[int] = (),
     ) -> None:
+        self.decoder = decoder
         self.records = [(str(r[0]), int(r[1]), int(r[2])) for r in records]
         self.transform = transform
         self.skip_corrupt = bool(skip_corrupt)
@@ -67,6 +81,9 @@ class ImageDataset(Dataset):
             self._by_pid.setdefault(pid, []).append(index)
         # Shared memory: forked or spawned workers write into the same bytes the main process reads.
         self._corrupt = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
+        # Found by the pre-check (data/integrity.py): never drawn, and counted from the start.
+        if known_corrupt:
+            self._corrupt[torch.as_tensor(list(known_corrupt), dtype=torch.int64)] = 1
 
     def __len__(self) -> int:
         return len(self.records)
@@ -100,7 +117,7 @@ class ImageDataset(Dataset):
 
     def _load(self, index: int) -> tuple[Any, int, int, str]:
         path, pid, camid = self.records[index]
-        img = read_image(path)
+        img = read_image(path, self.decoder)
         if self.transform is not None:
             img = self.transform(img)
         return img, pid, camid, path

@@ -144,13 +144,24 @@ def _photometric(cfg: Any) -> list:
     return steps
 
 
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+
+def _interpolation(cfg: Any) -> T.InterpolationMode:
+    """INPUT.INTERPOLATION: 'bilinear' (the original) or 'bicubic' (fast-reid's Resize)."""
+    name = str(getattr(cfg.INPUT, "INTERPOLATION", "bilinear"))
+    if name not in INTERPOLATIONS:
+        raise ConfigError(f"INPUT.INTERPOLATION = {name!r}: use 'bilinear' or 'bicubic'.")
+    return INTERPOLATIONS[name]
+
+
 def build_transforms(cfg: Any, is_train: bool) -> T.Compose:
     """The PIL -> normalised tensor pipeline of spec §6 (train adds flip, pad+crop and erasing)."""
     if not is_train:
         size = _size(cfg, "SIZE_TEST")
         return T.Compose(
             [
-                T.Resize(size, interpolation=T.InterpolationMode.BILINEAR),
+                T.Resize(size, interpolation=_interpolation(cfg)),
                 T.ToTensor(),
                 _normalize(cfg),
             ]
@@ -165,7 +176,7 @@ def build_transforms(cfg: Any, is_train: bool) -> T.Compose:
     return T.Compose(
         [
             *_photometric(cfg),
-            T.Resize(size, interpolation=T.InterpolationMode.BILINEAR),
+            T.Resize(size, interpolation=_interpolation(cfg)),
             T.RandomHorizontalFlip(p=prob),
             T.Pad(padding, fill=0),
             T.RandomCrop(size),

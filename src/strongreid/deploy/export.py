@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,9 @@ from strongreid.errors import ConfigError, StrongReIDError
 
 logger = logging.getLogger("strongreid")
 
-FORMATS = ("onnx", "torchscript", "safetensors")
+FORMATS = ("onnx", "torchscript", "safetensors", "openvino")
+# Formats `strongreid export` writes through deploy/quantize.py (checked by cosine, not 1e-4).
+QUANTIZED_FORMATS = ("onnx-int8",)
 PARITY_TOLERANCE = 1e-4
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "features"
@@ -63,13 +66,14 @@ class InferenceModel(nn.Module):
         return f
 
 
-def build_inference_model(cfg: CfgNode, weights: str | os.PathLike) -> InferenceModel:
-    """The fp32 CPU inference model of a checkpoint, as the config's TEST keys define it."""
+def build_inference_model(cfg: CfgNode, weights: str | os.PathLike) -> tuple[InferenceModel, CfgNode]:
+    """The fp32 CPU inference model of a checkpoint, as the config's TEST keys define it, and the
+    config it was built with (a foreign checkpoint sets its input size and pixel statistics)."""
     from strongreid.config import flag
-    from strongreid.deploy.extractor import load_inference_model
+    from strongreid.modeling.loading import load_inference_model
 
-    model = load_inference_model(cfg, weights)
-    return InferenceModel(model, bool(cfg.TEST.FLIP_AUG), flag(cfg.TEST.FEAT_NORM)).eval()
+    model, cfg, _ = load_inference_model(cfg, weights)
+    return InferenceModel(model, bool(cfg.TEST.FLIP_AUG), flag(cfg.TEST.FEAT_NORM)).eval(), cfg
 
 
 def export_metadata(cfg: CfgNode, model: InferenceModel) -> dict[str, str]:
@@ -125,24 +129,26 @@ def _quiet_export():
         yield
 
 
-def _export_onnx(model: InferenceModel, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
+def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
     import onnx
 
-    with _quiet_export():
-        if importlib.util.find_spec("onnxscript") is not None:
-            # The torch.export-based exporter (PyTorch's default since 2.9) needs onnxscript.
-            batch = torch.export.Dim("batch", min=1)
-            program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes={"images": {0: batch}}, opset_version=ONNX_OPSET, external_data=False,
-            )
-            program.save(str(out))
-        else:
+    # The exporter is chosen explicitly: torch's TorchScript-based one (dynamo=False), whatever
+    # is installed. Leaving the choice to torch picks the torch.export-based exporter as soon as
+    # onnxscript is importable (BoxMOT's [onnx] extra pulls it in), which writes another graph,
+    # raises opset 17 to 18 and logs a traceback; the same command must give the same file.
+    try:
+        with _quiet_export():
             torch.onnx.export(
                 model, (example,), str(out), dynamo=False, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
+    except Exception as exc:  # noqa: BLE001 - any exporter failure becomes one message
+        raise StrongReIDError(
+            f"torch.onnx.export (TorchScript exporter, opset {ONNX_OPSET}) failed for {out}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+            "try --format torchscript"
+        ) from None
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
     del proto.metadata_props[:]
@@ -152,17 +158,19 @@ def _export_onnx(model: InferenceModel, example: torch.Tensor, out: Path, meta: 
     onnx.save(proto, str(out))
 
 
-def _run_onnx(out: Path) -> Callable[[torch.Tensor], np.ndarray]:
+def _run_onnx(out: Path, threads: int | None = None) -> Callable[[torch.Tensor], np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
     session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x.numpy()})[0]
+    return lambda x: session.run(None, {name: np.asarray(x, dtype=np.float32)})[0]
 
 
-def _export_torchscript(model: InferenceModel, example: torch.Tensor, out: Path,
+def _export_torchscript(model: nn.Module, example: torch.Tensor, out: Path,
                         meta: dict[str, str]) -> None:
     with _quiet_export(), torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
@@ -181,6 +189,20 @@ def _run_torchscript(out: Path) -> Callable[[torch.Tensor], np.ndarray]:
     return run
 
 
+def _export_openvino(model: nn.Module, example: torch.Tensor, out: Path,
+                     meta: dict[str, str]) -> Callable[[torch.Tensor], np.ndarray]:
+    from strongreid.deploy import quantize
+
+    quantize.require("openvino", "quant")
+    if out.suffix != ".xml":
+        raise ConfigError(f"--out {out}: an OpenVINO IR is NAME.xml (its weights go to NAME.bin)")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        _export_onnx(model, example, fp32, meta)
+        quantize.to_openvino(fp32, out, meta)
+    return quantize.run_openvino(out)
+
+
 def _export_safetensors(model: InferenceModel, out: Path, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -190,7 +212,7 @@ def _export_safetensors(model: InferenceModel, out: Path, meta: dict[str, str]) 
 
 
 def _run_safetensors(cfg: CfgNode, out: Path) -> Callable[[torch.Tensor], np.ndarray]:
-    rebuilt = build_inference_model(cfg, out)
+    rebuilt, _ = build_inference_model(cfg, out)
 
     def run(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -199,42 +221,80 @@ def _run_safetensors(cfg: CfgNode, out: Path) -> Callable[[torch.Tensor], np.nda
     return run
 
 
-def export_model(cfg: CfgNode, fmt: str, out: str | os.PathLike,
-                 weights: str | os.PathLike | None = None) -> tuple[Path, float]:
+TARGETS = ("strongreid", "boxmot")
+
+
+def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
+                 weights: str | os.PathLike | None = None,
+                 target: str = "strongreid") -> tuple[Path, float]:
     """Export the inference model of `weights` (default TEST.WEIGHT) and check it.
 
-    Returns the file and the largest absolute difference from PyTorch on the check batches;
-    raises StrongReIDError when that exceeds PARITY_TOLERANCE (the file is kept for inspection).
+    `target` 'boxmot' writes the graph BoxMOT feeds (ImageNet-normalised RGB crops: the
+    difference from INPUT.PIXEL_MEAN/STD is part of the graph) and its `<out>.metadata.json`;
+    `fmt` may then be None (taken from the suffix, .onnx or .torchscript). Returns the file and
+    the largest absolute difference from PyTorch on the check batches; raises StrongReIDError
+    when that exceeds PARITY_TOLERANCE (the file is kept for inspection).
     """
+    from strongreid.deploy import boxmot
+
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
+    if target == "boxmot":
+        fmt = boxmot.boxmot_format(out, fmt)
+    elif fmt is None:
+        fmt = {".onnx": "onnx", ".safetensors": "safetensors", ".ts": "torchscript",
+               ".torchscript": "torchscript", ".xml": "openvino"}.get(Path(out).suffix.lower())
+        if fmt is None:
+            raise ConfigError(f"--out {out}: give --format ({', '.join(FORMATS)}) or a file "
+                              "ending in .onnx, .torchscript, .ts, .safetensors or .xml")
+    if fmt in QUANTIZED_FORMATS:
+        raise ConfigError(f"--format {fmt}: int8 models are written by "
+                          "strongreid.deploy.quantize.export_int8 (it needs calibration images)")
     if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS + QUANTIZED_FORMATS)}")
     weights = weights or cfg.TEST.WEIGHT
     if not weights:
         raise ConfigError("strongreid export needs TEST.WEIGHT: the checkpoint, e.g. "
                           "TEST.WEIGHT runs/demo/best.pt")
-    if fmt == "onnx" and (importlib.util.find_spec("onnx") is None
+    if fmt in ("onnx", "openvino") and (importlib.util.find_spec("onnx") is None
                           or importlib.util.find_spec("onnxruntime") is None):
         raise StrongReIDError(
             "ONNX export needs the onnx and onnxruntime packages: pip install 'strongreid[deploy]'"
         )
-    model = build_inference_model(cfg, weights)
+    model, cfg = build_inference_model(cfg, weights)
+    if cfg.MODEL.CHECKPOINT_FORMAT != "auto":
+        # The exported file is strongreid's own, whatever project wrote the checkpoint (layumi,
+        # fast-reid...): its stored config must not send the reader to that format's converter.
+        from strongreid.config.loader import with_overrides
+
+        cfg = with_overrides(cfg, {"MODEL.CHECKPOINT_FORMAT": "auto"}, "for the exported file")
     meta = export_metadata(cfg, model)
+    graph: nn.Module = model
+    if target == "boxmot":
+        # From the config the model was built with: a foreign checkpoint brings its own statistics.
+        graph = boxmot.BoxMOTModel(model, boxmot.input_adapter(cfg)).eval()
+        meta["target"] = "boxmot"
+        meta["input"] = (f"RGB float32 N x 3 x {meta['input_size']}, (pixel / 255 - imagenet_mean)"
+                         " / imagenet_std (BoxMOT's preprocessing); INPUT.PIXEL_MEAN/STD are "
+                         "applied inside the graph")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = sample_inputs(cfg, (2,), seed=1)[0]
     if fmt == "onnx":
-        _export_onnx(model, example, out, meta)
+        _export_onnx(graph, example, out, meta)
         runner = _run_onnx(out)
     elif fmt == "torchscript":
-        _export_torchscript(model, example, out, meta)
+        _export_torchscript(graph, example, out, meta)
         runner = _run_torchscript(out)
+    elif fmt == "openvino":
+        runner = _export_openvino(graph, example, out, meta)
     else:
         _export_safetensors(model, out, meta)
         runner = _run_safetensors(cfg, out)
 
     def reference(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            return model(x).numpy()
+            return graph(x).numpy()
 
     diff = max_abs_diff(reference, runner, sample_inputs(cfg))
     if not diff <= PARITY_TOLERANCE:  # `not <=` so that a NaN difference fails too
@@ -242,15 +302,45 @@ def export_model(cfg: CfgNode, fmt: str, out: str | os.PathLike,
             f"the {fmt} export {out} differs from PyTorch by up to {diff:.3g} (tolerance "
             f"{PARITY_TOLERANCE:g}); the file is kept for inspection but should not be used"
         )
+    if target == "boxmot":
+        boxmot.write_sidecar(out, cfg)
     return out, diff
 
 
-def export_command(cfg: CfgNode, fmt: str, out: str) -> int:
-    """`strongreid export --config F TEST.WEIGHT ckpt --format onnx|torchscript|safetensors --out FILE`."""
-    path, diff = export_model(cfg, fmt, out)
-    batches = " and ".join(str(n) for n in CHECK_BATCHES)
-    print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
-    print(f"parity: max |{fmt} - pytorch| = {diff:.3g} on batches of {batches} "
-          f"(tolerance {PARITY_TOLERANCE:g})")
-    return 0
+def export_command(cfg: CfgNode, fmt: str | None, out: str, target: str = "strongreid",
+                   calib: str | None = None) -> int:
+    """`strongreid export --config F TEST.WEIGHT ckpt [--format F] [--target boxmot] --out FILE`."""
+    from strongreid.deploy import boxmot
 
+    if fmt in QUANTIZED_FORMATS:
+        from strongreid.deploy.quantize import export_int8
+
+        if target == "boxmot":
+            boxmot.boxmot_format(out, fmt)
+        path, report = export_int8(cfg, out, calib, target=target)
+        print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
+        print(f"parity: cosine to fp32 features on {report['images']} calibration images: mean "
+              f"{report['mean_cosine']:.5f}, min {report['min_cosine']:.5f} (max |int8 - fp32| = "
+              f"{report['max_abs_diff']:.3g})")
+    else:
+        path, diff = export_model(cfg, fmt, out, target=target)
+        fmt = fmt or {".safetensors": "safetensors", ".onnx": "onnx", ".xml": "openvino"}.get(
+            path.suffix, "torchscript")
+        batches = " and ".join(str(n) for n in CHECK_BATCHES)
+        print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
+        print(f"parity: max |{fmt} - pytorch| = {diff:.3g} on batches of {batches} "
+              f"(tolerance {PARITY_TOLERANCE:g})")
+    if target == "boxmot":
+        # What was written, not `cfg`: a foreign checkpoint may set its own size and statistics.
+        sidecar = boxmot.sidecar_path(path)
+        written = json.loads(sidecar.read_text(encoding="utf-8"))
+        mean, std = written["pixel_mean_folded"], written["pixel_std_folded"]
+        imagenet = mean == list(boxmot.BOXMOT_PIXEL_MEAN) and std == list(boxmot.BOXMOT_PIXEL_STD)
+        print(f"boxmot metadata: {sidecar} (img_size {written['model_kwargs']['img_size']})")
+        print("input normalisation: " + (
+            "ImageNet mean/std, as BoxMOT feeds it" if imagenet else
+            f"INPUT.PIXEL_MEAN {mean} / PIXEL_STD {std} folded into the graph (BoxMOT feeds "
+            "ImageNet mean/std)"))
+        print("use it in BoxMOT (pip install 'strongreid[tracking]'):")
+        print(boxmot.snippet(path))
+    return 0

@@ -3,7 +3,8 @@
 The feature of an image is computed exactly as `strongreid test` computes it: the test transform
 (resize to INPUT.SIZE_TEST, ToTensor, normalise), the model's eval forward (the BN feature with
 TEST.NECK_FEAT 'after', the pooled one with 'before'), then, with TEST.FLIP_AUG, the mean of the
-image's and its horizontal mirror's features, and last, with TEST.FEAT_NORM 'yes', L2
+image's and its horizontal mirror's features (TEST.MULTI_SCALE adds rescaled copies to that
+mean, as layumi's --ms), and last, with TEST.FEAT_NORM 'yes', L2
 normalisation (eps 1e-12). The flip mean is taken BEFORE normalising, so with both options on
 the result is normalise((f(x) + f(flip(x))) / 2), a unit vector.
 """
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 from yacs.config import CfgNode
 
-from strongreid.errors import CheckpointError, ConfigError, DatasetError, StrongReIDError
+from strongreid.errors import ConfigError, DatasetError, StrongReIDError
+from strongreid.modeling.loading import config_for, load_inference_model, read_checkpoint_info
 
 logger = logging.getLogger("strongreid")
 
@@ -91,111 +92,6 @@ def list_images(source: str | os.PathLike) -> list[str]:
     raise DatasetError(f"--images {src} is neither a folder nor a list file")
 
 
-def _bare_key(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
-    """What a checkpoint (or a .safetensors file from `strongreid export`) records about its model.
-
-    Keys: `arch` (MODEL.NAME), `num_classes`, `config` (YAML text) - each None when absent -
-    and `classifier_rows`, the class count its classifier weights actually hold.
-    """
-    path = Path(path)
-    info: dict[str, Any] = {"arch": None, "num_classes": None, "config": None, "classifier_rows": None}
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        if not path.is_file():
-            raise CheckpointError(f"weight file {path} does not exist; check the path given as weights")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                shapes = {_bare_key(k): f.get_slice(k).get_shape() for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
-        info["arch"] = meta.get("arch") or None
-        info["config"] = meta.get("config") or None
-        if meta.get("num_classes", "").isdigit():
-            info["num_classes"] = int(meta["num_classes"])
-    else:
-        from strongreid.engine.checkpoint import load_checkpoint
-
-        raw = load_checkpoint(path)
-        state = raw
-        for wrapper in ("model", "state_dict"):
-            if isinstance(raw.get(wrapper), dict):
-                state = raw[wrapper]
-                info["arch"] = raw.get("arch")
-                info["num_classes"] = raw.get("num_classes")
-                info["config"] = raw.get("config") if isinstance(raw.get("config"), str) else None
-                break
-        shapes = {_bare_key(str(k)): tuple(v.shape) for k, v in state.items()
-                  if isinstance(v, torch.Tensor)}
-    # BNNeck / plain classifier, layumi's ClassBlock, PCB's first part classifier.
-    classifier = next((shapes[k] for k in ("classifier.weight", "classifier.classifier.0.weight",
-                                           "classifier0.classifier.0.weight") if k in shapes), None)
-    if classifier is not None and len(classifier) == 2:
-        info["classifier_rows"] = int(classifier[0])
-    return info
-
-
-def _config_for(config: Any, info: dict[str, Any] | None) -> CfgNode:
-    from strongreid.config import load_config
-    from strongreid.config.loader import config_from_text
-
-    if isinstance(config, CfgNode):
-        return config
-    if isinstance(config, (str, os.PathLike)):
-        return load_config(os.fspath(config), [])
-    if config is not None:
-        raise ConfigError(f"config must be a yaml path, a CfgNode or None, got {type(config).__name__}")
-    if info and info.get("config"):
-        return config_from_text(info["config"])
-    return load_config(None, [])
-
-
-def load_inference_model(cfg: CfgNode, weights: str | os.PathLike,
-                         info: dict[str, Any] | None = None) -> nn.Module:
-    """The model of a checkpoint (or an exported .safetensors file) in eval mode on the CPU.
-
-    It is built with the class count the checkpoint records, so the classifier (unused by the
-    test feature) loads too. Raises CheckpointError when the checkpoint is of another
-    architecture than MODEL.NAME, or records another class count than its weights hold.
-    """
-    from strongreid.modeling import build_model, load_test_weights
-
-    path = Path(weights)
-    if info is None:
-        info = read_checkpoint_info(path)
-    arch = info.get("arch")
-    if arch and arch != cfg.MODEL.NAME:
-        raise CheckpointError(
-            f"checkpoint {path} is a {arch!r} model but MODEL.NAME is {cfg.MODEL.NAME!r}: set "
-            f"MODEL.NAME {arch} (or pass the config.yaml of the run that wrote the checkpoint)"
-        )
-    declared, rows = info.get("num_classes"), info.get("classifier_rows")
-    if declared is not None and rows is not None and int(declared) != rows:
-        raise CheckpointError(
-            f"checkpoint {path} records num_classes {declared} but its classifier has {rows} "
-            "classes: the file was assembled from two runs; re-save it from the training run"
-        )
-    # An original-project state dict records no class count: its classifier tells it.
-    num_classes = int(declared) if declared is not None else rows if rows is not None else 1
-    build_cfg = cfg.clone()
-    build_cfg.defrost()
-    # Every weight comes from the checkpoint: fetching ImageNet weights first would be wasted
-    # (and fails offline).
-    build_cfg.MODEL.PRETRAIN_CHOICE = "none"
-    build_cfg.freeze()
-    model = build_model(build_cfg, num_classes)
-    load_test_weights(model, path)
-    return model.eval()
-
-
 class FeatureExtractor:
     """Test features of images: `FeatureExtractor(config, weights)(images) -> (N, D) float32`.
 
@@ -228,7 +124,7 @@ class FeatureExtractor:
         from strongreid.engine.runtime import amp_dtype, select_device, use_channels_last
 
         info = read_checkpoint_info(weights) if weights else None
-        cfg = _config_for(config, info)
+        cfg = config_for(config, info)
         if not weights:
             weights = cfg.TEST.WEIGHT
             if not weights:
@@ -236,19 +132,23 @@ class FeatureExtractor:
                     "FeatureExtractor needs weights: pass weights='run/best.pt' or set TEST.WEIGHT"
                 )
             info = read_checkpoint_info(weights)
-        self.cfg = cfg
         self.weights = os.fspath(weights)
+        # A foreign checkpoint (fast-reid, torchreid, layumi...) implies its own input size and
+        # pixel statistics: the transforms below follow the config the model was built with.
+        model, cfg, self.checkpoint_format = load_inference_model(cfg, self.weights, info)
+        self.cfg = cfg
         self.device = select_device(cfg if device is None else device)
         self.batch_size = int(batch_size if batch_size is not None else cfg.TEST.IMS_PER_BATCH)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         self.flip = bool(cfg.TEST.FLIP_AUG)
+        self.scales = tuple(float(s) for s in cfg.TEST.MULTI_SCALE)
         self.feat_norm = flag(cfg.TEST.FEAT_NORM)
         self.input_size = (int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1]))
         self.transform = build_transforms(cfg, is_train=False)
         self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
         self.channels_last = use_channels_last(cfg.MODEL.CHANNELS_LAST, self.device)
-        model = load_inference_model(cfg, self.weights, info).to(self.device)
+        model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -256,7 +156,8 @@ class FeatureExtractor:
 
     def __repr__(self) -> str:
         return (f"FeatureExtractor({self.cfg.MODEL.NAME}, weights={self.weights!r}, device={self.device}, "
-                f"dim={self.feat_dim}, flip={self.flip}, feat_norm={self.feat_norm})")
+                f"dim={self.feat_dim}, flip={self.flip}, scales={list(self.scales)}, "
+                f"feat_norm={self.feat_norm})")
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -342,7 +243,9 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def features(self, batch: torch.Tensor) -> torch.Tensor:
-        """Features of one preprocessed batch: forward (+ flip mean), then L2 with FEAT_NORM."""
+        """Features of one preprocessed batch: forward (+ flip / multi-scale mean), then L2 with
+        FEAT_NORM."""
+        from strongreid.engine.inference import tta_forward
         from strongreid.engine.runtime import autocast
 
         if batch.shape[0] == 0:
@@ -351,9 +254,7 @@ class FeatureExtractor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
-            f = self.model(x).float()
-            if self.flip:
-                f = (f + self.model(torch.flip(x, dims=[3])).float()) / 2
+            f = tta_forward(self.model, x, self.flip, self.scales)
         if self.feat_norm:
             f = F.normalize(f, p=2, dim=1, eps=1e-12)
         return f.float().cpu()
@@ -449,7 +350,8 @@ def extract_command(cfg: CfgNode, images: str, out: str) -> int:
     written = write_features(
         out, feats, paths, ids[:, 0], ids[:, 1],
         {"weights": extractor.weights, "arch": cfg.MODEL.NAME, "feat_norm": str(extractor.feat_norm),
-         "flip": str(extractor.flip), "neck_feat": str(cfg.TEST.NECK_FEAT)},
+         "flip": str(extractor.flip), "neck_feat": str(cfg.TEST.NECK_FEAT),
+         "multi_scale": ",".join(str(s) for s in extractor.scales)},
     )
     print(f"{len(paths)} features of dimension {feats.shape[1]} written to "
           f"{' and '.join(str(p) for p in written)}")

@@ -307,6 +307,21 @@ def average_buffers_(module: nn.Module) -> None:
             all_reduce_mean_(buf.data)
 
 
+def world_switch(value: str | bool, world_size: int) -> bool:
+    """An 'auto' | 'on' | 'off' key (MODEL.SYNC_BN, SOLVER.TRIPLET_GATHER) for this world size.
+
+    'auto' is on exactly when the world is larger than 1: both switches make W ranks compute what
+    one process computes on the global batch, so the defaults train the single-process recipe
+    whatever the world size. In a world of one both are no-ops anyway.
+    """
+    if isinstance(value, bool):
+        return value and world_size > 1
+    text = str(value).lower()
+    if text == "auto":
+        return world_size > 1
+    return text == "on" and world_size > 1
+
+
 def local_batch_size(cfg: CfgNode, world_size: int) -> int:
     """SOLVER.IMS_PER_BATCH is the global batch: the images each of `world_size` ranks trains on.
 
@@ -333,11 +348,11 @@ def local_batch_size(cfg: CfgNode, world_size: int) -> int:
             f"e.g. SOLVER.IMS_PER_BATCH {suggestion}."
         )
     local_p = batch // unit
-    if w > 1 and local_p < 2 and not cfg.SOLVER.TRIPLET_GATHER:
+    if w > 1 and local_p < 2 and not world_switch(cfg.SOLVER.TRIPLET_GATHER, w):
         raise ConfigError(
             f"SOLVER.IMS_PER_BATCH={batch} over {w} processes leaves each rank {local_p} identity of "
             f"{k} images: the triplet loss finds no negative within a rank. Set SOLVER.TRIPLET_GATHER "
-            f"True (mine over the global batch) or use SOLVER.IMS_PER_BATCH {2 * unit} or more."
+            f"'auto' or 'on' (mine over the global batch) or use SOLVER.IMS_PER_BATCH {2 * unit} or more."
         )
     return batch // w
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode
 
@@ -21,6 +24,34 @@ from strongreid.engine.runtime import amp_dtype, autocast, select_device, use_ch
 logger = logging.getLogger("strongreid")
 
 
+def test_scales(cfg: CfgNode) -> tuple[float, ...]:
+    """TEST.MULTI_SCALE as floats (layumi's --ms values)."""
+    return tuple(float(s) for s in cfg.TEST.MULTI_SCALE)
+
+
+def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
+                scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """The mean feature over the image, its mirror (`flip`) and its rescaled copies (`scales`).
+
+    As layumi's test.py: a scale s resizes each side by sqrt(s) with bicubic interpolation
+    (align_corners False), and every (flip, scale) view's feature enters the mean, taken before
+    any normalisation. Unlike test.py, which resizes the previous scale's tensor again, every
+    scale is taken from the original image (the same for its usual `--ms 1,1.1`).
+    """
+    views = (images, torch.flip(images, dims=[3])) if flip else (images,)
+    total: torch.Tensor | None = None
+    count = 0
+    for view in views:
+        for scale in scales:
+            x = view if scale == 1 else F.interpolate(
+                view, scale_factor=math.sqrt(scale), mode="bicubic", align_corners=False)
+            f = model(x).float()
+            total = f if total is None else total + f
+            count += 1
+    assert total is not None  # scales is never empty (validated in config/loader.py)
+    return total / count
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -29,11 +60,13 @@ def extract_features(
     flip: bool = False,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
     """Test features of every image the loader yields, in loader order (float32, on the CPU).
 
     With `flip`, the feature is the mean of the image's and its mirror's features, taken before
-    any normalisation (normalisation is the evaluator's job, as TEST.FEAT_NORM says).
+    any normalisation (normalisation is the evaluator's job, as TEST.FEAT_NORM says); `scales`
+    adds rescaled copies to that mean (TEST.MULTI_SCALE, see `tta_forward`).
     """
     was_training = model.training
     model.eval()
@@ -43,9 +76,7 @@ def extract_features(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            f = model(images).float()
-            if flip:
-                f = (f + model(torch.flip(images, dims=[3])).float()) / 2
+            f = tta_forward(model, images, flip, scales)
         feats.append(f.cpu())
         pids.append(np.asarray(pid))
         camids.append(np.asarray(camid))
@@ -67,7 +98,7 @@ def extract_split(cfg: CfgNode, model: nn.Module, records: list, device: torch.d
     dtype = amp_dtype(cfg.MODEL.AMP, device)
     feats, _, _, _ = extract_features(
         model, loader, device, flip=cfg.TEST.FLIP_AUG, amp_dtype=dtype,
-        channels_last=use_channels_last(cfg.MODEL.CHANNELS_LAST, device),
+        channels_last=use_channels_last(cfg.MODEL.CHANNELS_LAST, device), scales=test_scales(cfg),
     )
     if feats.numel() == 0:
         feats = torch.zeros((0, _feat_dim(model)), dtype=torch.float32)
@@ -80,18 +111,41 @@ def _feat_dim(model: nn.Module) -> int:
 
 
 def evaluate_model(cfg: CfgNode, model: nn.Module, query: list, gallery: list, device: torch.device,
-                   *, re_ranking: bool | None = None) -> dict[str, Any] | None:
-    """Extract query and gallery features and evaluate them (rank 0 returns the results)."""
+                   *, re_ranking: bool | None = None,
+                   multi_query: list | None = None) -> dict[str, Any] | None:
+    """Extract query and gallery features and evaluate them (rank 0 returns the results).
+
+    With TEST.MULTI_QUERY the query features are replaced by the means of `multi_query`'s
+    same-identity, same-camera images (`strongreid.evaluation.multi_query_features`).
+    """
     from strongreid.evaluation import evaluate_from_config
 
+    use_mq = bool(cfg.TEST.MULTI_QUERY)
+    if use_mq and not multi_query:
+        from strongreid.errors import ConfigError
+
+        raise ConfigError(
+            "TEST.MULTI_QUERY is on but the test dataset has no multi-query images: they are "
+            "Market-1501's gt_bbox/ folder (next to query/) or layumi's pytorch/multi-query/; "
+            "add them or set TEST.MULTI_QUERY False"
+        )
     t0 = time.perf_counter()
     qf = extract_split(cfg, model, query, device)
     gf = extract_split(cfg, model, gallery, device)
+    mqf = extract_split(cfg, model, multi_query, device) if use_mq else None
     if qf is None or gf is None:
         return None
     t_extract = time.perf_counter() - t0
     q_pids, q_cams = _ids(query)
     g_pids, g_cams = _ids(gallery)
+    if use_mq:
+        from strongreid.evaluation import multi_query_features
+
+        mq_pids, mq_cams = _ids(multi_query)
+        qf, kept_own = multi_query_features(qf, q_pids, q_cams, mqf, mq_pids, mq_cams,
+                                            normalize=flag(cfg.TEST.FEAT_NORM))
+        logger.info("multi-query: %d images for %d queries (%d without one keep their own feature)",
+                    len(multi_query), len(query), kept_own)
     if re_ranking is not None and re_ranking != flag(cfg.TEST.RE_RANKING):
         cfg = cfg.clone()
         cfg.defrost()
@@ -165,12 +219,14 @@ def write_results(cfg: CfgNode, out_dir: str | os.PathLike, evaluated: dict[str,
     return plain
 
 
-def build_test_model(cfg: CfgNode, weights: str):
-    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched); a
+def build_test_model(cfg: CfgNode, weights: str) -> tuple[nn.Module, CfgNode]:
+    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched), and the
+    config to test it with (a foreign checkpoint sets its input size and pixel statistics); a
     checkpoint of another architecture is a CheckpointError naming both."""
-    from strongreid.deploy.extractor import load_inference_model
+    from strongreid.modeling.loading import load_inference_model
 
-    return load_inference_model(cfg, weights)
+    loaded = load_inference_model(cfg, weights)
+    return loaded.model, loaded.cfg
 
 
 def test_command(cfg: CfgNode) -> int:
@@ -187,15 +243,22 @@ def test_command(cfg: CfgNode) -> int:
     out_dir = Path(cfg.OUTPUT_DIR)
     setup_logging(out_dir, ctx.rank)
     splits = load_splits(cfg, need_train=False)
-    model = build_test_model(cfg, cfg.TEST.WEIGHT).to(device)
+    from strongreid.data.integrity import check_splits
+
+    check_splits(cfg, splits, train=False, write_list=ctx.is_main)  # every bad file named at once
+    model, cfg = build_test_model(cfg, cfg.TEST.WEIGHT)
+    model = model.to(device)
     if use_channels_last(cfg.MODEL.CHANNELS_LAST, device):
         model = model.to(memory_format=torch.channels_last)
     logger.info("evaluating %s on %s: %d query, %d gallery images", cfg.TEST.WEIGHT, splits.test_name,
                 len(splits.query), len(splits.gallery))
-    evaluated = evaluate_model(cfg, model, splits.query, splits.gallery, device)
+    evaluated = evaluate_model(cfg, model, splits.query, splits.gallery, device,
+                               multi_query=splits.multi_query)
     if evaluated is not None:
         summary = write_results(cfg, out_dir, evaluated, splits.query, splits.gallery,
-                                {"weights": str(cfg.TEST.WEIGHT), "dataset": splits.test_name})
+                                {"weights": str(cfg.TEST.WEIGHT), "dataset": splits.test_name,
+                                 "multi_query": bool(cfg.TEST.MULTI_QUERY), "flip": bool(cfg.TEST.FLIP_AUG),
+                                 "multi_scale": list(test_scales(cfg))})
         print(format_table("plain", summary))
         if "reranked" in evaluated["results"]:
             print(format_table("re-ranked", evaluated["results"]["reranked"].to_dict()))

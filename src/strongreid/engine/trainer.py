@@ -84,10 +84,16 @@ class Trainer:
 
     def __init__(self, cfg: CfgNode, resume: bool | str = False) -> None:
         from strongreid.data import build_train_loader
+        from strongreid.data.integrity import check_splits
         from strongreid.data.splits import load_splits
         from strongreid.losses import build_loss
         from strongreid.modeling import build_model
-        from strongreid.solver import build_scheduler, make_center_optimizer, make_optimizer
+        from strongreid.solver import (
+            build_iteration_lr,
+            build_scheduler,
+            make_center_optimizer,
+            make_optimizer,
+        )
 
         self.cfg = cfg
         self.device = select_device(cfg)
@@ -111,10 +117,13 @@ class Trainer:
 
         self.splits = load_splits(cfg)
         self.num_classes = self.splits.num_classes
+        # Every unreadable image named before anything trains (data/integrity.py).
+        unreadable = check_splits(cfg, self.splits, write_list=self.dist.is_main)
         self.loader = build_train_loader(cfg, self.splits.train, rank=self.dist.rank,
-                                         world_size=self.dist.world_size)
+                                         world_size=self.dist.world_size, device=self.device,
+                                         known_corrupt=unreadable)
         model = build_model(cfg, self.num_classes)
-        self.sync_bn = bool(cfg.MODEL.SYNC_BN) and self.dist.enabled
+        self.sync_bn = D.world_switch(cfg.MODEL.SYNC_BN, self.dist.world_size)
         if self.sync_bn:
             model = D.convert_sync_batchnorm(model, self.device)
         self.channels_last = use_channels_last(cfg.MODEL.CHANNELS_LAST, self.device)
@@ -125,7 +134,7 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = build_loss(cfg, self.num_classes, model.feat_dim).to(self.device)
-        self.triplet_gather = (bool(cfg.SOLVER.TRIPLET_GATHER) and self.dist.enabled
+        self.triplet_gather = (D.world_switch(cfg.SOLVER.TRIPLET_GATHER, self.dist.world_size)
                                and len(self.loss_fn.metrics) > 0)
         solver_cfg = scale_lr(cfg)
         self.optimizer = make_optimizer(solver_cfg, model)
@@ -134,6 +143,8 @@ class Trainer:
         )
         self.scheduler = build_scheduler(solver_cfg, self.optimizer)
         self.averaging = WeightAveraging(cfg)  # SOLVER.WA (engine/averaging.py)
+        # SOLVER.LR_STEP_UNIT 'iter'/'warmup' (issue 14): the lr also moves within the epoch.
+        self.iter_lr = build_iteration_lr(cfg, self.scheduler, len(self.loader))
         self.start_epoch = 0
         self.best_map = -1.0
         self.last_eval: dict[str, Any] | None = None
@@ -162,10 +173,11 @@ class Trainer:
             len(self.loader), self.device, self.amp_dtype, self.channels_last, self.dist.world_size,
         )
         if self.dist.enabled:
-            logger.info("distributed: %d ranks x %d images (global batch %d), SyncBN %s, triplet over %s",
+            logger.info("distributed: %d ranks x %d images (global batch %d), SyncBN %s (MODEL.SYNC_BN %s), "
+                        "triplet over %s (SOLVER.TRIPLET_GATHER %s)",
                         self.dist.world_size, D.local_batch_size(cfg, self.dist.world_size),
-                        cfg.SOLVER.IMS_PER_BATCH, "on" if self.sync_bn else "off",
-                        "all ranks" if self.triplet_gather else "each rank's batch")
+                        cfg.SOLVER.IMS_PER_BATCH, "on" if self.sync_bn else "off", cfg.MODEL.SYNC_BN,
+                        "all ranks" if self.triplet_gather else "each rank's batch", cfg.SOLVER.TRIPLET_GATHER)
 
     def _agree_on_resume(self) -> bool:
         """Resume when every rank sees last.pt, start afresh when none does; anything else means
@@ -316,6 +328,8 @@ class Trainer:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = pids.to(self.device, non_blocking=True)
+            if self.iter_lr is not None:
+                lr = self.iter_lr(epoch - 1, it - 1)
             self.optimizer.zero_grad(set_to_none=True)
             if self.center_optimizer is not None:
                 self.center_optimizer.zero_grad(set_to_none=True)
@@ -415,8 +429,26 @@ class Trainer:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _validate(self, epoch: int) -> None:
+        """DATASETS.VALIDATION: loss and top-1 error of the held-out images, on rank 0."""
+        if not self.splits.val or not self.dist.is_main:
+            return
+        from strongreid.data import build_test_loader
+        from strongreid.engine.validation import validation_metrics
+
+        if not hasattr(self, "_val_loader"):
+            self._val_loader = build_test_loader(self.cfg, self.splits.val)
+        val = validation_metrics(self.model, self._val_loader, self.device, self.amp_dtype)
+        self._log(f"epoch {epoch} validation: loss {val['val_loss']:.4f}, top-1 error "
+                  f"{100 * val['val_error']:.2f}% ({val['val_images']} images)")
+        self._append_metrics({"type": "val", "epoch": epoch, **val})
+        if self.tb is not None:
+            self.tb.add_scalar("val/loss", val["val_loss"], epoch)
+            self.tb.add_scalar("val/error", val["val_error"], epoch)
+
     def evaluate(self, epoch: int) -> dict[str, Any] | None:
-        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device)
+        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device,
+                                   multi_query=self.splits.multi_query)
         if evaluated is None:
             return None
         res = evaluated["results"]["plain"].to_dict()
@@ -448,6 +480,7 @@ class Trainer:
             self.averaging.update(epoch, self.model)
             self._append_metrics({"type": "train", "epoch": epoch, **stats})
             self._log(f"epoch {epoch} done in {stats['time']:.1f} s ({stats['images_per_s']:.1f} img/s)")
+            self._validate(epoch)
             do_eval = epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == max_epochs
             evaluated = self.evaluate(epoch) if do_eval else None
             self._save(epoch, evaluated is not None)

@@ -60,7 +60,9 @@ class ArcFaceLogits(MarginLogits):
         self.fallback = math.sin(math.pi - margin) * margin
 
     def logits(self, cos: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        sin = (1.0 - cos.pow(2)).clamp(min=0.0).sqrt()
+        # clamp above 0: sqrt's derivative at 0 is infinite, and a cosine of exactly 1 would
+        # turn the backward pass into NaN (changes sin by at most 1e-6 there).
+        sin = (1.0 - cos.pow(2)).clamp(min=1e-12).sqrt()
         phi = cos * self.cos_m - sin * self.sin_m
         phi = torch.where(cos > self.threshold, phi, cos - self.fallback)
         return self.scale * torch.where(_one_hot(cos, targets), phi, cos)

@@ -66,6 +66,7 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
     """ReIDModel (or MODEL.HEAD's layumi / PCB model) from cfg.MODEL, initialised as MODEL.PRETRAIN_CHOICE says."""
     from strongreid.config.loader import timm_kwargs
     from strongreid.modeling import weights
+    from strongreid.modeling.init_options import apply_init_options
 
     backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE, timm_kwargs(cfg),
                                img_size=tuple(cfg.INPUT.SIZE_TRAIN))
@@ -86,6 +87,7 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
             pooling=cfg.MODEL.POOLING,
             gem_p=cfg.MODEL.GEM_P,
         )
+    apply_init_options(cfg, model)  # issue 14's init keys; no-op at their defaults
     if cfg.MODEL.ID_LOSS_TYPE != "softmax":  # loss zoo: margin losses need cosine logits
         from strongreid.modeling.cosine import use_cosine_classifier
 

@@ -34,6 +34,16 @@ class CosineClassifier(nn.Module):
 
 
 def use_cosine_classifier(model: nn.Module) -> None:
-    """Swap the model's Linear classifier for a CosineClassifier of the same size."""
-    old = model.classifier
-    model.classifier = CosineClassifier(old.in_features, old.out_features)
+    """Swap every class-count Linear of the model for a CosineClassifier of the same size.
+
+    Those are the modules under the model's `class_layers` prefixes (layumi's ClassBlock
+    `classifier.classifier.0`, PCB's one per part), or ReIDModel's `classifier`.
+    """
+    prefixes = tuple(getattr(model, "class_layers", ("classifier.",)))
+    targets = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and (name + ".").startswith(prefixes)]
+    for name in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, leaf)
+        setattr(parent, leaf, CosineClassifier(old.in_features, old.out_features))

@@ -1,6 +1,12 @@
 """Optimisers (the original's per-parameter rules), the center SGD, and epoch LR schedules."""
 
-from strongreid.solver.lr_scheduler import WarmupCosineLR, WarmupMultiStepLR, build_scheduler
+from strongreid.solver.lr_scheduler import (
+    IterationLR,
+    WarmupCosineLR,
+    WarmupMultiStepLR,
+    build_iteration_lr,
+    build_scheduler,
+)
 from strongreid.solver.optimizer import (
     make_center_optimizer,
     make_optimizer,
@@ -10,6 +16,8 @@ from strongreid.solver.optimizer import (
 )
 
 __all__ = [
+    "IterationLR",
+    "build_iteration_lr",
     "WarmupCosineLR",
     "WarmupMultiStepLR",
     "build_scheduler",

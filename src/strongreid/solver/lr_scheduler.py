@@ -166,3 +166,62 @@ def build_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> LRSchedul
             group["lr"] = lr
         sched._last_lr = [group["lr"] for group in optimizer.param_groups]
     return sched
+
+
+LR_STEP_UNITS = ("epoch", "iter", "warmup")
+
+
+class IterationLR:
+    """Moves an epoch scheduler's lr inside the epoch (SOLVER.LR_STEP_UNIT 'iter' / 'warmup').
+
+    The epoch schedulers are closed forms lr = base_lr * factor(t); this evaluates factor at the
+    fractional epoch t = e + i / n before iteration i (0-based) of epoch e (0-based), so a
+    warm-up over W epochs rises linearly over W * n iterations as fast-reid's WarmupLR does. In
+    'warmup' mode only the warm-up epochs are fractional; the decay keeps the epoch's value
+    (fast-reid steps its cosine/multistep per epoch). It derives everything from (e, i) and the
+    scheduler's base_lrs, so a resumed run sets the same lr and nothing needs saving. The epoch
+    scheduler keeps stepping after each epoch; at i = 0 both give the same lr.
+    """
+
+    def __init__(self, scheduler: _EpochScheduler, unit: str, iters_per_epoch: int) -> None:
+        if unit not in ("iter", "warmup"):
+            raise ConfigError(
+                f"SOLVER.LR_STEP_UNIT = {unit!r}: IterationLR serves 'iter' or 'warmup'."
+            )
+        if iters_per_epoch < 1:
+            raise ConfigError("the training loader yields no batch: nothing to schedule per iteration")
+        self.scheduler = scheduler
+        self.unit = unit
+        self.iters_per_epoch = int(iters_per_epoch)
+
+    def t_at(self, epoch: int, it: int) -> float:
+        """The fractional epoch of iteration `it` (0-based) in epoch `epoch` (0-based)."""
+        if self.unit == "warmup" and epoch >= getattr(self.scheduler, "warmup_iters", 0):
+            return float(epoch)
+        return epoch + it / self.iters_per_epoch
+
+    def __call__(self, epoch: int, it: int) -> float:
+        """Set every group's lr for this iteration; returns the first group's (for the log)."""
+        factor = self.scheduler.factor(self.t_at(epoch, it))
+        # SOLVER.FREEZE_BACKBONE_EPOCHS holds the backbone groups at 0, as the epoch scheduler.
+        frozen = epoch < getattr(self.scheduler, "freeze_epochs", 0)
+        for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = 0.0 if frozen and group.get("backbone") else base * factor
+        return self.scheduler.optimizer.param_groups[0]["lr"]
+
+
+def build_iteration_lr(cfg: CfgNode, scheduler: LRScheduler, iters_per_epoch: int) -> IterationLR | None:
+    """None for SOLVER.LR_STEP_UNIT 'epoch' (the original: the trainer only steps per epoch)."""
+    unit = cfg.SOLVER.LR_STEP_UNIT
+    if unit not in LR_STEP_UNITS:
+        raise ConfigError(
+            f"SOLVER.LR_STEP_UNIT = {unit!r}: use one of {', '.join(map(repr, LR_STEP_UNITS))}."
+        )
+    if unit == "epoch":
+        return None
+    if not isinstance(scheduler, _EpochScheduler):
+        raise ConfigError(
+            f"SOLVER.LR_STEP_UNIT = {unit!r} needs a closed-form schedule (SOLVER.SCHED "
+            f"'multistep' or 'cosine'); {type(scheduler).__name__} has none: use 'epoch'."
+        )
+    return IterationLR(scheduler, unit, iters_per_epoch)

@@ -85,7 +85,8 @@ def epoch_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, f
 
     Train records give the mean of every `loss*` key and of `acc` over the epoch's log lines and
     the last `lr` (the scheduler steps once per epoch, so it is constant within one).
-    Eval records give `mAP`, `rank1` and `mINP` of their epoch (the last one if repeated).
+    Eval records give `mAP`, `rank1` and `mINP` of their epoch (the last one if repeated); val
+    records (DATASETS.VALIDATION) `val_loss` and `val_acc` (1 - their `val_error`).
     """
     sums: dict[str, dict[int, list[float]]] = {}
     out: dict[str, dict[int, float]] = {}
@@ -103,6 +104,11 @@ def epoch_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, f
                     out.setdefault("lr", {})[epoch] = number
                 elif key.startswith("loss") or key == "acc":
                     sums.setdefault(key, {}).setdefault(epoch, []).append(number)
+        elif kind == "val":  # DATASETS.VALIDATION: held-out loss and top-1 accuracy
+            for key, name in (("val_loss", "val_loss"), ("val_error", "val_acc")):
+                number = _number(record.get(key))
+                if number is not None:
+                    out.setdefault(name, {})[epoch] = 1.0 - number if name == "val_acc" else number
         elif kind == "eval":
             for key in EVAL_KEYS:
                 number = _number(record.get(key))
@@ -149,9 +155,9 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], out_png: str | os
     if "loss" in loss_keys:
         loss_keys.remove("loss")
         loss_keys.insert(0, "loss")
-    _plot_series(axes[0][0], series, loss_keys)
+    _plot_series(axes[0][0], series, loss_keys + ["val_loss"])
     axes[0][0].set_title("loss (mean per epoch)")
-    _plot_series(axes[0][1], series, ["acc"], scale=100.0)
+    _plot_series(axes[0][1], series, ["acc", "val_acc"], scale=100.0)
     axes[0][1].set_title("ID accuracy (%)")
     if _plot_series(axes[1][0], series, ["lr"]):
         axes[1][0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

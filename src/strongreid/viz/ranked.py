@@ -140,6 +140,41 @@ def select_queries(ap: np.ndarray, count: int, how: str, seed: int = 0) -> list[
     return [int(i) for i in order[:count]]
 
 
+def resolve_queries(ranking: dict[str, np.ndarray], wanted: list[str]) -> list[int]:
+    """Query indices of `wanted`, in order: a 0-based index into the ranking's queries (layumi
+    demo.py's --query_index), or an image named by its path, a path suffix or its file name."""
+    paths = [str(p) for p in ranking["q_paths"]]
+    num = len(paths)
+    chosen: list[int] = []
+    for item in wanted:
+        text = str(item).strip()
+        if text.lstrip("-").isdigit():
+            index = int(text)
+            if not 0 <= index < num:
+                raise StrongReIDError(
+                    f"--query {text}: the ranking has {num} queries, so an index is 0..{num - 1}"
+                )
+            chosen.append(index)
+            continue
+        norm = text.replace(os.sep, "/")
+        matches = [i for i, p in enumerate(paths)
+                   if p == text or p.replace(os.sep, "/").endswith("/" + norm.lstrip("/"))]
+        if not matches:
+            example = os.path.basename(paths[0]) if paths else "none"
+            raise StrongReIDError(
+                f"--query {text!r} is neither a query index (0..{num - 1}) nor the name of a query "
+                f"image of this ranking (e.g. {example})"
+            )
+        if len(matches) > 1:
+            shown = ", ".join(paths[i] for i in matches[:3])
+            raise StrongReIDError(
+                f"--query {text!r} names {len(matches)} query images ({shown}); give more of the "
+                "path or the index"
+            )
+        chosen.append(matches[0])
+    return chosen
+
+
 def _resolve(path: str, base_dirs: list[Path]) -> Path | None:
     candidate = Path(path)
     if candidate.is_file():
@@ -228,11 +263,24 @@ def draw_ranked_lists(ranking: dict[str, np.ndarray], query_indices: list[int],
 
 
 def write_visualizations(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                         queries: int = 8, topk: int = 10, seed: int = 0) -> dict[str, Path]:
+                         queries: int = 8, topk: int = 10, seed: int = 0,
+                         query: list[str] | None = None) -> dict[str, Path]:
     """Every picture the run's files allow: ranked lists (worst/best/random), CMC, training curves.
 
     Keys of the result: 'worst', 'best', 'random', 'cmc', 'training' for the files written.
+    With `query` (indices or file names, see `resolve_queries`) only the ranked lists of those
+    queries are drawn, one row each in the order given, to 'query' (ranked_query.png), as
+    layumi's demo.py draws the top-10 of one chosen query.
     """
+    if query:
+        if topk < 1:
+            raise StrongReIDError(f"--topk ({topk}) must be at least 1")
+        ranking = load_ranking(results_dir)
+        chosen = resolve_queries(ranking, list(query))
+        title = "query " + ", ".join(str(q) for q in chosen)
+        png = draw_ranked_lists(ranking, chosen, Path(out_dir) / "ranked_query.png", topk, title,
+                                [Path(results_dir), Path.cwd()])
+        return {"query": png}
     if queries < 1 or topk < 1:
         raise StrongReIDError(f"--queries ({queries}) and --topk ({topk}) must be at least 1")
     results = Path(results_dir)
@@ -278,10 +326,11 @@ def write_visualizations(results_dir: str | os.PathLike, out_dir: str | os.PathL
 
 
 def visualize_command(args: argparse.Namespace) -> int:
-    """`strongreid visualize --results DIR [--queries N] [--topk K] [--out DIR] [--seed S]`."""
+    """`strongreid visualize --results DIR [--queries N] [--topk K] [--out DIR] [--seed S]
+    [--query N|FILE ...]`."""
     out = Path(args.out) if getattr(args, "out", None) else Path(args.results) / "viz"
     written = write_visualizations(args.results, out, int(args.queries), int(args.topk),
-                                   int(getattr(args, "seed", 0) or 0))
+                                   int(getattr(args, "seed", 0) or 0), getattr(args, "query", None))
     for path in written.values():
         print(path)
     return 0
@@ -297,6 +346,7 @@ __all__ = [
     "draw_ranked_lists",
     "load_ranking",
     "match_kind",
+    "resolve_queries",
     "select_queries",
     "visualize_command",
     "write_visualizations",

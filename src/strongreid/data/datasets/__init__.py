@@ -24,6 +24,7 @@ from strongreid.data.datasets.base import (
 )
 from strongreid.data.datasets.cuhk03 import CUHK03
 from strongreid.data.datasets.generic import FolderDataset, ListDataset
+from strongreid.data.datasets.layumi import DGMarket, LayumiPrepared, layumi_camera
 from strongreid.data.datasets.market import (
     DukeMTMCreID,
     Market1501,
@@ -33,6 +34,7 @@ from strongreid.data.datasets.market import (
 )
 from strongreid.data.datasets.msmt17 import MSMT17, parse_msmt_camera
 from strongreid.data.datasets.stats import dataset_stats, format_stats, split_stats, stats_command
+from strongreid.data.datasets.vehicleid import VehicleID
 from strongreid.data.datasets.veri import VeRi776
 from strongreid.errors import DatasetError
 
@@ -44,10 +46,12 @@ __all__ = [
     "DATASETS",
     "IMAGE_EXTENSIONS",
     "MSMT17",
+    "DGMarket",
     "DukeMTMCreID",
     "FileIndex",
     "FolderDataset",
     "ImageRecord",
+    "LayumiPrepared",
     "ListDataset",
     "Market1501",
     "MarketStyleDataset",
@@ -56,11 +60,13 @@ __all__ = [
     "ReIDDataset",
     "SyntheticPedestrians",
     "VeRi776",
+    "VehicleID",
     "build_dataset",
     "combine_train",
     "dataset_options",
     "dataset_stats",
     "format_stats",
+    "layumi_camera",
     "list_image_names",
     "parse_msmt_camera",
     "parse_pid_cam",
@@ -87,23 +93,33 @@ def dataset_options(cfg: CfgNode, name: str) -> dict[str, Any]:
         "query": str(cfg.DATASETS.LIST_QUERY),
         "gallery": str(cfg.DATASETS.LIST_GALLERY),
         "skip_corrupt": flag(cfg.DATALOADER.SKIP_CORRUPT),
+        # layumi compatibility (issue 10)
+        "train_all": bool(cfg.DATASETS.TRAIN_ALL),
+        "test_size": str(cfg.DATASETS.VEHICLEID_TEST_SIZE),
     }
     return {key: value for key, value in values.items() if key in declared and value != ""}
 
 
-def combine_train(datasets: Sequence[ReIDDataset]) -> list[ImageRecord]:
-    """Concatenate train splits, offsetting pids and camids so no two datasets share a label."""
+def combine_train(
+    datasets: Sequence[ReIDDataset], splits: Sequence[Sequence[ImageRecord]] | None = None
+) -> list[ImageRecord]:
+    """Concatenate train splits, offsetting pids and camids so no two datasets share a label.
+
+    `splits` (one list per dataset, in its train labels, e.g. its validation images) are
+    offset exactly as the train splits are, instead of the train splits themselves.
+    """
     combined: list[ImageRecord] = []
     pid_offset = 0
     cam_offset = 0
-    for dataset in datasets:
+    for index, dataset in enumerate(datasets):
         if not dataset.train:
             raise DatasetError(
                 f"{dataset.TITLE} at {dataset.dataset_dir} has no train split to train on; "
                 "remove it from DATASETS.NAMES or give it a train list."
             )
+        records = dataset.train if splits is None else splits[index]
         combined.extend(
-            ImageRecord(r.path, r.pid + pid_offset, r.camid + cam_offset) for r in dataset.train
+            ImageRecord(r.path, r.pid + pid_offset, r.camid + cam_offset) for r in records
         )
         # Train pids are 0..N-1 after relabelling; camids need not be contiguous, so the next
         # dataset starts after the largest one.

@@ -164,6 +164,10 @@ class ReIDDataset(ABC):
         self.num_missing = 0
         # Splits the loader left out on purpose (the `list` loader without that list).
         self.omitted: set[str] = set()
+        # Optional extra splits a loader may fill in `load` (dataset's own pids): a validation
+        # split of training identities (layumi's val/) and multi-query images (Market gt_bbox/).
+        self.val: list[ImageRecord] = []
+        self.multi_query: list[ImageRecord] = []
         # A user's loader may return plain (path, pid, camid) tuples.
         train, query, gallery = (
             [r if isinstance(r, ImageRecord) else ImageRecord(*r) for r in split]
@@ -177,8 +181,25 @@ class ReIDDataset(ABC):
                     "Check that the download or extraction is complete."
                 )
         self.train = relabel(train)
+        self.val = self._relabel_like_train(train, self.val)
         self.query = query
         self.gallery = gallery
+
+    def _relabel_like_train(
+        self, train: Sequence[ImageRecord], records: Sequence[ImageRecord]
+    ) -> list[ImageRecord]:
+        """`records` with the labels `relabel` gave the train split; other identities are dropped
+        (a validation image needs a class the classifier knows)."""
+        if not records:
+            return []
+        mapping = {pid: label for label, pid in enumerate(sorted({r.pid for r in train}))}
+        kept = [ImageRecord(r.path, mapping[r.pid], r.camid) for r in records if r.pid in mapping]
+        if len(kept) < len(records):
+            logger.warning(
+                "%s: %d validation image(s) of identities absent from the train split were dropped",
+                self.TITLE, len(records) - len(kept),
+            )
+        return kept
 
     @abstractmethod
     def load(self) -> Splits:

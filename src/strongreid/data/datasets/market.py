@@ -108,8 +108,18 @@ ROOT/market1501/          (or ROOT/Market-1501-v15.09.15/)
     bounding_box_train/   0002_c1s1_000451_03.jpg ...   12,936 images
     query/                0001_c1s1_001051_00.jpg ...    3,368 images
     bounding_box_test/    -1_c1s1_000401_03.jpg ...     19,732 images (-1 = junk, dropped)
+    gt_bbox/              hand-drawn boxes, optional: the multi-query images (TEST.MULTI_QUERY)
 """
     URL = "https://zheng-lab.cecs.anu.edu.au/Project/project_reid.html (Market-1501-v15.09.15.zip)"
+
+    def load(self) -> Splits:
+        splits = super().load()
+        # The archive's gt_bbox/ holds the hand-drawn boxes of every identity; the Market
+        # multi-query protocol averages a query's same-identity, same-camera boxes from it.
+        gt_bbox = os.path.join(self.dataset_dir, "gt_bbox")
+        if os.path.isdir(gt_bbox):
+            self.multi_query = self.read_folder("multi_query", gt_bbox)
+        return splits
 
 
 @DATASETS.register("dukemtmc")

@@ -20,8 +20,17 @@ def split_stats(records: Iterable[ImageRecord]) -> dict[str, int]:
     return {"ids": len(pids), "images": images, "cams": len(cams)}
 
 
+# Splits a loader may add (layumi's val/, Market's gt_bbox/ multi-query): shown when present.
+EXTRA_SPLITS = ("val", "multi_query")
+
+
 def dataset_stats(dataset: ReIDDataset) -> dict[str, dict[str, int]]:
-    return {split: split_stats(getattr(dataset, split)) for split in SPLITS}
+    stats = {split: split_stats(getattr(dataset, split)) for split in SPLITS}
+    for split in EXTRA_SPLITS:
+        records = getattr(dataset, split, None)
+        if records:
+            stats[split] = split_stats(records)
+    return stats
 
 
 def format_stats(dataset: ReIDDataset) -> str:

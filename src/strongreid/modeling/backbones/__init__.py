@@ -1,6 +1,6 @@
 """Backbones: `BACKBONES` registry and `create_backbone(name, last_stride)` (also `timm:<name>`)."""
 
-from strongreid.modeling.backbones import resnet, resnet_ibn, timm_models  # noqa: F401  (register)
+from strongreid.modeling.backbones import densenet, resnet, resnet_ibn, timm_models  # noqa: F401  (register)
 from strongreid.modeling.backbones.base import (
     BACKBONES,
     TIMM_PREFIX,

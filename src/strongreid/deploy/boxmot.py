@@ -1,0 +1,145 @@
+"""What `strongreid export --target boxmot` adds: BoxMOT's input convention, its sidecar, the snippet.
+
+BoxMOT 25 (AGPL, an optional extra) is never imported here: these are facts read from its
+ReID backends (boxmot/reid/backends/base_backend.py, core/crops.py, core/artifacts.py):
+
+* the runtime is chosen by the file suffix only (`.onnx`, `.torchscript`, ...);
+* every crop is cut from the BGR frame, resized with cv2 INTER_LINEAR to the model's H x W,
+  turned to RGB, divided by 255 and normalised with the ImageNet mean/std, hard-coded;
+* the H x W comes from the sidecar `<file>.metadata.json` (`model_kwargs.img_size`); the ONNX
+  backend replaces it with the graph's static size, TorchScript uses the sidecar or 256 x 128.
+
+So a model trained with another INPUT.PIXEL_MEAN/STD gets the difference as a per-channel affine
+map in front of the graph: with BoxMOT's input b = (p - m_i) / s_i and the model's x = (p - m) / s,
+x = b * (s_i / s) + (m_i - m) / s, exact in floating point up to rounding. It is a separate
+Mul/Add rather than folded into the first convolution because the convolution's zero padding
+would then pad with the wrong value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from yacs.config import CfgNode
+
+from strongreid.errors import ConfigError
+
+# torchvision's ImageNet statistics, which BoxMOT applies to every crop (RGB, on pixel / 255).
+BOXMOT_PIXEL_MEAN = (0.485, 0.456, 0.406)
+BOXMOT_PIXEL_STD = (0.229, 0.224, 0.225)
+# File suffix -> strongreid export format: BoxMOT picks its runtime from the suffix.
+BOXMOT_SUFFIXES = {".onnx": "onnx", ".torchscript": "torchscript", ".xml": "openvino"}
+SIDECAR_SCHEMA_VERSION = 1
+MODEL_KWARGS_SCHEMA_VERSION = 1
+
+
+class InputAdapter(nn.Module):
+    """BoxMOT-normalised crops -> the model's normalisation: x = b * scale + shift per channel."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.view(1, 3, 1, 1).float())
+        self.register_buffer("shift", shift.view(1, 3, 1, 1).float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.scale + self.shift
+
+
+def input_adapter(cfg: CfgNode) -> InputAdapter | None:
+    """The affine map from BoxMOT's ImageNet input to INPUT.PIXEL_MEAN/STD, None when they agree."""
+    mean = [float(v) for v in cfg.INPUT.PIXEL_MEAN]
+    std = [float(v) for v in cfg.INPUT.PIXEL_STD]
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(
+            f"--target boxmot needs 3-channel INPUT.PIXEL_MEAN/STD (BoxMOT feeds RGB crops), got "
+            f"{mean} / {std}"
+        )
+    if mean == list(BOXMOT_PIXEL_MEAN) and std == list(BOXMOT_PIXEL_STD):
+        return None
+    # float64 for the coefficients, so the only rounding is the fp32 Mul/Add in the graph.
+    m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    mi, si = torch.tensor(BOXMOT_PIXEL_MEAN, dtype=torch.float64), torch.tensor(BOXMOT_PIXEL_STD,
+                                                                               dtype=torch.float64)
+    return InputAdapter(si / s, (mi - m) / s)
+
+
+class BoxMOTModel(nn.Module):
+    """The exported graph for BoxMOT: input adapter (if any), then the strongreid inference model."""
+
+    def __init__(self, inference: nn.Module, adapter: InputAdapter | None) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.inference = inference
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.adapter is not None:
+            images = self.adapter(images)
+        return self.inference(images)
+
+
+def boxmot_format(out: str | os.PathLike, fmt: str | None) -> str:
+    """The export format BoxMOT will pick for `out`; refuses a suffix or format it cannot use."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in BOXMOT_SUFFIXES:
+        raise ConfigError(
+            f"--out {out}: BoxMOT chooses its runtime from the file suffix; name the file "
+            f"NAME.onnx (recommended: the crop size is read from the graph), NAME.torchscript or "
+            "NAME.xml (OpenVINO IR)"
+        )
+    wanted = BOXMOT_SUFFIXES[suffix]
+    if fmt is None or fmt == wanted or (suffix == ".onnx" and fmt == "onnx-int8"):
+        return fmt or wanted
+    if fmt in BOXMOT_SUFFIXES.values():
+        other = {v: k for k, v in BOXMOT_SUFFIXES.items()}[fmt]
+        raise ConfigError(f"--format {fmt} with --out {out}: BoxMOT reads a {suffix} file as "
+                          f"{wanted}; use --format {wanted} or the suffix {other}")
+    raise ConfigError(f"--format {fmt}: BoxMOT loads onnx, onnx-int8, torchscript or openvino "
+                      "exports of a strongreid model")
+
+
+def sidecar_path(out: str | os.PathLike) -> Path:
+    """Where BoxMOT looks for an artifact's metadata: `<file>.metadata.json`."""
+    out = Path(out)
+    return out.with_name(out.name + ".metadata.json")
+
+
+def sidecar(cfg: CfgNode) -> dict:
+    """The metadata BoxMOT 25 reads (schema 1): the crop size, and the preprocessing it must use."""
+    height, width = (int(v) for v in cfg.INPUT.SIZE_TEST)
+    return {
+        "schema_version": SIDECAR_SCHEMA_VERSION,
+        "model_kwargs_schema_version": MODEL_KWARGS_SCHEMA_VERSION,
+        "model_kwargs": {"img_size": [height, width]},
+        # strongreid's test transform stretches the crop to H x W; BoxMOT's 'resize' does the same.
+        "preprocess": "resize",
+        # Ignored by BoxMOT, for people reading the file.
+        "producer": "strongreid",
+        "arch": str(cfg.MODEL.NAME),
+        "pixel_mean_folded": [float(v) for v in cfg.INPUT.PIXEL_MEAN],
+        "pixel_std_folded": [float(v) for v in cfg.INPUT.PIXEL_STD],
+    }
+
+
+def write_sidecar(out: str | os.PathLike, cfg: CfgNode) -> Path:
+    """Write `<out>.metadata.json` atomically; returns its path."""
+    path = sidecar_path(out)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(sidecar(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def snippet(out: str | os.PathLike) -> str:
+    """The Python lines to paste into a BoxMOT program to track with the exported model."""
+    return (
+        "from pathlib import Path\n"
+        "import torch\n"
+        "from boxmot import BotSort  # or StrongSort, DeepOcSort, HybridSort, BoostTrack\n"
+        f"tracker = BotSort(reid_weights=Path({os.fspath(Path(out).resolve())!r}), "
+        "device=torch.device('cpu'), half=False)\n"
+        "tracks = tracker.update(dets, frame)  # dets: N x 6 (x1, y1, x2, y2, conf, cls), frame: BGR"
+    )

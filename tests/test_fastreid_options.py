@@ -1,0 +1,225 @@
+"""Issue 14's keys (fast-reid's BoT differences): per-iteration LR, classifier std, zero-init
+residual BN; their defaults keep the original behaviour; the ablation script's table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from _train_utils import tiny_train_opts
+
+from strongreid.cli import main
+from strongreid.config import get_cfg_defaults, load_config
+from strongreid.errors import ConfigError
+from strongreid.modeling import build_model
+from strongreid.modeling.backbones import create_backbone
+from strongreid.modeling.init_options import last_block_norms, zero_init_residual
+from strongreid.solver import IterationLR, WarmupCosineLR, WarmupMultiStepLR, build_iteration_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL_CONFIGS = ["softmax.yml", "softmax_triplet.yml", "softmax_triplet_with_center.yml", "baseline.yml"]
+
+
+def _opt(base_lr: float = 1e-3) -> torch.optim.Optimizer:
+    return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
+
+
+def _cfg(unit: str):
+    cfg = get_cfg_defaults()
+    cfg.SOLVER.LR_STEP_UNIT = unit
+    return cfg
+
+
+@pytest.mark.parametrize("name", ORIGINAL_CONFIGS)
+def test_original_configs_keep_the_original_behaviour(name):
+    cfg = load_config(str(ROOT / "configs" / name), [])
+    assert cfg.SOLVER.LR_STEP_UNIT == "epoch"
+    assert cfg.MODEL.CLASSIFIER_INIT_STD == 0.001
+    assert cfg.MODEL.ZERO_INIT_RESIDUAL is False
+
+
+def test_epoch_unit_builds_no_iteration_lr():
+    sched = WarmupCosineLR(_opt(), 16, 0.01, 0.1, 3, "linear")
+    assert build_iteration_lr(_cfg("epoch"), sched, 33) is None
+    with pytest.raises(ConfigError, match="'epoch', 'iter', 'warmup'"):
+        build_iteration_lr(_cfg("batch"), sched, 33)
+
+
+def test_iteration_warmup_hand_values():
+    # base 1e-3, warm-up 3 epochs from 0.1, 10 iterations an epoch: t = e + i / 10.
+    opt = _opt(1e-3)
+    sched = WarmupCosineLR(opt, 16, 0.01, 0.1, 3, "linear")
+    step = IterationLR(sched, "warmup", 10)
+    assert step(0, 0) == pytest.approx(1e-4)  # fast-reid's first iteration: base * factor
+    # t = 0.5: 0.1 (1 - 0.5/3) + 0.5/3 = 0.25
+    assert step(0, 5) == pytest.approx(2.5e-4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    # t = 2.9: 0.1 (1 - 2.9/3) + 2.9/3 = 0.97
+    assert step(2, 9) == pytest.approx(0.97e-3)
+    # after warm-up 'warmup' keeps the epoch's value: epoch 4 (0-based 3) is the cosine's start
+    assert step(3, 7) == pytest.approx(1e-3)
+    # epoch 0-based 9: progress (9 - 3) / 12 = 0.5 -> 0.01 + 0.99 * 0.5
+    assert step(9, 5) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+
+
+def test_iteration_schedule_hand_values():
+    sched = WarmupCosineLR(_opt(1e-3), 16, 0.01, 0.1, 3, "linear")
+    step = IterationLR(sched, "iter", 10)
+    # t = 3.5: progress 0.5 / 12
+    expected = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5 / 12))
+    assert step(3, 5) == pytest.approx(1e-3 * expected)
+    # multistep: milestone 5 takes effect half-way through 0-based epoch 4 only at t >= 5
+    ms = WarmupMultiStepLR(_opt(1.0), [5], 0.1, 1.0, 0, "linear")
+    mstep = IterationLR(ms, "iter", 4)
+    assert mstep(4, 3) == pytest.approx(1.0)
+    assert mstep(5, 0) == pytest.approx(0.1)
+
+
+def test_iteration_lr_agrees_with_the_epoch_scheduler_at_epoch_starts():
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 1e-3},
+                           {"params": [nn.Parameter(torch.zeros(1))], "lr": 2e-3}], lr=1e-3)
+    sched = WarmupCosineLR(opt, 8, 0.01, 0.1, 2, "linear")
+    step = IterationLR(sched, "iter", 7)
+    for epoch in range(8):
+        lrs = [g["lr"] for g in opt.param_groups]
+        step(epoch, 0)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx(lrs)
+        assert lrs[1] == pytest.approx(2 * lrs[0])  # every group keeps its own base lr
+        opt.step()
+        sched.step()
+
+
+def test_lr_step_unit_is_validated_by_the_loader():
+    with pytest.raises(ConfigError, match="SOLVER.LR_STEP_UNIT.*'epoch', 'iter', 'warmup'"):
+        load_config(None, ["SOLVER.LR_STEP_UNIT", "batch"])
+    with pytest.raises(ConfigError, match="MODEL.CLASSIFIER_INIT_STD"):
+        load_config(None, ["MODEL.CLASSIFIER_INIT_STD", "0"])
+
+
+def _model(**kv) -> nn.Module:
+    torch.manual_seed(0)
+    opts = ["MODEL.NAME", "resnet18", "MODEL.PRETRAIN_CHOICE", "none"]
+    for k, v in kv.items():
+        opts += [k, str(v)]
+    return build_model(load_config(None, opts), 7)
+
+
+def test_default_init_is_the_original_bit_for_bit():
+    a = _model()
+    b = _model(**{"MODEL.CLASSIFIER_INIT_STD": 0.001, "MODEL.ZERO_INIT_RESIDUAL": False})
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_classifier_std_option():
+    w = _model(**{"MODEL.CLASSIFIER_INIT_STD": 0.01}).classifier.weight
+    assert 0.009 < float(w.detach().std()) < 0.011
+    # neck 'no' keeps nn.Linear's default init (as the original), whatever the std says
+    plain = _model(**{"MODEL.NECK": "no", "MODEL.CLASSIFIER_INIT_STD": 0.01}).classifier.weight
+    assert float(plain.detach().std()) > 0.02
+
+
+@pytest.mark.parametrize(("name", "count", "attr"), [("resnet18", 8, "bn2"), ("resnet50", 16, "bn3")])
+def test_zero_init_residual_zeroes_the_last_bn_of_every_block(name, count, attr):
+    backbone = create_backbone(name, 1)
+    assert len(last_block_norms(backbone)) == count
+    assert zero_init_residual(backbone, name) == count
+    for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+        for block in layer:
+            assert torch.count_nonzero(getattr(block, attr).weight) == 0
+            assert torch.count_nonzero(block.bn1.weight) > 0
+
+
+def test_zero_init_block_starts_as_the_identity():
+    backbone = create_backbone("resnet18", 1)
+    zero_init_residual(backbone, "resnet18")
+    block = backbone.layer1[0].eval()  # no downsample: out = relu(bn2(...) + x) = relu(x)
+    x = torch.randn(2, 64, 8, 4)
+    assert torch.equal(block(x), torch.relu(x))
+
+
+def test_zero_init_without_residual_blocks_is_a_clear_error():
+    with pytest.raises(ConfigError, match="MODEL.ZERO_INIT_RESIDUAL"):
+        zero_init_residual(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "tiny")
+
+
+def test_training_with_iteration_warmup_through_the_cli(tiny_synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    opts = tiny_train_opts(tiny_synthetic_root, out, **{
+        "SOLVER.LR_STEP_UNIT": "iter", "SOLVER.WARMUP_ITERS": 2, "SOLVER.WARMUP_FACTOR": 0.1,
+        "SOLVER.MAX_EPOCHS": 2, "SOLVER.EVAL_PERIOD": 2, "MODEL.CLASSIFIER_INIT_STD": 0.01,
+        "MODEL.ZERO_INIT_RESIDUAL": True, "MODEL.IF_WITH_CENTER": "no", "MODEL.METRIC_LOSS_TYPE": "triplet",
+    })
+    assert main(["train", *opts]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    # The logged lr is the last iteration's: t = e + (n - 1) / n, below the epoch-end value.
+    lr1, lr2 = train_rows[0]["lr"], train_rows[1]["lr"]
+    assert 0.1 * 0.002 < lr1 < 0.55 * 0.002 < lr2 < 0.002
+    assert json.loads((out / "results.json").read_text())["mAP"] > 0
+
+
+def _ablation():
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ablation_variants_and_table(tmp_path):
+    ab = _ablation()
+    assert ab.overrides("demo") == []
+    assert ab.overrides("bot") == ab.BOT
+    for name in ab.VARIANTS:  # every variant is a valid config
+        load_config(str(ROOT / "configs" / "demo.yml"), ab.overrides(name))
+    rows = [{"variant": "bot", "seed": s, "mAP": m, "rank1": r, "wall_s": 100.0}
+            for s, (m, r) in enumerate([(0.70, 0.80), (0.74, 0.84)])]
+    rows.append({"variant": "fastreid", "seed": 0, "mAP": 0.81, "rank1": 0.9, "wall_s": 90.0})
+    path = tmp_path / "r.json"
+    ab.save_results(path, rows)
+    assert ab.load_results(path) == rows
+    text = ab.table(rows)
+    # mean 72.0, sample std sqrt(((-2)^2 + 2^2) / 1) = 2.83; rank-1 82.0 +- 2.83
+    assert "| bot | 2 | 72.0 ± 2.8 | 82.0 ± 2.8 | 70.0..74.0 | 100 |" in text
+    assert "| fastreid | 1 | 81.0 | 90.0 | 81.0..81.0 | 90 |" in text
+
+
+@pytest.mark.parametrize("name", ["bilinear", "bicubic"])
+def test_interpolation_option_resizes_with_that_filter(name):
+    import numpy as np
+    from PIL import Image
+
+    from strongreid.data.transforms import build_transforms
+
+    cfg = load_config(None, ["INPUT.SIZE_TEST", "[16, 8]", "INPUT.INTERPOLATION", name,
+                             "INPUT.PIXEL_MEAN", "[0, 0, 0]", "INPUT.PIXEL_STD", "[1, 1, 1]"])
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8))
+    filt = Image.Resampling.BICUBIC if name == "bicubic" else Image.Resampling.BILINEAR
+    expected = torch.from_numpy(np.array(img.resize((8, 16), filt))).permute(2, 0, 1).float() / 255
+    got = build_transforms(cfg, is_train=False)(img)
+    assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="INPUT.INTERPOLATION.*'bilinear', 'bicubic'"):
+        load_config(None, ["INPUT.INTERPOLATION", "nearest"])
+
+
+def test_ablation_resumes_an_interrupted_training(tiny_synthetic_root, tmp_path):
+    ab = _ablation()
+    out = tmp_path / "abl"
+    run_dir = out / "demo" / "seed0"
+    # A run stopped after epoch 1 of 2 (simulated by training 1 epoch into the pair's folder).
+    first = tiny_train_opts(tiny_synthetic_root, run_dir, **{"SOLVER.MAX_EPOCHS": 1, "SOLVER.EVAL_PERIOD": 2})
+    assert main(["train", "--config", str(ROOT / "configs" / "demo.yml"), *first]) == 0
+    opts = tiny_train_opts(tiny_synthetic_root, run_dir, **{"SOLVER.MAX_EPOCHS": 2, "SOLVER.EVAL_PERIOD": 2})
+    opts = opts[:-2]  # OUTPUT_DIR is the ablation's own
+    row = ab.train_once(str(ROOT / "configs" / "demo.yml"), "demo", 0, out, opts)
+    assert row["resumed"] is True and 0 <= row["mAP"] <= 1
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["type"] == "train"]
+    assert epochs == [1, 2]
+    assert "| demo | 1 |" in ab.table([row]) and ab.table([row]).rstrip().endswith("| ? |")
