@@ -133,7 +133,7 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 def table(rows: list[dict]) -> str:
     """Mean +- sample std (and min..max) of mAP and rank-1 in percent, per variant."""
     order = list(dict.fromkeys([*VARIANTS, *(r["variant"] for r in rows)]))
-    lines = ["| variant | seeds | mAP % | rank-1 % | mAP min..max | train s/run |",
+    lines = [f"| variant | seeds | mAP % | rank-1 % | mAP min..max | train s/run |",
              "|---|---|---|---|---|---|"]
     for name in order:
         got = [r for r in rows if r["variant"] == name]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from functools import cache
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -87,7 +87,7 @@ def _probe_jpeg() -> bytes:
     return buf.getvalue()
 
 
-@cache
+@lru_cache(maxsize=None)
 def resolve_decoder(name: str) -> str:
     """The decoder a DATALOADER.JPEG_DECODER value means here; 'auto' = the first installed one of
     simplejpeg, torchvision whose pixels equal Pillow's, else Pillow."""
