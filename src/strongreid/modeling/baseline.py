@@ -91,8 +91,7 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
     if cfg.MODEL.ID_LOSS_TYPE != "softmax":  # loss zoo: margin losses need cosine logits
         from strongreid.modeling.cosine import use_cosine_classifier
 
-        for owner in getattr(model, "class_blocks", lambda: [model])():
-            use_cosine_classifier(owner)
+        use_cosine_classifier(model)
     choice = cfg.MODEL.PRETRAIN_CHOICE
     path = cfg.MODEL.PRETRAIN_PATH
     if choice == "imagenet":

@@ -105,10 +105,6 @@ class LayumiModel(nn.Module):
         # Parameter prefixes whose shape depends on the class count (skipped on cross-domain load).
         self.class_layers = ("classifier.classifier.",)
 
-    def class_blocks(self) -> list[_Slot]:
-        """Modules whose `.classifier` a margin ID loss swaps for a cosine one (MODEL.ID_LOSS_TYPE)."""
-        return [_Slot(self.classifier)]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         pooled = self.pool(self.backbone(x))
         if self.training:
@@ -146,10 +142,6 @@ class PCBModel(nn.Module):
         self.arch = str(getattr(backbone, "arch", type(backbone).__name__))
         self.class_layers = tuple(f"classifier{i}.classifier." for i in range(self.parts))
 
-    def class_blocks(self) -> list[_Slot]:
-        """Modules whose `.classifier` a margin ID loss swaps for a cosine one (MODEL.ID_LOSS_TYPE)."""
-        return [_Slot(getattr(self, f"classifier{i}")) for i in range(self.parts)]
-
     def stripes(self, x: torch.Tensor) -> torch.Tensor:
         """B x C x P stripe features (average pooling per horizontal stripe)."""
         fmap = self.backbone(x)
@@ -171,22 +163,6 @@ class PCBModel(nn.Module):
         parts = parts.float()
         parts = parts / (parts.norm(p=2, dim=1, keepdim=True).clamp_min(1e-12) * math.sqrt(self.parts))
         return parts.flatten(1)
-
-
-class _Slot:
-    """A ClassBlock seen as an object with one `.classifier` Linear (its `classifier[0]`), the
-    shape `use_cosine_classifier` swaps; the key stays `classifier.0.weight`."""
-
-    def __init__(self, block: ClassBlock) -> None:
-        self._block = block
-
-    @property
-    def classifier(self) -> nn.Module:
-        return self._block.classifier[0]
-
-    @classifier.setter
-    def classifier(self, module: nn.Module) -> None:
-        self._block.classifier[0] = module
 
 
 def is_part_logits(logits: object) -> bool:
