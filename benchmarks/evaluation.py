@@ -124,8 +124,9 @@ def run_case(case: str, scale: str, repeats: int, noise: float, threads: int) ->
         return result
     cuda = case.endswith("_cuda")
     if cuda:  # GPU figures: both sides synchronised, peak from the CUDA allocator
-        q, g = q.cuda(), g.cuda()
-        torch.cuda.synchronize()
+        dev = torch.device("cuda", torch.cuda.current_device())
+        q, g = q.to(dev), g.to(dev)
+        torch.cuda.synchronize(dev)
     if case == "evaluate":
         dist = pairwise_distance(q, g)
         work = lambda: evaluate(dist, *labels)  # noqa: E731

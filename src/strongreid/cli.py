@@ -167,6 +167,102 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return report_command(args)
 
 
+# -- gallery search (strongreid.search): footage, ingest, serve, demo ------------------------
+
+
+def _cmd_synth_video(args: argparse.Namespace) -> int:
+    from strongreid.data.synthetic_video import synth_video_command
+
+    return synth_video_command(args.out, args.people, args.cams, args.frames, args.fps,
+                               args.seed, args.start)
+
+
+def _cmd_gallery(args: argparse.Namespace) -> int:
+    from strongreid.search.ingest import ingest_command
+
+    return ingest_command(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from strongreid.search.service import serve_command
+
+    return serve_command(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from strongreid.search.demo import demo_search_command
+
+    return demo_search_command(args)
+
+
+def _add_search_parsers(sub) -> None:
+    from strongreid.data.synthetic_video import (
+        DEFAULT_CAMS,
+        DEFAULT_FPS,
+        DEFAULT_FRAMES,
+        DEFAULT_PEOPLE,
+        DEFAULT_START,
+    )
+
+    def gallery_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--gallery", required=True,
+                       help="Milvus Lite file (gallery.db) or a Milvus server URI (http://host:19530)")
+        p.add_argument("--token", default="", help="Milvus server token (user:password)")
+        p.add_argument("--thumbs", default=None,
+                       help="thumbnail folder (default: GALLERY.thumbs beside a .db file)")
+        p.add_argument("--model", required=True, help="trained checkpoint (best.pt) or .safetensors")
+        p.add_argument("--config", default=None, help="yaml config (default: the checkpoint's)")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+
+    p = sub.add_parser("synth-video", help="synthetic multi-camera footage with MOT ground truth")
+    p.add_argument("--out", required=True, help="output folder, e.g. data/footage")
+    p.add_argument("--people", type=int, default=DEFAULT_PEOPLE)
+    p.add_argument("--cams", type=int, default=DEFAULT_CAMS)
+    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames per camera")
+    p.add_argument("--fps", type=float, default=DEFAULT_FPS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", default=DEFAULT_START, help="ISO-8601 time of frame 1")
+    p.set_defaults(func=_cmd_synth_video)
+
+    p = sub.add_parser("gallery", help="gallery tools (person search)")
+    gsub = p.add_subparsers(dest="gallery_cmd", metavar="ACTION", required=True)
+    s = gsub.add_parser("ingest", help="embed crops / video detections into the gallery")
+    gallery_args(s)
+    s.add_argument("--crops", action="append", help="folder of crops (repeatable)")
+    s.add_argument("--meta", default=None, help="CSV path,camera,timestamp[,video,frame,track,pid]")
+    s.add_argument("--videos", action="append", help="folder of MOT sequences (repeatable)")
+    s.add_argument("--detections", choices=["auto", "gt", "det"], default="auto",
+                   help="which MOT file to cut crops from (auto: gt/gt.txt, else det/det.txt)")
+    s.add_argument("--frame-step", type=int, default=1, help="keep every N-th frame")
+    s.add_argument("--min-score", type=float, default=0.0, help="skip weaker detections")
+    s.add_argument("--start-time", default=None, help="time of frame 1 (default: seqinfo.ini)")
+    s.add_argument("--batch", type=int, default=256, help="crops embedded per batch")
+    s.add_argument("--index", choices=["FLAT", "IVF_FLAT", "HNSW"], default="FLAT",
+                   help="vector index of a new gallery")
+    s.set_defaults(func=_cmd_gallery)
+
+    p = sub.add_parser("serve", help="the person-search page and JSON API on a gallery")
+    gallery_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload", type=int, default=5 * 1024 * 1024, help="upload limit, bytes")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("demo", help="demos")
+    dsub = p.add_subparsers(dest="demo_cmd", metavar="DEMO", required=True)
+    s = dsub.add_parser("search", help="footage -> gallery -> the serve command (after make demo)")
+    s.add_argument("--model", default="runs/demo/best.pt")
+    s.add_argument("--footage", default="data/footage")
+    s.add_argument("--gallery", default="runs/demo-search/gallery.db")
+    s.add_argument("--people", type=int, default=12)
+    s.add_argument("--cams", type=int, default=4)
+    s.add_argument("--frames", type=int, default=150)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--frame-step", type=int, default=2)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strongreid",
@@ -264,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="OUTPUT_DIR of a run")
     p.add_argument("--out", default=None, help="HTML file (default RESULTS/report/index.html)")
     p.set_defaults(func=_cmd_report)
+    _add_search_parsers(sub)
     for p in sub.choices.values():
         p.set_defaults(_parser=p)
     return parser

@@ -27,10 +27,8 @@ def _unwrap_worker_message(text: str, name: str) -> str:
     if not re.match(r"Caught \w+ in .*\.\nOriginal Traceback", text):
         return text
     # The traceback ends with "<module>.<Name>: <message>" (possibly several lines).
-    last = None
-    for last in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}: ", text, flags=re.MULTILINE):
-        pass
-    return text if last is None else text[last.end():].rstrip("\n")
+    found = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}: ", text, flags=re.MULTILINE))
+    return text[found[-1].end():].rstrip("\n") if found else text
 
 
 class ConfigError(StrongReIDError):

@@ -168,8 +168,8 @@ _C.DATALOADER.SKIP_CORRUPT = False
 # Check every image before training and evaluation, naming all bad files at once:
 # 'header' (format, size, end marker: cheap) | 'full' (decode every image) | 'off'
 _C.DATALOADER.CHECK_IMAGES = "header"
-# JPEG decoder: 'auto' (simplejpeg, then torchvision.io, whichever is installed and decodes to
-# Pillow's exact pixels; else Pillow) | 'pil' | 'torchvision' | 'simplejpeg'
+# JPEG decoder: 'auto' (simplejpeg, PyTurboJPEG, then torchvision.io: the first installed one that
+# decodes to Pillow's exact pixels; else Pillow) | 'pil' | 'torchvision' | 'simplejpeg' | 'turbojpeg'
 _C.DATALOADER.JPEG_DECODER = "auto"
 # Training data path: 'pil' (per-image PIL transforms in loader workers, the original) |
 # 'device' (decoded-image cache + batched flip/pad/crop/erasing/normalisation on the training

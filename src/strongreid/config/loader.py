@@ -63,7 +63,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "DATASETS.CUHK03_KIND": ("labeled", "detected"),
     "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
     "DATALOADER.CHECK_IMAGES": ("header", "full", "off"),
-    "DATALOADER.JPEG_DECODER": ("auto", "pil", "torchvision", "simplejpeg"),
+    "DATALOADER.JPEG_DECODER": ("auto", "pil", "torchvision", "simplejpeg", "turbojpeg"),
     "DATALOADER.DATA_PATH": ("pil", "device"),
     "SOLVER.OPTIMIZER_NAME": (
         "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta",

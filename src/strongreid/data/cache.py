@@ -156,7 +156,6 @@ def _build(paths: Sequence[str], size: tuple[int, int], data_path: Path, decoder
     with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
         bad = [i for i in pool.map(fill, range(len(paths)), chunksize=32) if i is not None]
     arr.flush()
-    del arr
     os.replace(tmp, data_path)
     if bad:
         logger.warning("image cache: %d unreadable images left blank and never drawn", len(bad))

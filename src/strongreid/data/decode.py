@@ -1,4 +1,4 @@
-"""JPEG decoders behind one function: Pillow, torchvision.io (libjpeg-turbo), simplejpeg.
+"""JPEG decoders behind one function: Pillow, torchvision.io, simplejpeg, PyTurboJPEG.
 
 Pillow's wheels link libjpeg-turbo too; the others skip Pillow's per-image object overhead.
 `benchmarks/jpeg_decoders.py` measures them and checks their pixels against Pillow's: a decoder
@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -20,11 +20,11 @@ from strongreid.errors import ConfigError
 
 logger = logging.getLogger("strongreid")
 
-DECODERS = ("auto", "pil", "torchvision", "simplejpeg")
+DECODERS = ("auto", "pil", "torchvision", "simplejpeg", "turbojpeg")
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 # Preference when 'auto' picks among the installed ones (fastest measured first, see
 # docs/data-path.md); each must match Pillow's pixels on a probe image to be chosen.
-_AUTO_ORDER = ("simplejpeg", "torchvision")
+_AUTO_ORDER = ("simplejpeg", "turbojpeg", "torchvision")
 
 
 def _pil(blob: bytes) -> np.ndarray:
@@ -49,7 +49,28 @@ def _simplejpeg(blob: bytes) -> np.ndarray:
     return simplejpeg.decode_jpeg(blob, colorspace="RGB")
 
 
-_FUNCS = {"pil": _pil, "torchvision": _torchvision, "simplejpeg": _simplejpeg}
+@cache
+def _turbojpeg_handle():
+    # PyTurboJPEG loads the system libturbojpeg (Debian: libturbojpeg0; PyTurboJPEG 2 needs
+    # libjpeg-turbo 3, Debian 12 ships 2.1, so use PyTurboJPEG<2 there). None when unusable.
+    try:
+        import turbojpeg
+
+        return turbojpeg.TurboJPEG(), turbojpeg.TJPF_RGB
+    except Exception:
+        return None
+
+
+def _turbojpeg(blob: bytes) -> np.ndarray:
+    handle, rgb = _turbojpeg_handle()
+    # PyTurboJPEG reports libjpeg-turbo's recoverable errors (a truncated file: "Premature end of
+    # JPEG file") as warnings and returns a grey-filled image; they must fail like Pillow does.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return handle.decode(blob, pixel_format=rgb)
+
+
+_FUNCS = {"pil": _pil, "torchvision": _torchvision, "simplejpeg": _simplejpeg, "turbojpeg": _turbojpeg}
 
 
 def available_decoders() -> list[str]:
@@ -69,6 +90,8 @@ def available_decoders() -> list[str]:
         names.append("simplejpeg")
     except ImportError:
         pass
+    if _turbojpeg_handle() is not None:
+        names.append("turbojpeg")
     return names
 
 
@@ -87,10 +110,10 @@ def _probe_jpeg() -> bytes:
     return buf.getvalue()
 
 
-@lru_cache(maxsize=None)
+@cache
 def resolve_decoder(name: str) -> str:
     """The decoder a DATALOADER.JPEG_DECODER value means here; 'auto' = the first installed one of
-    simplejpeg, torchvision whose pixels equal Pillow's, else Pillow."""
+    simplejpeg, turbojpeg, torchvision whose pixels equal Pillow's, else Pillow."""
     if name not in DECODERS:
         raise ConfigError(f"DATALOADER.JPEG_DECODER = {name!r}: choose one of {', '.join(map(repr, DECODERS))}")
     installed = available_decoders()

@@ -9,6 +9,7 @@ normalised float32 on the device, so the trainer's loop is the same for both pat
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ from strongreid.data.cache import ImageCache
 from strongreid.data.gpu_augment import AugmentParams, BatchAugment
 from strongreid.errors import DatasetError
 
+logger = logging.getLogger("strongreid")
 _END = object()
 
 
@@ -101,6 +103,10 @@ class DeviceBatchLoader:
 
         def produce() -> None:
             try:
+                if self.pin:
+                    # Pinned buffers belong to the current device's context: without this every
+                    # torchrun rank's loader thread would open a context on GPU 0.
+                    torch.cuda.set_device(self.device)
                 for batch in self._host_batches():
                     while not stop.is_set():
                         try:
@@ -150,4 +156,6 @@ def build_device_loader(cfg: Any, records: Sequence[Any], sampler: Any, batch_si
                        name="train", decoder=str(cfg.DATALOADER.JPEG_DECODER),
                        skip_corrupt=bool(cfg.DATALOADER.SKIP_CORRUPT), known_corrupt=known_corrupt,
                        workers=max(1, int(cfg.DATALOADER.NUM_WORKERS)))
+    logger.info("data path 'device': %d images from the cache %s, augmented in batches on %s",
+                len(records), cache.path, device)
     return DeviceBatchLoader(cache, records, sampler, batch_size, augment, device)

@@ -105,28 +105,46 @@ class BatchAugment:
         """uint8 N x H x W x 3 (any device) -> normalised float32 N x 3 x H x W on that device."""
         device = images.device
         mean, std, fill, rows, cols = self._constants(device)
-        n = images.shape[0]
         if params is not None and self.train:
-            p = self.padding
-            flip = params.flip.to(device, non_blocking=True)
-            top = params.top.to(device, non_blocking=True)
-            left = params.left.to(device, non_blocking=True)
-            # Output pixel (y, x) reads the flipped image at (y + top - p, x + left - p); outside
-            # the image it is the zero padding.
-            src_y = rows.view(1, -1) + (top - p).view(-1, 1)  # N x H
-            src_x = cols.view(1, -1) + (left - p).view(-1, 1)  # N x W
-            src_x = torch.where(flip.view(-1, 1), self.width - 1 - src_x, src_x)
-            valid = ((src_y >= 0) & (src_y < self.height)).unsqueeze(2) & \
-                    ((src_x >= 0) & (src_x < self.width)).unsqueeze(1)  # N x H x W
-            batch = torch.arange(n, device=device).view(-1, 1, 1)
-            gathered = images[batch, src_y.clamp(0, self.height - 1).unsqueeze(2),
-                              src_x.clamp(0, self.width - 1).unsqueeze(1)]  # N x H x W x 3
-            images = gathered * valid.unsqueeze(3).to(gathered.dtype)
+            images = (self._flip_crop_loop if device.type == "cpu" else self._flip_crop_gather)(images, params)
         # ToTensor: to float, / 255; then Normalize: (x - mean) / std, the same operations.
         x = images.permute(0, 3, 1, 2).to(torch.float32).div(255).sub_(mean).div_(std)
         if params is not None and self.train and bool((params.erase[:, 2] > 0).any()):
             x = self._erase(x, params, fill, rows, cols)
         return x.contiguous()
+
+    def _flip_crop_gather(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Flip + pad + crop of the whole batch as one gather: a single kernel on a GPU."""
+        device, n, p = images.device, images.shape[0], self.padding
+        rows, cols = self._constants(device)[3:]
+        flip = params.flip.to(device, non_blocking=True)
+        top = params.top.to(device, non_blocking=True)
+        left = params.left.to(device, non_blocking=True)
+        # Output pixel (y, x) reads the flipped image at (y + top - p, x + left - p); outside the
+        # image it is the zero padding.
+        src_y = rows.view(1, -1) + (top - p).view(-1, 1)  # N x H
+        src_x = cols.view(1, -1) + (left - p).view(-1, 1)  # N x W
+        src_x = torch.where(flip.view(-1, 1), self.width - 1 - src_x, src_x)
+        valid = ((src_y >= 0) & (src_y < self.height)).unsqueeze(2) & \
+                ((src_x >= 0) & (src_x < self.width)).unsqueeze(1)  # N x H x W
+        batch = torch.arange(n, device=device).view(-1, 1, 1)
+        gathered = images[batch, src_y.clamp(0, self.height - 1).unsqueeze(2),
+                          src_x.clamp(0, self.width - 1).unsqueeze(1)]  # N x H x W x 3
+        return gathered * valid.unsqueeze(3).to(gathered.dtype)
+
+    def _flip_crop_loop(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """The same result by slicing, image by image: on a CPU, copies beat index arithmetic."""
+        p, h, w = self.padding, self.height, self.width
+        padded = images.new_zeros((images.shape[0], h + 2 * p, w + 2 * p, images.shape[3]))
+        padded[:, p:p + h, p:p + w] = images
+        out = torch.empty_like(images)
+        for k, (flip, top, left) in enumerate(zip(params.flip.tolist(), params.top.tolist(), params.left.tolist())):
+            if flip:  # flip first, then pad and crop: mirror the window and flip its content
+                lft = 2 * p - left
+                out[k] = padded[k, top:top + h, lft:lft + w].flip(1)
+            else:
+                out[k] = padded[k, top:top + h, left:left + w]
+        return out
 
     def _erase(self, x: torch.Tensor, params: AugmentParams, fill: torch.Tensor, rows: torch.Tensor,
                cols: torch.Tensor) -> torch.Tensor:

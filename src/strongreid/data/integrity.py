@@ -88,10 +88,14 @@ def check_splits(cfg: Any, splits: Any, *, train: bool = True, write_list: bool 
     Bad files anywhere fail the run with one DatasetError naming the first ones and the count,
     the full list written to OUTPUT_DIR/unreadable_images.txt; with DATALOADER.SKIP_CORRUPT the
     bad training images are returned instead (the loader never draws them and counts them).
-    Query and gallery images are never skipped: that would change what the metrics measure.
+    Query, gallery, validation and multi-query images are never skipped: that would change what
+    the metrics measure.
     """
     mode = str(cfg.DATALOADER.CHECK_IMAGES)
     parts = ([("train", splits.train)] if train else []) + [("query", splits.query), ("gallery", splits.gallery)]
+    # The validation split (training identities held out) and multi-query images, when loaded.
+    parts += [(name, records) for name in ("val", "multi_query")
+              if (records := getattr(splits, name, None))]
     found = {name: find_unreadable([r[0] for r in records], mode) for name, records in parts}
     total = sum(len(v) for v in found.values())
     n_images = sum(len(records) for _, records in parts)
@@ -115,7 +119,7 @@ def check_splits(cfg: Any, splits: Any, *, train: bool = True, write_list: bool 
     if any(name == "train" for name, _, _ in fatal):
         fix = "replace or delete them, or set DATALOADER.SKIP_CORRUPT True to train without them"
     else:
-        fix = "replace or delete them (query and gallery images are never skipped)"
+        fix = "replace or delete them (query, gallery and validation images are never skipped)"
     raise DatasetError(
         f"{len(fatal)} of {n_images} images cannot be read ({by_split}; DATALOADER.CHECK_IMAGES "
         f"{mode!r}):\n{shown}{more}\n{fix}{where}."

@@ -278,9 +278,6 @@ def _cached_panorama(seed: int, cam: int) -> np.ndarray:
     return scene
 
 
-_YY, _XX = np.mgrid[0:_CH, 0:_CW].astype(np.float32)
-
-
 def _shade(colour: RGB, f: float) -> RGB:
     return (
         int(min(255, colour[0] * f)),
@@ -340,8 +337,10 @@ class _Painter:
         y0, y1 = max(0, math.floor(min(ys)) - 2), min(h, math.ceil(max(ys)) + 3)
         if x0 >= x1 or y0 >= y1:
             return
-        pv = (_YY[y0:y1, x0:x1] - self.y0) / self.hp - top_v
-        pu = (_XX[y0:y1, x0:x1] - self.cx) / (self.hp * squeeze)
+        # The grid of this box alone: the canvas may be a whole video frame (synthetic_video.py).
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        pv = (yy - self.y0) / self.hp - top_v
+        pu = (xx - self.cx) / (self.hp * squeeze)
         # Periods near 0.09 body heights stay at least two pixels a stripe at 64x32.
         if pattern == "hstripes":
             on = np.mod(pv / 0.09, 1.0) < 0.5
@@ -560,8 +559,13 @@ def _occlude(d: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
 
 
 def _finish(canvas: Image.Image, cam: Camera, rng: np.random.Generator) -> Image.Image:
-    """Optics and sensor: downscale, blur, colour cast, uneven light, noise."""
-    img = canvas.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.Resampling.BOX)
+    """Optics and sensor: downscale, blur, colour cast, uneven light, noise.
+
+    The canvas is drawn at _SS times the output size: a 256x128 crop canvas gives a 128x64
+    image, a whole video frame (synthetic_video.py) its frame size.
+    """
+    width, height = canvas.width // _SS, canvas.height // _SS
+    img = canvas.resize((width, height), Image.Resampling.BOX)
     blur = cam.blur + abs(rng.normal(0.0, 0.25))
     if blur > 0.15:
         img = img.filter(ImageFilter.GaussianBlur(blur))
@@ -570,8 +574,8 @@ def _finish(canvas: Image.Image, cam: Camera, rng: np.random.Generator) -> Image
     bright = cam.brightness * math.exp(rng.normal(0.0, 0.1))
     # Light falls off across the frame in a random direction.
     angle = rng.uniform(0, 2 * math.pi)
-    ramp = (np.cos(angle) * (np.arange(IMAGE_WIDTH) / IMAGE_WIDTH - 0.5))[None, :] + (
-        np.sin(angle) * (np.arange(IMAGE_HEIGHT) / IMAGE_HEIGHT - 0.5)
+    ramp = (np.cos(angle) * (np.arange(width) / width - 0.5))[None, :] + (
+        np.sin(angle) * (np.arange(height) / height - 0.5)
     )[:, None]
     light = (1.0 + rng.uniform(0.0, 0.3) * ramp).astype(np.float32)
     a = a * gains * (bright * light)[..., None]

@@ -1,0 +1,1 @@
+"""Person search across cameras: a vector store of crops, ingest, and a web service."""

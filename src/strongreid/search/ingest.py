@@ -1,0 +1,423 @@
+"""`strongreid gallery ingest`: crops and video detections, embedded, into the gallery store.
+
+Sources:
+  * a folder of crops (recursive). Market/Duke/MSMT names give the camera (`c1`...), the
+    identity and the frame (timestamp = frame / MARKET_FPS within the sequence); with
+    `--meta file.csv` (columns `path,camera,timestamp` and optionally `video,frame,track,pid`,
+    paths relative to the folder, timestamp in seconds or ISO-8601) any folder works;
+  * a folder of MOTChallenge sequences: every sub-folder holding a video file (video.mp4 or
+    any .mp4/.avi/.mkv/.mov/.webm) with `gt/gt.txt` or `det/det.txt` (frame,id,left,top,w,h,
+    score,...). The camera is the sequence's folder name; the timestamp is seqinfo.ini's
+    startTime (or --start-time) + (frame - 1) / frameRate. Videos are decoded with PyAV.
+
+Every crop has a content key, the sha1 of what it is: the image file's bytes for a crop, or
+(the video file's sha1, frame, box, track) for a detection. The key is the row's primary key,
+so a re-run skips what is stored (before any decoding or embedding) and an interrupted run
+resumes where it stopped without duplicates: rows are written batch by batch, each batch's
+thumbnails before its rows.
+"""
+
+from __future__ import annotations
+
+import configparser
+import csv
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from strongreid.errors import DatasetError, StrongReIDError
+from strongreid.search.store import KEY_RE, GalleryStore
+
+logger = logging.getLogger("strongreid")
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+MARKET_FPS = 25.0  # Market-1501 frame numbers count 25 fps video frames
+THUMB_HEIGHT = 128
+MIN_BOX = 8  # pixels: smaller detections carry no identity
+BATCH = 256
+
+
+@dataclass
+class Item:
+    """One crop to store: its content key, its metadata, and how to get its pixels."""
+
+    key: str
+    meta: dict[str, Any]
+    load: Callable[[], Image.Image] | None = field(default=None, repr=False)
+
+
+@dataclass
+class IngestStats:
+    """What one ingest did."""
+
+    seen: int = 0
+    skipped: int = 0
+    added: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Crops embedded and stored per second."""
+        return self.added / self.seconds if self.seconds > 0 else 0.0
+
+
+def _sha1_file(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def thumb_path(thumbs: Path, key: str) -> Path:
+    """Where the thumbnail of `key` lives: two-level fan-out keeps folders small."""
+    if not KEY_RE.match(key):
+        raise StrongReIDError(f"not a gallery key: {key!r}")
+    return thumbs / key[:2] / f"{key}.jpg"
+
+
+def write_thumbnail(thumbs: Path, key: str, crop: Image.Image) -> None:
+    """A JPEG THUMB_HEIGHT pixels tall, written atomically (a crash leaves none, not half)."""
+    out = thumb_path(thumbs, key)
+    if out.is_file():
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w = max(1, round(crop.width * THUMB_HEIGHT / max(1, crop.height)))
+    img = crop.convert("RGB").resize((w, THUMB_HEIGHT), Image.Resampling.BILINEAR)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    img.save(tmp, "JPEG", quality=88)
+    os.replace(tmp, out)
+
+
+# -- crop folders ------------------------------------------------------------------------------
+
+
+def parse_time(value: str, where: str) -> float:
+    """Seconds: a number, or an ISO-8601 time (UTC when it has no offset) as Unix time."""
+    value = value.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise DatasetError(f"{where}: timestamp {value!r} is neither seconds nor ISO-8601 "
+                           "(e.g. 2026-01-05T08:00:00Z)") from None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+def _read_meta_csv(path: Path) -> dict[str, dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read the metadata CSV {path}: {exc}") from None
+    if not rows or not {"path", "camera", "timestamp"} <= set(rows[0]):
+        raise DatasetError(f"{path} needs a header with path,camera,timestamp (optionally "
+                           "video,frame,track,pid) and at least one row")
+    return {Path(r["path"]).as_posix(): r for r in rows}
+
+
+def _int(value: Any, where: str, default: int = -1) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DatasetError(f"{where}: {value!r} is not an integer") from None
+
+
+def crop_items(folder: str | os.PathLike, meta_csv: str | os.PathLike | None = None) -> list[Item]:
+    """Items of a crop folder (see the module docstring)."""
+    from strongreid.deploy.extractor import list_images, parse_pid_camid
+
+    root = Path(folder)
+    paths = list_images(root)
+    table = _read_meta_csv(Path(meta_csv)) if meta_csv else None
+    items = []
+    for p in paths:
+        rel = Path(p).relative_to(root).as_posix()
+        if table is not None:
+            row = table.get(rel)
+            if row is None:
+                raise DatasetError(f"{meta_csv} has no row for {rel}: list every image of {root}")
+            where = f"{meta_csv} row {rel}"
+            meta = {"camera": row["camera"], "timestamp": parse_time(row["timestamp"], where),
+                    "video": row.get("video") or "", "frame": _int(row.get("frame"), where),
+                    "track": _int(row.get("track"), where), "pid": _int(row.get("pid"), where)}
+        else:
+            pid, camid = parse_pid_camid(p)
+            if camid < 0:
+                raise DatasetError(
+                    f"{p}: the camera cannot be read from the name (Market-style "
+                    "0002_c1s1_000451_03.jpg); pass --meta FILE.csv with path,camera,timestamp")
+            parts = Path(p).stem.split("_")
+            frame = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else -1
+            meta = {"camera": f"c{camid + 1}", "timestamp": max(frame, 0) / MARKET_FPS,
+                    "video": "", "frame": frame, "track": -1, "pid": pid}
+        meta["source"] = rel
+        items.append(Item(_sha1_file(Path(p)), meta, _image_loader(p)))
+    return items
+
+
+def _image_loader(path: str) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        from strongreid.data import read_image
+
+        return read_image(path)
+    return load
+
+
+# -- MOT sequences -----------------------------------------------------------------------------
+
+
+@dataclass
+class Sequence_:
+    """One camera's MOT sequence: its video, its detection rows and its clock."""
+
+    name: str
+    video: Path
+    rows: list[tuple[int, int, float, float, float, float, float]]
+    fps: float
+    start: float
+
+
+def _video_in(folder: Path) -> Path | None:
+    named = folder / "video.mp4"
+    if named.is_file():
+        return named
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
+    return found[0] if found else None
+
+
+def read_mot(path: Path) -> list[tuple[int, int, float, float, float, float, float]]:
+    """(frame, id, left, top, width, height, score) rows of a MOT gt.txt / det.txt.
+
+    In gt.txt the 7th column is the 'consider' flag: rows with 0 are left out, as the MOT
+    evaluation does.
+    """
+    rows = []
+    is_gt = path.name == "gt.txt"
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            cols = line.strip().split(",")
+            try:
+                frame, tid = int(float(cols[0])), int(float(cols[1]))
+                left, top, w, h = (float(c) for c in cols[2:6])
+                score = float(cols[6]) if len(cols) > 6 else 1.0
+            except (ValueError, IndexError):
+                raise DatasetError(f"{path} line {n}: expected frame,id,left,top,width,height"
+                                   f"[,score,...], got {line.strip()!r}") from None
+            if is_gt and score == 0:
+                continue
+            if frame < 1:
+                raise DatasetError(f"{path} line {n}: frames count from 1, got {frame}")
+            rows.append((frame, tid, left, top, w, h, score))
+    return rows
+
+
+def find_sequences(folder: str | os.PathLike, detections: str = "auto",
+                   start_time: str | None = None) -> list[Sequence_]:
+    """MOT sequences under `folder` (itself one, or its sub-folders), sorted by name."""
+    root = Path(folder)
+    if detections not in ("auto", "gt", "det"):
+        raise StrongReIDError(f"--detections {detections!r}: use auto, gt or det")
+    candidates = [root] if _video_in(root) else sorted(p for p in root.iterdir() if p.is_dir())
+    seqs = []
+    for d in candidates:
+        video = _video_in(d)
+        if video is None:
+            continue
+        gt, det = d / "gt" / "gt.txt", d / "det" / "det.txt"
+        table = {"gt": gt, "det": det, "auto": gt if gt.is_file() else det}[detections]
+        if not table.is_file():
+            raise DatasetError(f"{d}: no {table.relative_to(d)} beside {video.name}; give the "
+                               "detections in MOT format (frame,id,left,top,width,height,score)")
+        info = configparser.ConfigParser()
+        info.read(d / "seqinfo.ini", encoding="utf-8")
+        sec = info["Sequence"] if info.has_section("Sequence") else {}
+        fps = float(sec.get("frameRate", 0) or 0) or _video_fps(video)
+        start = start_time if start_time is not None else sec.get("startTime", "0")
+        seqs.append(Sequence_(d.name, video, read_mot(table), fps,
+                              parse_time(start, f"{d / 'seqinfo.ini'} startTime")))
+    if not seqs:
+        raise DatasetError(f"no MOT sequence under {root}: expected folders holding a video "
+                           "(video.mp4, .avi, .mkv, ...) and gt/gt.txt or det/det.txt")
+    return seqs
+
+
+def _av():
+    try:
+        import av
+    except ImportError as exc:
+        raise StrongReIDError("ingesting videos needs PyAV: pip install 'strongreid[search]'") from exc
+    return av
+
+
+def _video_fps(video: Path) -> float:
+    with _av().open(str(video)) as c:
+        rate = c.streams.video[0].average_rate
+    return float(rate) if rate else 25.0
+
+
+def video_items(seq: Sequence_, root: Path, frame_step: int = 1, min_score: float = 0.0) -> list[Item]:
+    """Items of a sequence's detections (no pixels yet: decode_crops fills them in)."""
+    vhash = _sha1_file(seq.video)
+    rel = seq.video.relative_to(root).as_posix() if seq.video.is_relative_to(root) else seq.video.name
+    items = []
+    for frame, tid, left, top, w, h, score in seq.rows:
+        if (frame - 1) % frame_step or score < min_score or w < MIN_BOX or h < MIN_BOX:
+            continue
+        box = (round(left), round(top), round(w), round(h))
+        key = hashlib.sha1(f"{vhash}|{frame}|{box}|{tid}".encode()).hexdigest()
+        items.append(Item(key, {
+            "camera": seq.name, "video": rel, "source": rel, "frame": frame,
+            "timestamp": seq.start + (frame - 1) / seq.fps, "left": box[0], "top": box[1],
+            "width": box[2], "height": box[3], "track": tid, "score": score, "pid": -1,
+        }))
+    return items
+
+
+def decode_crops(video: Path, items: Sequence[Item]) -> Iterator[tuple[Item, Image.Image]]:
+    """Decodes `video` once, front to back, and cuts each item's box (clipped to the frame)."""
+    av = _av()
+    by_frame: dict[int, list[Item]] = {}
+    for it in items:
+        by_frame.setdefault(int(it.meta["frame"]), []).append(it)
+    last = max(by_frame, default=0)
+    try:
+        container = av.open(str(video))
+    except av.error.FFmpegError as exc:
+        raise DatasetError(f"cannot open the video {video}: {exc}") from None
+    with container:
+        for index, frame in enumerate(container.decode(video=0), 1):
+            if index > last:
+                break
+            wanted = by_frame.pop(index, None)
+            if not wanted:
+                continue
+            img = frame.to_image()
+            for it in wanted:
+                m = it.meta
+                x0, y0 = max(0, m["left"]), max(0, m["top"])
+                x1 = min(img.width, m["left"] + m["width"])
+                y1 = min(img.height, m["top"] + m["height"])
+                if x1 - x0 >= MIN_BOX and y1 - y0 >= MIN_BOX:
+                    yield it, img.crop((x0, y0, x1, y1))
+    if by_frame:
+        first = min(by_frame)
+        raise DatasetError(f"{video} ends before frame {first}, which its detections name")
+
+
+# -- the ingest loop ---------------------------------------------------------------------------
+
+
+def _batches(pairs: Iterator[tuple[Item, Image.Image]], size: int):
+    batch: list[tuple[Item, Image.Image]] = []
+    for pair in pairs:
+        batch.append(pair)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _store_batch(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumbs: Path,
+                 batch: list[tuple[Item, Image.Image]]) -> int:
+    feats = np.asarray(embed([crop for _, crop in batch]), np.float32)
+    if store.dim is None:
+        store.open(int(feats.shape[1]))
+    for it, crop in batch:
+        write_thumbnail(thumbs, it.key, crop)
+    store.upsert([{"key": it.key, "vector": f, **it.meta} for (it, _), f in zip(batch, feats)])
+    return len(batch)
+
+
+def ingest(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumbs: str | os.PathLike,
+           *, crops: Sequence[str] = (), meta_csv: str | None = None, videos: Sequence[str] = (),
+           detections: str = "auto", frame_step: int = 1, min_score: float = 0.0,
+           start_time: str | None = None, batch_size: int = BATCH, progress: bool | None = None
+           ) -> IngestStats:
+    """Embeds and stores every crop of `crops` folders and `videos` MOT folders not yet stored.
+
+    `embed(list of PIL crops) -> (N, D)` is a FeatureExtractor (or any callable like it).
+    """
+    from tqdm import tqdm
+
+    if frame_step < 1 or batch_size < 1:
+        raise StrongReIDError(f"--frame-step ({frame_step}) and --batch ({batch_size}) must be >= 1")
+    thumbs = Path(thumbs)
+    t0 = time.perf_counter()
+    stats = IngestStats()
+    # (video or None, items): crop folders first, then one entry per sequence.
+    work: list[tuple[Path | None, list[Item]]] = [(None, crop_items(f, meta_csv)) for f in crops]
+    for folder in videos:
+        for seq in find_sequences(folder, detections, start_time):
+            work.append((seq.video, video_items(seq, Path(folder), frame_step, min_score)))
+    total = sum(len(items) for _, items in work)
+    bar = tqdm(total=total, desc="ingest", unit="crop", disable=progress is False or None,
+               file=sys.stderr)
+    try:
+        for video, items in work:
+            stats.seen += len(items)
+            have = store.existing([it.key for it in items])
+            todo = [it for it in items if it.key not in have]
+            # The same content twice in one run (a copied file) is embedded once, as the
+            # first in file order.
+            first: dict[str, Item] = {}
+            for it in todo:
+                first.setdefault(it.key, it)
+            todo = list(first.values())
+            stats.skipped += len(items) - len(todo)
+            bar.update(len(items) - len(todo))
+            if not todo:
+                continue
+            pairs = decode_crops(video, todo) if video is not None else \
+                ((it, it.load()) for it in todo)
+            for batch in _batches(pairs, batch_size):
+                stats.added += _store_batch(store, embed, thumbs, batch)
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def ingest_command(args: Any) -> int:
+    """`strongreid gallery ingest --gallery gallery.db --model best.pt --crops DIR --videos DIR`."""
+    from strongreid.deploy.extractor import FeatureExtractor
+    from strongreid.search.store import MilvusStore, thumbs_dir_for
+
+    if not args.crops and not args.videos:
+        raise StrongReIDError("nothing to ingest: pass --crops DIR and/or --videos DIR")
+    # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    extractor = FeatureExtractor(args.config, args.model, device=args.device)
+    store = MilvusStore(args.gallery, token=args.token or "", index_type=args.index)
+    try:
+        stats = ingest(store, extractor, thumbs_dir_for(args.gallery, args.thumbs),
+                       crops=args.crops or (), meta_csv=args.meta, videos=args.videos or (),
+                       detections=args.detections, frame_step=args.frame_step,
+                       min_score=args.min_score, start_time=args.start_time,
+                       batch_size=args.batch)
+        total = store.count()
+    finally:
+        store.close()
+    print(f"{stats.added} crops added, {stats.skipped} already stored ({stats.seen} seen) in "
+          f"{stats.seconds:.1f} s ({stats.rate:.1f} crops/s); the gallery {args.gallery} holds "
+          f"{total}")
+    return 0

@@ -1,0 +1,182 @@
+// The search page. Every value from the server is put into the page with textContent or as
+// an attribute value set through the DOM, never as HTML: a camera named <img onerror=...> is
+// shown as that text.
+"use strict";
+
+const state = { info: null, offset: 0, lastKey: null, file: null };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, text) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, String(value));
+  if (text !== undefined) node.textContent = String(text);
+  return node;
+}
+
+function status(text, isError) {
+  const s = $("status");
+  s.textContent = text;
+  s.className = isError ? "error" : "";
+}
+
+async function getJSON(url, options) {
+  const response = await fetch(url, options);
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (!response.ok) {
+    throw new Error((body && body.detail ? String(body.detail) : "request failed") + " (HTTP " + response.status + ")");
+  }
+  return body;
+}
+
+function localInput(seconds) {
+  // datetime-local wants local wall-clock time without a zone.
+  const d = new Date(seconds * 1000);
+  const pad = (n) => String(n).padStart(2, "0");
+  return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + "T" +
+    pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+}
+
+function selectedCameras() {
+  return Array.from(document.querySelectorAll("#cameras input:checked")).map((c) => c.value);
+}
+
+async function loadInfo() {
+  const info = await getJSON("/api/info");
+  state.info = info;
+  $("info").textContent = info.count + " crops from " + info.cameras.length + " cameras" +
+    (info.model ? " - model " + info.model : "");
+  const box = $("cameras");
+  for (const cam of info.cameras) {
+    const label = el("label");
+    const input = el("input", { type: "checkbox", value: cam, "data-camera": cam });
+    input.checked = true;
+    label.appendChild(input);
+    label.appendChild(document.createTextNode(" " + cam));
+    box.appendChild(label);
+  }
+  if (info.start !== null && info.start > 946684800) {
+    $("start").value = localInput(Math.floor(info.start));
+    $("end").value = localInput(Math.ceil(info.end));
+  }
+}
+
+async function loadGallery() {
+  const data = await getJSON("/api/gallery?limit=60&offset=" + state.offset);
+  for (const item of data.items) {
+    const button = el("button", { type: "button", class: "gallery-item", "data-key": item.key,
+      "data-camera": item.camera, "data-track": item.track, title: item.camera + " " + item.time });
+    button.appendChild(el("img", { src: item.thumb, alt: item.camera + " " + item.time }));
+    button.addEventListener("click", () => searchKey(item.key, item.thumb));
+    $("gallery").appendChild(button);
+  }
+  state.offset += data.items.length;
+  $("more").hidden = data.items.length === 0;
+}
+
+function formData() {
+  const form = new FormData();
+  form.append("k", $("k").value || "20");
+  const cams = selectedCameras();
+  if (state.info && cams.length < state.info.cameras.length) form.append("cameras", cams.join(","));
+  for (const id of ["start", "end"]) {
+    if ($(id).value) form.append(id, new Date($(id).value).toISOString());
+  }
+  form.append("rerank", $("rerank").checked ? "true" : "false");
+  form.append("exclude_camera", $("exclude-camera").checked ? "true" : "false");
+  return form;
+}
+
+async function run(form) {
+  if (state.info && selectedCameras().length === 0) {
+    render({ hits: [], timeline: [] });
+    status("select at least one camera", true);
+    return;
+  }
+  status("searching...");
+  try {
+    const result = await getJSON("/api/search", { method: "POST", body: form });
+    render(result);
+    status(result.hits.length + " hits in " + result.timeline.length + " cameras (" + result.took_ms + " ms" +
+      (result.reranked ? ", re-ranked" : "") + ")");
+  } catch (e) {
+    render({ hits: [], timeline: [] });
+    status(e.message, true);
+  }
+}
+
+function searchKey(key, thumb) {
+  state.lastKey = key;
+  state.file = null;
+  const preview = $("query-preview");
+  preview.src = thumb;
+  preview.hidden = false;
+  const form = formData();
+  form.append("key", key);
+  return run(form);
+}
+
+function searchFile(file) {
+  state.lastKey = null;
+  state.file = file;
+  const preview = $("query-preview");
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  const form = formData();
+  form.append("image", file);
+  return run(form);
+}
+
+function render(result) {
+  const timeline = $("timeline");
+  timeline.replaceChildren();
+  $("axis").replaceChildren();
+  if (!result.hits.length) return;
+  const times = result.hits.map((h) => h.timestamp);
+  const lo = Math.min(...times), hi = Math.max(...times);
+  const span = hi > lo ? hi - lo : 1;
+  $("axis").appendChild(el("span", {}, result.hits.find((h) => h.timestamp === lo).time));
+  $("axis").appendChild(el("span", {}, result.hits.find((h) => h.timestamp === hi).time));
+  let rank = 0;
+  const rankOf = new Map(result.hits.map((h) => [h.key, ++rank]));
+  for (const row of result.timeline) {
+    const section = el("div", { class: "camera-row", "data-camera": row.camera });
+    section.appendChild(el("h3", {}, row.camera + " - best " + row.best.toFixed(3) + " - " + row.hits.length + " hits"));
+    const track = el("div", { class: "track" });
+    for (const h of row.hits) {
+      const fig = el("figure", { class: "hit", "data-key": h.key, "data-camera": h.camera,
+        "data-track": h.track, "data-rank": rankOf.get(h.key), title: h.source + " frame " + h.frame });
+      fig.style.left = (4 + 92 * (h.timestamp - lo) / span) + "%";
+      const img = el("img", { src: h.thumb, alt: h.camera + " " + h.time });
+      img.addEventListener("click", () => searchKey(h.key, h.thumb));
+      fig.appendChild(img);
+      fig.appendChild(el("figcaption", {}, "#" + rankOf.get(h.key) + " " + h.score.toFixed(3) + " " + h.time));
+      track.appendChild(fig);
+    }
+    section.appendChild(track);
+    timeline.appendChild(section);
+  }
+}
+
+function rerun() {
+  if (state.lastKey) {
+    const thumb = $("query-preview").src;
+    return searchKey(state.lastKey, thumb);
+  }
+  if (state.file) return searchFile(state.file);
+  return null;
+}
+
+window.addEventListener("DOMContentLoaded", async () => {
+  $("image").addEventListener("change", (e) => { if (e.target.files.length) searchFile(e.target.files[0]); });
+  $("search-form").addEventListener("submit", (e) => { e.preventDefault(); rerun(); });
+  $("cameras").addEventListener("change", rerun);
+  $("more").addEventListener("click", loadGallery);
+  try {
+    await loadInfo();
+    await loadGallery();
+    document.body.setAttribute("data-ready", "1");
+  } catch (e) {
+    status(e.message, true);
+  }
+});

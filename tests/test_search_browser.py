@@ -1,0 +1,184 @@
+"""The search page in headless Chromium (playwright), and a bounded load test, against a real
+uvicorn server on 127.0.0.1 serving a Milvus Lite gallery of the synthetic footage.
+"""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import json
+import shutil
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("pymilvus", reason="gallery search needs pip install 'strongreid[search]'")
+pytest.importorskip("milvus_lite", reason="gallery search needs Milvus Lite (strongreid[search])")
+pytest.importorskip("uvicorn", reason="the server needs pip install 'strongreid[search]'")
+pytest.importorskip("av", reason="video ingest needs PyAV (strongreid[search])")
+httpx = pytest.importorskip("httpx", reason="the load test needs httpx (strongreid[search])")
+
+from _search_utils import footage_crops, make_footage, tiny_model  # noqa: E402
+
+from strongreid.deploy.extractor import FeatureExtractor  # noqa: E402
+from strongreid.search.ingest import ingest  # noqa: E402
+from strongreid.search.service import SearchService, create_app  # noqa: E402
+from strongreid.search.store import MilvusStore  # noqa: E402
+
+CHROMIUM = next((found for name in ("chromium", "chromium-browser", "google-chrome")
+                 if (found := shutil.which(name))), None)
+NASTY = '<img src=x onerror="window.__xss=1">cam&amp;"9"'
+LOAD_QUERIES, LOAD_CONCURRENCY = 200, 8
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    root = tmp_path_factory.mktemp("served")
+    footage = root / "footage"
+    make_footage(footage)
+    extractor = FeatureExtractor(None, tiny_model(root / "tiny.pt"), device="cpu")
+    store = MilvusStore(str(root / "gallery.db"))
+    ingest(store, extractor, root / "gallery.thumbs", videos=[str(footage)], detections="gt",
+           progress=False)
+    crops, ids, cams = footage_crops(footage)
+    # One crop whose camera name is markup: the page must show it as text.
+    nasty = root / "nasty"
+    nasty.mkdir()
+    odd = next(i for i in range(len(ids)) if ids[i] != ids[0])
+    crops[odd].save(nasty / "crop.png")
+    with open(root / "nasty.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "camera", "timestamp"],
+                                 ["crop.png", NASTY, "2026-01-05T08:00:01Z"]])
+    ingest(store, extractor, root / "gallery.thumbs", crops=[str(nasty)],
+           meta_csv=str(root / "nasty.csv"), progress=False)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(SearchService(store, extractor, root / "gallery.thumbs", "tiny.pt"))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    # The query: person 1, the middle crop of their pass through the first camera they visit.
+    first = [i for i in range(len(ids)) if ids[i] == ids[0] and cams[i] == cams[0]]
+    q = first[len(first) // 2]
+    query = root / "query.png"
+    crops[q].save(query)
+    yield {"url": f"http://127.0.0.1:{port}", "port": port, "query": query,
+           "query_track": int(ids[q]), "query_camera": cams[q], "store": store}
+    srv.should_exit = True
+    thread.join(timeout=30)
+    store.close()
+
+
+def raw_get(port: int, path: str) -> int:
+    """GET with the path sent byte for byte (no client-side normalisation of ../)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("GET", path, skip_accept_encoding=True)
+    conn.endheaders()
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_traversal_over_the_wire_is_404(server) -> None:
+    for path in ("/thumbs/../../../../etc/passwd", "/thumbs/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+                 "/thumbs/..%2f..%2f..%2fetc%2fpasswd", "/thumbs/%2fetc%2fpasswd",
+                 "/thumbs//etc/passwd", "/static/..%2fservice.py", "/../../etc/passwd"):
+        assert raw_get(server["port"], path) == 404, path
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH: apt-get install -y chromium")
+def test_the_page_in_chromium(server) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(server["url"] + "/")
+            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+
+            # Every name is text: the markup camera shows literally and never runs.
+            labels = page.locator("#cameras label").all_inner_texts()
+            assert NASTY in [t.strip() for t in labels]
+            assert page.evaluate("window.__xss") is None
+
+            # Upload a crop with its own camera unticked: the top hit is the same person
+            # in another camera.
+            page.locator(f"#cameras input[value='{server['query_camera']}']").uncheck()
+            page.set_input_files("#image", str(server["query"]))
+            page.wait_for_selector("#timeline figure.hit", timeout=60_000)
+            top = page.locator("figure.hit[data-rank='1']")
+            assert top.get_attribute("data-camera") != server["query_camera"]
+            assert int(top.get_attribute("data-track")) == server["query_track"]
+            cams_shown = set(page.locator("#timeline .camera-row").evaluate_all(
+                "rows => rows.map(r => r.dataset.camera)"))
+            assert server["query_camera"] not in cams_shown
+
+            # Ticking the camera again changes the result: the crop finds itself first.
+            page.locator(f"#cameras input[value='{server['query_camera']}']").check()
+            # (Selectors, not wait_for_function: the page's CSP forbids evaluating strings.)
+            page.wait_for_selector(f"figure.hit[data-rank='1'][data-camera="
+                                   f"{json.dumps(server['query_camera'])}]", timeout=60_000)
+            assert page.locator("figure.hit[data-rank='1'] figcaption").inner_text().split()[1] == "1.000"
+
+            # Clicking a gallery thumbnail searches with it, in the other cameras only.
+            item = page.locator("#gallery button.gallery-item").nth(3)
+            own = item.get_attribute("data-camera")
+            item.click()
+            page.wait_for_selector(f"#query-preview[src='/thumbs/{item.get_attribute('data-key')}.jpg']")
+            page.wait_for_selector("#status:has-text('hits in')", timeout=60_000)
+            shown = page.locator("#timeline figure.hit").evaluate_all("f => f.map(x => x.dataset.camera)")
+            assert shown and own not in shown
+
+            # Every thumbnail on the page decoded.
+            images = page.locator("img:visible").evaluate_all(
+                "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.getAttribute('src')])")
+            assert len(images) > 10
+            assert all(ok and w > 0 for ok, w, _ in images), images
+            assert errors == []
+        finally:
+            browser.close()
+
+
+def test_load_200_queries_8_concurrent(server) -> None:
+    """Bounded: 200 queries, 8 at a time, every 10th an upload; reports p50/p95, no errors."""
+    keys = [r["key"] for r in server["store"].browse(50)]
+    upload = server["query"].read_bytes()
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    with httpx.Client(base_url=server["url"], timeout=120) as client:
+        def one(i: int) -> None:
+            t0 = time.perf_counter()
+            if i % 10 == 0:
+                r = client.post("/api/search", files={"image": ("q.png", upload, "image/png")},
+                                data={"k": "10"})
+            else:
+                r = client.post("/api/search", data={"key": keys[i % len(keys)], "k": "10"})
+            latencies.append(time.perf_counter() - t0)
+            if r.status_code != 200 or len(r.json()["hits"]) != 10:
+                failures.append(f"{i}: {r.status_code} {r.text[:200]}")
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(LOAD_CONCURRENCY) as pool:
+            list(pool.map(one, range(LOAD_QUERIES)))
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=100)
+    print(f"\nload: {LOAD_QUERIES} queries, {LOAD_CONCURRENCY} concurrent, {wall:.1f} s "
+          f"({LOAD_QUERIES / wall:.1f} q/s): p50 {q[49] * 1000:.1f} ms, p95 {q[94] * 1000:.1f} ms, "
+          f"errors {len(failures)}")
+    assert failures == [] and len(latencies) == LOAD_QUERIES
