@@ -153,3 +153,18 @@ def test_layumi_heads_train_and_test_from_the_cli(tiny_synthetic_root, tmp_path,
     report = load_test_weights(other, out / "last.pt")
     assert report.skipped and all(".classifier." in k or k.startswith("classifier.classifier.")
                                   for k in report.skipped)
+
+
+@pytest.mark.parametrize("head", ["layumi", "pcb"])
+def test_margin_id_losses_get_cosine_part_classifiers(head):
+    from strongreid.modeling.cosine import CosineClassifier
+
+    model = build_model(_cfg(MODEL__HEAD=head, MODEL__PCB_PARTS=3, MODEL__ID_LOSS_TYPE="arcface"), 5)
+    blocks = [model.classifier] if head == "layumi" else [model.classifier0, model.classifier1,
+                                                          model.classifier2]
+    assert all(isinstance(b.classifier[0], CosineClassifier) for b in blocks)
+    assert "classifier.0.weight" in dict(blocks[0].named_parameters())
+    model.train()
+    logits, _ = model(torch.randn(2, 3, 48, 32))
+    parts = logits if isinstance(logits, list) else [logits]
+    assert all(p.abs().max() <= 1 + 1e-5 for p in parts)  # cosines

@@ -53,6 +53,35 @@ _C.MODEL.AMP = "auto"
 _C.MODEL.CHANNELS_LAST = "auto"
 # extension: wrap the model in torch.compile
 _C.MODEL.COMPILE = False
+# extension (layumi heads, modeling/layumi.py): 'baseline' (BNNeck or not, as MODEL.NECK says)
+# | 'layumi' (layumi's ClassBlock: Linear -> BN -> (LeakyReLU) -> Dropout -> classifier; the
+# test feature is the LINEAR_NUM-d embedding) | 'pcb' (PCB_PARTS horizontal stripes, one
+# ClassBlock each; test feature: the part-normalised concatenation). MODEL.NECK and
+# TEST.NECK_FEAT apply to 'baseline' only. 'torchreid' (modeling/torchreid_head.py): torchreid's
+# fc head, Linear(LINEAR_NUM) -> BN -> ReLU (none at LINEAR_NUM 0) -> classifier with bias; the
+# test feature is the fc output.
+_C.MODEL.HEAD = "baseline"
+# ClassBlock / torchreid fc width (layumi --linear_num; 0 = no Linear, BN on the backbone feature)
+_C.MODEL.LINEAR_NUM = 512
+# ClassBlock dropout before the classifier (layumi --droprate); PCB's stripe dropout too
+_C.MODEL.DROPRATE = 0.5
+# LeakyReLU(0.1) after the ClassBlock BN (layumi's relu=True; its models use False)
+_C.MODEL.HEAD_RELU = False
+# PCB stripes and the width of each stripe's ClassBlock embedding (layumi: 6 and 256)
+_C.MODEL.PCB_PARTS = 6
+_C.MODEL.PCB_LINEAR_NUM = 256
+# extension: keyword arguments for timm.create_model of a 'timm:<name>' backbone, as a YAML
+# mapping (in a yml) or its text (on the command line), e.g. {drop_path_rate: 0.2} (layumi's
+# Swin/ConvNeXt), {dynamic_img_size: true}. img_size defaults to INPUT.SIZE_TRAIN for the models
+# that take one (ViT, DeiT, DINO, Swin, SwinV2): they train at ReID sizes, position embeddings
+# of ImageNet weights interpolated.
+_C.MODEL.TIMM_KWARGS = ""
+# extension: AGW's non-local blocks in a ResNet backbone, after the last NL_LAYERS[k] blocks of
+# layer{k+1} (AGW / fast-reid ResNet-50: [0, 2, 3, 0]); NL_INTER_CHANNELS: the width of theta /
+# phi / g (fast-reid's code: 1; 0 = C/2, the Non-local paper's)
+_C.MODEL.NON_LOCAL = False
+_C.MODEL.NL_LAYERS = [0, 2, 3, 0]
+_C.MODEL.NL_INTER_CHANNELS = 1
 # --- extension: loss zoo (docs/losses.md) ----------------------------------------------------
 # MODEL.METRIC_LOSS_TYPE above also takes 'circle', 'contrastive', 'lifted', 'instance', 'wrt'
 # and comma-separated combinations (e.g. 'triplet,circle'; add ',center' with IF_WITH_CENTER).
@@ -72,23 +101,6 @@ _C.MODEL.SPHEREFACE_MARGIN = 4
 # Circle softmax (classification circle loss): fast-reid's SBS recipe uses s 64, m 0.35
 _C.MODEL.CIRCLE_SOFTMAX_SCALE = 64.0
 _C.MODEL.CIRCLE_SOFTMAX_MARGIN = 0.35
-# extension (layumi heads, modeling/layumi.py): 'baseline' (BNNeck or not, as MODEL.NECK says)
-# | 'layumi' (layumi's ClassBlock: Linear -> BN -> (LeakyReLU) -> Dropout -> classifier; the
-# test feature is the LINEAR_NUM-d embedding) | 'pcb' (PCB_PARTS horizontal stripes, one
-# ClassBlock each; test feature: the part-normalised concatenation). MODEL.NECK and
-# TEST.NECK_FEAT apply to 'baseline' only. 'torchreid' (modeling/torchreid_head.py): torchreid's
-# fc head, Linear(LINEAR_NUM) -> BN -> ReLU (none at LINEAR_NUM 0) -> classifier with bias; the
-# test feature is the fc output.
-_C.MODEL.HEAD = "baseline"
-# ClassBlock / torchreid fc width (layumi --linear_num; 0 = no Linear, BN on the backbone feature)
-_C.MODEL.LINEAR_NUM = 512
-# ClassBlock dropout before the classifier (layumi --droprate); PCB's stripe dropout too
-_C.MODEL.DROPRATE = 0.5
-# LeakyReLU(0.1) after the ClassBlock BN (layumi's relu=True; its models use False)
-_C.MODEL.HEAD_RELU = False
-# PCB stripes and the width of each stripe's ClassBlock embedding (layumi: 6 and 256)
-_C.MODEL.PCB_PARTS = 6
-_C.MODEL.PCB_LINEAR_NUM = 256
 
 # ---------------------------------------------------------------------------------------------
 # INPUT
@@ -108,6 +120,13 @@ _C.INPUT.RE_SL = 0.02
 _C.INPUT.RE_SH = 0.4
 _C.INPUT.RE_R1 = 0.3
 _C.INPUT.RE_FILL = "original"
+# --- extension: layumi / fast-reid augmentation (data/transforms.py) --------------------------
+# colour jitter first in the train pipeline (layumi --color_jitter) with
+# [brightness, contrast, saturation, hue] (layumi: 0.1, 0.1, 0.1, 0)
+_C.INPUT.COLOR_JITTER = False
+_C.INPUT.CJ_PARAMS = [0.1, 0.1, 0.1, 0.0]
+# probability of torchvision's AutoAugment (ImageNet policy) per image; 0 = off (SBS: 0.1)
+_C.INPUT.AUTOAUG_PROB = 0.0
 
 # ---------------------------------------------------------------------------------------------
 # DATASETS
@@ -211,6 +230,23 @@ _C.SOLVER.LR_REFERENCE_BATCH = 64
 # extension: triplet loss mines over the batches of all ranks (all_gather with gradient).
 # 'auto' = on when the world is larger than 1 (the single-process recipe) | 'on' | 'off'
 _C.SOLVER.TRIPLET_GATHER = "auto"
+# --- extension: layumi / fast-reid training options (docs/coming-from-layumi.md) -------------
+# lr multiplier of the backbone's parameters (layumi trains the backbone at 0.1x the head's lr)
+_C.SOLVER.BACKBONE_LR_FACTOR = 1.0
+# Nesterov momentum for SGD (layumi: on)
+_C.SOLVER.NESTEROV = False
+# the backbone trains at lr 0 for the first N epochs (fast-reid SBS's FREEZE_ITERS, in epochs)
+_C.SOLVER.FREEZE_BACKBONE_EPOCHS = 0
+# SCHED 'cosine': the base lr (after warm-up) for the first N epochs, warm-up included, then the
+# cosine over the remaining ones (fast-reid SBS's DELAY_EPOCHS)
+_C.SOLVER.COSINE_DELAY_EPOCHS = 0
+# weight averaging of the model over the last part of training, saved as averaged.pt:
+# 'off' | 'ema' (exponential, decay WA_EMA_DECAY per epoch: layumi --wa, 0.996) | 'swa'
+# (equal-weight mean, torch.optim.swa_utils); BN statistics recomputed on the training set
+_C.SOLVER.WA = "off"
+# first epoch averaged, as a fraction of MAX_EPOCHS (layumi: from 0.8 x total epochs)
+_C.SOLVER.WA_START = 0.8
+_C.SOLVER.WA_EMA_DECAY = 0.996
 # --- extension: loss zoo (docs/losses.md); SOLVER.TRIPLET_GATHER gathers every pair loss ------
 # Triplet miner: 'batch_hard' (the original, raw Euclidean distances) | 'multi_similarity'
 # (layumi: pytorch-metric-learning's MultiSimilarityMiner + TripletMarginLoss, normalised

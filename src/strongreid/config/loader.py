@@ -53,6 +53,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "SOLVER.INSTANCE_TARGET": ("image", "layumi"),
     "MODEL.POOLING": ("avg", "gem"),
     "MODEL.HEAD": ("baseline", "layumi", "pcb", "torchreid"),
+    "SOLVER.WA": ("off", "ema", "swa"),
     "MODEL.AMP": ("auto", "off", "bf16", "fp16"),
     "MODEL.CHANNELS_LAST": ("auto", "on", "off"),
     "MODEL.SYNC_BN": ("auto", "on", "off"),
@@ -171,6 +172,9 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             return value
         raise bad("a dataset name or a list of names")
 
+    if key == "MODEL.TIMM_KWARGS" and isinstance(value, dict):
+        # Stored as YAML text: yacs values are scalars and lists.
+        return yaml.safe_dump(value, default_flow_style=True).strip()
     if key == "MODEL.METRIC_LOSS_TYPE" and isinstance(value, (list, tuple)):
         value = ",".join(map(str, value))  # a YAML list of terms combines them
 
@@ -410,8 +414,25 @@ def validate(cfg: CfgNode) -> None:
     _check_layumi_head(cfg)
 
 
+def timm_kwargs(cfg: CfgNode) -> dict[str, Any]:
+    """MODEL.TIMM_KWARGS as a dict (lists become tuples, as timm's img_size wants)."""
+    text = cfg.MODEL.TIMM_KWARGS
+    if not str(text).strip():
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"MODEL.TIMM_KWARGS = {text!r} is not a YAML mapping: {exc}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(
+            f"MODEL.TIMM_KWARGS = {text!r}: give a mapping of timm keyword arguments, e.g. "
+            "'{drop_path_rate: 0.2, img_size: [256, 128]}'."
+        )
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+
+
 def _check_layumi_head(cfg: CfgNode) -> None:
-    # layumi heads / PCB (modeling/layumi.py)
+    # layumi heads / PCB (modeling/layumi.py) and the layumi / fast-reid training options
     m = cfg.MODEL
     if m.LINEAR_NUM < 0:
         raise ConfigError(f"MODEL.LINEAR_NUM = {m.LINEAR_NUM} must be >= 0 (0: no embedding Linear).")
@@ -421,6 +442,38 @@ def _check_layumi_head(cfg: CfgNode) -> None:
         raise ConfigError(f"MODEL.DROPRATE = {m.DROPRATE} must lie in [0, 1).")
     if m.PCB_PARTS < 1:
         raise ConfigError(f"MODEL.PCB_PARTS = {m.PCB_PARTS} must be at least 1 (PCB uses 6).")
+    timm_kwargs(cfg)
+    if len(m.NL_LAYERS) != 4 or any(int(n) < 0 for n in m.NL_LAYERS) or m.NL_INTER_CHANNELS < 0:
+        raise ConfigError(
+            f"MODEL.NL_LAYERS = {list(m.NL_LAYERS)} / NL_INTER_CHANNELS = {m.NL_INTER_CHANNELS}: give "
+            "4 block counts >= 0 (AGW: [0, 2, 3, 0]) and a width >= 0."
+        )
+    if cfg.MODEL.TIMM_KWARGS.strip() and not cfg.MODEL.NAME.startswith("timm:"):
+        raise ConfigError(
+            f"MODEL.TIMM_KWARGS applies to timm backbones ('timm:<name>'), not to MODEL.NAME "
+            f"{cfg.MODEL.NAME!r}; clear it or name the timm model."
+        )
+    if not 0.0 <= cfg.INPUT.AUTOAUG_PROB <= 1.0:
+        raise ConfigError(f"INPUT.AUTOAUG_PROB = {cfg.INPUT.AUTOAUG_PROB} must lie in [0, 1].")
+    if cfg.DATALOADER.DATA_PATH == "device" and (cfg.INPUT.COLOR_JITTER or cfg.INPUT.AUTOAUG_PROB > 0):
+        raise ConfigError(
+            "INPUT.COLOR_JITTER / INPUT.AUTOAUG_PROB run on PIL images; DATALOADER.DATA_PATH 'device' "
+            "augments decoded batches without them: use DATA_PATH 'pil' or turn them off."
+        )
+    s = cfg.SOLVER
+    if s.BACKBONE_LR_FACTOR < 0:
+        raise ConfigError(f"SOLVER.BACKBONE_LR_FACTOR = {s.BACKBONE_LR_FACTOR} must be >= 0 (layumi: 0.1).")
+    if s.NESTEROV and s.OPTIMIZER_NAME != "SGD":
+        raise ConfigError(
+            f"SOLVER.NESTEROV applies to SGD only; SOLVER.OPTIMIZER_NAME is {s.OPTIMIZER_NAME!r}."
+        )
+    for key in ("FREEZE_BACKBONE_EPOCHS", "COSINE_DELAY_EPOCHS"):
+        if s[key] < 0:
+            raise ConfigError(f"SOLVER.{key} = {s[key]} must be >= 0 (epochs).")
+    if not 0.0 <= s.WA_START < 1.0:
+        raise ConfigError(f"SOLVER.WA_START = {s.WA_START} must lie in [0, 1) (a fraction of MAX_EPOCHS).")
+    if not 0.0 < s.WA_EMA_DECAY < 1.0:
+        raise ConfigError(f"SOLVER.WA_EMA_DECAY = {s.WA_EMA_DECAY} must lie in (0, 1) (layumi: 0.996).")
 
 
 def _check_layumi_keys(cfg: CfgNode) -> None:

@@ -123,6 +123,27 @@ def _normalize(cfg: Any) -> T.Normalize:
     return T.Normalize(mean=mean, std=std)
 
 
+def _photometric(cfg: Any) -> list:
+    """Optional first steps on the PIL image: AutoAugment (fast-reid SBS: ImageNet policy with
+    probability 0.1, before the resize) and colour jitter (layumi --color_jitter: 0.1/0.1/0.1/0,
+    also first). Both draw from torch's RNG, so the loader's per-image seeding covers them."""
+    steps: list = []
+    autoaug = float(cfg.INPUT.AUTOAUG_PROB)
+    if not 0.0 <= autoaug <= 1.0:
+        raise ConfigError(f"INPUT.AUTOAUG_PROB must be in [0, 1], got {autoaug}")
+    if autoaug > 0:
+        steps.append(T.RandomApply([T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)], p=autoaug))
+    if cfg.INPUT.COLOR_JITTER:
+        jitter = [float(v) for v in cfg.INPUT.CJ_PARAMS]
+        if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+            raise ConfigError(
+                f"INPUT.CJ_PARAMS = {jitter}: give [brightness, contrast, saturation, hue], all >= 0 "
+                "and hue <= 0.5 (layumi: [0.1, 0.1, 0.1, 0.0])"
+            )
+        steps.append(T.ColorJitter(*jitter))
+    return steps
+
+
 INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
@@ -154,6 +175,7 @@ def build_transforms(cfg: Any, is_train: bool) -> T.Compose:
         raise ConfigError(f"INPUT.PADDING must be >= 0, got {padding}")
     return T.Compose(
         [
+            *_photometric(cfg),
             T.Resize(size, interpolation=_interpolation(cfg)),
             T.RandomHorizontalFlip(p=prob),
             T.Pad(padding, fill=0),

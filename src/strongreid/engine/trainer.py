@@ -26,6 +26,7 @@ from yacs.config import CfgNode
 from strongreid.config import save_config
 from strongreid.config.loader import dump_config
 from strongreid.engine import distributed as D
+from strongreid.engine.averaging import WeightAveraging, save_averaged
 from strongreid.engine.checkpoint import load_checkpoint, save_checkpoint
 from strongreid.engine.inference import evaluate_model, format_table, write_results
 from strongreid.engine.runtime import (
@@ -141,6 +142,7 @@ class Trainer:
             make_center_optimizer(solver_cfg, self.loss_fn.center) if self.loss_fn.center is not None else None
         )
         self.scheduler = build_scheduler(solver_cfg, self.optimizer)
+        self.averaging = WeightAveraging(cfg)  # SOLVER.WA (engine/averaging.py)
         # SOLVER.LR_STEP_UNIT 'iter'/'warmup' (issue 14): the lr also moves within the epoch.
         self.iter_lr = build_iteration_lr(cfg, self.scheduler, len(self.loader))
         self.start_epoch = 0
@@ -207,6 +209,7 @@ class Trainer:
             state["center_optimizer"] = self.center_optimizer.state_dict()
         if self.last_eval is not None:
             state["metrics"] = self.last_eval
+        state.update(self.averaging.state_dict())
         return state
 
     def _resume(self, path: Path) -> None:
@@ -229,6 +232,7 @@ class Trainer:
             self.center_optimizer.load_state_dict(ckpt["center_optimizer"])
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
+        self.averaging.load_state_dict(ckpt, self.model)
         self.start_epoch = int(ckpt["epoch"])
         self.best_map = float(ckpt.get("best_map", -1.0))
         self.last_eval = ckpt.get("metrics")
@@ -273,6 +277,21 @@ class Trainer:
             # last.pt must know the best mAP too, so a resumed run keeps choosing best.pt right.
             save_checkpoint(state, self.out_dir / "last.pt")
 
+    def _finish_averaging(self, epoch: int) -> None:
+        """BN statistics of the averaged model, its validation, OUTPUT_DIR/averaged.pt."""
+        module = self.averaging.finalize(self.loader, self.device)
+        D.average_buffers_(module)  # each rank recomputed BN on its own shard
+        evaluated = evaluate_model(self.cfg, module, self.splits.query, self.splits.gallery, self.device)
+        state = self.state_dict(epoch)
+        if evaluated is not None:
+            res = evaluated["results"]["plain"].to_dict()
+            state["metrics"] = {k: res[k] for k in ("mAP", "mINP", "rank1", "rank5", "rank10") if k in res}
+            self._log("averaged weights (SOLVER.WA):\n" + format_table("averaged", res))
+            self._append_metrics({"type": "eval_averaged", "epoch": epoch, **state["metrics"]})
+        if self.dist.is_main:
+            save_averaged(self.out_dir / "averaged.pt", state, module)
+        D.barrier()
+
     def _prefix(self) -> str:
         return self.cfg.MODEL.NAME.replace(":", "_").replace("/", "_")
 
@@ -289,7 +308,9 @@ class Trainer:
         if hasattr(self.loader.dataset, "set_epoch"):
             self.loader.dataset.set_epoch(epoch)
         n_iter = len(self.loader)
-        lr = self.optimizer.param_groups[0]["lr"]
+        # The head's lr (SOLVER.BACKBONE_LR_FACTOR / FREEZE_BACKBONE_EPOCHS change the backbone's).
+        groups = self.optimizer.param_groups
+        lr = next((g["lr"] for g in groups if not g.get("backbone")), groups[0]["lr"])
         sums: dict[str, float] = {}
         count = 0
         images_seen = 0
@@ -456,6 +477,7 @@ class Trainer:
             stats = self.train_one_epoch(epoch)
             self.scheduler.step()
             self._sync_buffers()
+            self.averaging.update(epoch, self.model)
             self._append_metrics({"type": "train", "epoch": epoch, **stats})
             self._log(f"epoch {epoch} done in {stats['time']:.1f} s ({stats['images_per_s']:.1f} img/s)")
             self._validate(epoch)
@@ -463,6 +485,8 @@ class Trainer:
             evaluated = self.evaluate(epoch) if do_eval else None
             self._save(epoch, evaluated is not None)
             D.barrier()
+        if self.averaging.averaged is not None and self.start_epoch < max_epochs:
+            self._finish_averaging(max_epochs)
         if self.start_epoch >= max_epochs:
             logger.info("nothing to train: the checkpoint is already at epoch %d", self.start_epoch)
         elif evaluated is not None and self.dist.is_main:

@@ -64,10 +64,16 @@ class ReIDModel(nn.Module):
 
 def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
     """ReIDModel (or MODEL.HEAD's layumi / PCB model) from cfg.MODEL, initialised as MODEL.PRETRAIN_CHOICE says."""
+    from strongreid.config.loader import timm_kwargs
     from strongreid.modeling import weights
     from strongreid.modeling.init_options import apply_init_options
 
-    backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE)
+    backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE, timm_kwargs(cfg),
+                               img_size=tuple(cfg.INPUT.SIZE_TRAIN))
+    if cfg.MODEL.NON_LOCAL:  # AGW's non-local blocks (modeling/non_local.py)
+        from strongreid.modeling.non_local import add_non_local
+
+        add_non_local(backbone, list(cfg.MODEL.NL_LAYERS), cfg.MODEL.NL_INTER_CHANNELS)
     if cfg.MODEL.HEAD == "torchreid":  # torchreid's fc head (modeling/torchreid_head.py)
         from strongreid.modeling.heads import build_pooling
         from strongreid.modeling.torchreid_head import TorchreidModel

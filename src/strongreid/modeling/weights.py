@@ -116,6 +116,9 @@ def load_backbone_state(
     backbone: nn.Module, state: Mapping[str, torch.Tensor], source: str
 ) -> LoadReport:
     """Copy the tensors of `state` whose names and shapes fit into `backbone`; report the rest."""
+    adapt = getattr(backbone, "adapt_state", None)  # timm: position embeddings to img_size
+    if adapt is not None:
+        state = adapt(state)
     own = backbone.state_dict()
     by_name = {canonical_key(k): k for k in own}
     report = LoadReport()

@@ -37,9 +37,14 @@ class _EpochScheduler(LRScheduler):
     """Closed-form lr(t) = base_lr * self.factor(t) per group (subclasses define `factor`);
     resuming from a state dict also restores the groups' lr."""
 
+    # SOLVER.FREEZE_BACKBONE_EPOCHS: the `backbone` groups train at lr 0 while t < this (SBS).
+    freeze_epochs = 0
+
     def get_lr(self) -> list[float]:
         f = self.factor(self.last_epoch)
-        return [base * f for base in self.base_lrs]
+        frozen = self.last_epoch < self.freeze_epochs
+        return [0.0 if frozen and group.get("backbone") else base * f
+                for base, group in zip(self.base_lrs, self.optimizer.param_groups)]
 
     def _get_closed_form_lr(self) -> list[float]:
         return self.get_lr()
@@ -107,8 +112,13 @@ class WarmupCosineLR(_EpochScheduler):
         warmup_iters: int = 0,
         warmup_method: str = "linear",
         last_epoch: int = -1,
+        delay_epochs: int = 0,
     ) -> None:
         _check_warmup(warmup_method, warmup_iters)
+        if delay_epochs < 0:
+            raise ConfigError(f"SOLVER.COSINE_DELAY_EPOCHS = {delay_epochs} must be >= 0.")
+        # fast-reid's delayed cosine (SBS): base lr (after warm-up) until t = delay_epochs.
+        self.delay_epochs = int(delay_epochs)
         if max_epochs < 1:
             raise ConfigError(f"SOLVER.MAX_EPOCHS = {max_epochs} must be at least 1.")
         if not 0.0 <= min_lr_factor <= 1.0:
@@ -123,8 +133,12 @@ class WarmupCosineLR(_EpochScheduler):
     def factor(self, t: int) -> float:
         if t < self.warmup_iters:
             return warmup_factor_at(t, self.warmup_iters, self.warmup_factor, self.warmup_method)
-        span = self.max_epochs - 1 - self.warmup_iters
-        progress = 1.0 if span <= 0 else min((t - self.warmup_iters) / span, 1.0)
+        # fast-reid counts the delay from the start, warm-up included.
+        start = max(self.warmup_iters, self.delay_epochs)
+        if t < start:
+            return 1.0
+        span = self.max_epochs - 1 - start
+        progress = 1.0 if span <= 0 else min((t - start) / span, 1.0)
         m = self.min_lr_factor
         return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -132,16 +146,26 @@ class WarmupCosineLR(_EpochScheduler):
 def build_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> LRScheduler:
     """SOLVER.SCHED 'multistep' (the original) or 'cosine'; both stepped once per epoch."""
     s = cfg.SOLVER
+    if s.FREEZE_BACKBONE_EPOCHS < 0:
+        raise ConfigError(f"SOLVER.FREEZE_BACKBONE_EPOCHS = {s.FREEZE_BACKBONE_EPOCHS} must be >= 0.")
     if s.SCHED == "multistep":
-        return WarmupMultiStepLR(
+        sched: _EpochScheduler = WarmupMultiStepLR(
             optimizer, s.STEPS, s.GAMMA, s.WARMUP_FACTOR, s.WARMUP_ITERS, s.WARMUP_METHOD
         )
-    if s.SCHED == "cosine":
-        return WarmupCosineLR(
+    elif s.SCHED == "cosine":
+        sched = WarmupCosineLR(
             optimizer, s.MAX_EPOCHS, s.COSINE_MIN_LR_FACTOR, s.WARMUP_FACTOR, s.WARMUP_ITERS,
-            s.WARMUP_METHOD,
+            s.WARMUP_METHOD, delay_epochs=s.COSINE_DELAY_EPOCHS,
         )
-    raise ConfigError(f"SOLVER.SCHED = {s.SCHED!r}: use 'multistep' or 'cosine'.")
+    else:
+        raise ConfigError(f"SOLVER.SCHED = {s.SCHED!r}: use 'multistep' or 'cosine'.")
+    if s.FREEZE_BACKBONE_EPOCHS:
+        # Set after construction (the instance attribute), then put epoch 1's lr in place.
+        sched.freeze_epochs = int(s.FREEZE_BACKBONE_EPOCHS)
+        for group, lr in zip(optimizer.param_groups, sched.get_lr()):
+            group["lr"] = lr
+        sched._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return sched
 
 
 LR_STEP_UNITS = ("epoch", "iter", "warmup")
@@ -179,8 +203,10 @@ class IterationLR:
     def __call__(self, epoch: int, it: int) -> float:
         """Set every group's lr for this iteration; returns the first group's (for the log)."""
         factor = self.scheduler.factor(self.t_at(epoch, it))
+        # SOLVER.FREEZE_BACKBONE_EPOCHS holds the backbone groups at 0, as the epoch scheduler.
+        frozen = epoch < getattr(self.scheduler, "freeze_epochs", 0)
         for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * factor
+            group["lr"] = 0.0 if frozen and group.get("backbone") else base * factor
         return self.scheduler.optimizer.param_groups[0]["lr"]
 
 

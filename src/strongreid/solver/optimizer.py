@@ -22,23 +22,30 @@ def optimizer_names() -> list[str]:
 
 def param_groups(
     model: nn.Module, base_lr: float, weight_decay: float, bias_lr_factor: float,
-    weight_decay_bias: float,
+    weight_decay_bias: float, backbone_lr_factor: float = 1.0, split_backbone: bool = False,
 ) -> list[dict]:
     """Spec §7.1's rules, one group per distinct (lr, weight decay) instead of one per tensor.
 
     A parameter whose name contains "bias" gets lr * BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS, every
     other one BASE_LR and WEIGHT_DECAY; frozen parameters (the BNNeck shift) are left out.
+    Backbone parameters (`backbone.*`) also get lr * SOLVER.BACKBONE_LR_FACTOR (layumi: 0.1) and
+    groups of their own flagged `backbone` (what SOLVER.FREEZE_BACKBONE_EPOCHS holds at lr 0),
+    when the factor is not 1 or `split_backbone`; otherwise the groups are the original's.
     """
-    groups: dict[tuple[float, float], dict] = {}
+    split_backbone = split_backbone or backbone_lr_factor != 1.0
+    groups: dict[tuple[float, float, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        in_backbone = split_backbone and name.startswith("backbone.")
+        factor = backbone_lr_factor if in_backbone else 1.0
         if "bias" in name:
-            key, label = (base_lr * bias_lr_factor, weight_decay_bias), "bias"
+            key, label = (base_lr * bias_lr_factor * factor, weight_decay_bias, in_backbone), "bias"
         else:
-            key, label = (base_lr, weight_decay), "weight"
+            key, label = (base_lr * factor, weight_decay, in_backbone), "weight"
         group = groups.setdefault(
-            key, {"params": [], "lr": key[0], "weight_decay": key[1], "name": label}
+            key, {"params": [], "lr": key[0], "weight_decay": key[1], "backbone": in_backbone,
+                  "name": ("backbone " if in_backbone else "") + label}
         )
         group["params"].append(p)
     if not groups:
@@ -56,9 +63,12 @@ def make_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
             f"SOLVER.OPTIMIZER_NAME = {name!r} is not a torch.optim optimiser; valid names: "
             f"{', '.join(valid)}."
         )
-    groups = param_groups(model, s.BASE_LR, s.WEIGHT_DECAY, s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS)
+    groups = param_groups(model, s.BASE_LR, s.WEIGHT_DECAY, s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS,
+                          s.BACKBONE_LR_FACTOR, split_backbone=s.FREEZE_BACKBONE_EPOCHS > 0)
     cls = getattr(torch.optim, name)
-    kwargs = {"momentum": s.MOMENTUM} if name == "SGD" else {}
+    if s.NESTEROV and name != "SGD":
+        raise ConfigError(f"SOLVER.NESTEROV applies to SGD only; SOLVER.OPTIMIZER_NAME is {name!r}.")
+    kwargs = {"momentum": s.MOMENTUM, "nesterov": bool(s.NESTEROV)} if name == "SGD" else {}
     return cls(groups, lr=s.BASE_LR, **kwargs)
 
 

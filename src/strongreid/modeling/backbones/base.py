@@ -29,7 +29,7 @@ def check_last_stride(last_stride: int) -> int:
     return int(last_stride)
 
 
-def apply_last_stride(stage: nn.Module, last_stride: int) -> int:
+def apply_last_stride(stage: nn.Module, last_stride: int, names: set[str] | None = None) -> int:
     """Give every strided conv/pool of the final stage stride `last_stride`; return how many.
 
     In ResNet-like stages only the first block downsamples (its strided conv and its shortcut),
@@ -40,6 +40,8 @@ def apply_last_stride(stage: nn.Module, last_stride: int) -> int:
     changed = 0
     # Collect first: replacing pools while iterating named_modules would skip entries.
     for name, module in list(stage.named_modules()):
+        if names is not None and name not in names:
+            continue  # only the given submodules (the layers between two stages, see timm_models)
         if isinstance(module, nn.Conv2d) and max(module.stride) > 1:
             module.stride = (last_stride, last_stride)
             if last_stride == 1 and any(
@@ -94,14 +96,24 @@ def out_channels(module: nn.Module) -> int:
     return int(last.num_features)
 
 
-def create_backbone(name: str, last_stride: int) -> nn.Module:
-    """A registered backbone, or any timm model as `timm:<name>`."""
+def create_backbone(name: str, last_stride: int, timm_kwargs: dict | None = None,
+                    img_size: tuple[int, int] | None = None) -> nn.Module:
+    """A registered backbone, or any timm model as `timm:<name>`.
+
+    `timm_kwargs` (MODEL.TIMM_KWARGS) go to `timm.create_model`; `img_size` (INPUT.SIZE_TRAIN) is
+    passed as timm's `img_size` to the models that take one (ViT, Swin...) unless given there.
+    """
     check_last_stride(last_stride)
     if name.startswith(TIMM_PREFIX):
         from strongreid.modeling.backbones.timm_models import TimmBackbone
 
         timm_name = name[len(TIMM_PREFIX):]
-        return TimmBackbone(timm_name, last_stride, arch=name)
+        return TimmBackbone(timm_name, last_stride, arch=name, kwargs=timm_kwargs, img_size=img_size)
+    if timm_kwargs:
+        raise ConfigError(
+            f"MODEL.TIMM_KWARGS = {timm_kwargs!r} applies to timm backbones ('timm:<name>'), not to "
+            f"MODEL.NAME {name!r}; clear it or name the timm model."
+        )
     try:
         factory = BACKBONES.get(name)
     except StrongReIDError as exc:
