@@ -40,13 +40,17 @@ class ResNetBackbone(nn.Module):
         return self.layer4(x)
 
 
-def _register(depth: int) -> None:
-    def factory(last_stride: int) -> nn.Module:
-        return ResNetBackbone(depth, last_stride)
-
-    factory.__name__ = f"resnet{depth}"
-    BACKBONES.register(f"resnet{depth}")(factory)
+DEPTHS = (18, 34, 50, 101, 152)
 
 
-for _depth in (18, 34, 50, 101, 152):
-    _register(_depth)
+def register_resnets(cls: type[ResNetBackbone], prefix: str) -> None:
+    """Register `{prefix}{depth}` for every torchvision depth, built as `cls(depth, last_stride)`."""
+    for depth in DEPTHS:
+        def factory(last_stride: int, depth: int = depth) -> nn.Module:
+            return cls(depth, last_stride)
+
+        factory.__name__ = f"{prefix}{depth}"
+        BACKBONES.register(f"{prefix}{depth}")(factory)
+
+
+register_resnets(ResNetBackbone, "resnet")

@@ -10,10 +10,8 @@ The `reid-strong-baseline` checkpoint format picks it; train with `resnet*`.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
-from strongreid.modeling.backbones.base import BACKBONES
-from strongreid.modeling.backbones.resnet import ResNetBackbone
+from strongreid.modeling.backbones.resnet import ResNetBackbone, register_resnets
 
 
 class RSBResNet(ResNetBackbone):
@@ -27,13 +25,4 @@ class RSBResNet(ResNetBackbone):
         return self.layer4(x)
 
 
-def _register(depth: int) -> None:
-    def factory(last_stride: int) -> nn.Module:
-        return RSBResNet(depth, last_stride)
-
-    factory.__name__ = f"rsb_resnet{depth}"
-    BACKBONES.register(f"rsb_resnet{depth}")(factory)
-
-
-for _depth in (18, 34, 50, 101, 152):
-    _register(_depth)
+register_resnets(RSBResNet, "rsb_resnet")
