@@ -6,7 +6,8 @@ loading fast-reid weights into our `resnet50` would run but compute something el
 * the stem max-pool has no padding and rounds up (`MaxPool2d(3, 2, ceil_mode=True)`): the same
   map size as torchvision's padded pool, sampled one pixel further on;
 * WITH_NL adds non-local blocks (`NL_1`..`NL_4`, ModuleLists) after the last blocks of stages 2
-  and 3 (2 and 3 of them for R50, 2 and 9 for R101), as AGW (Ye et al., TPAMI 2021) does.
+  and 3 (2 and 3 of them for R50, 2 and 9 for R101), as AGW (Ye et al., TPAMI 2021) does. The
+  block is modeling/non_local.py's, the one MODEL.NON_LOCAL attaches to any ResNet.
 
 Parameter names are fast-reid's own (`conv1`, `layer1.0.bn1.IN`, `NL_2.0.W.1.running_var`...),
 so a fast-reid `backbone.*` state dict loads by name. Names: `fastreid_resnet{50,101}` with
@@ -21,38 +22,11 @@ import torch.nn as nn
 from strongreid.modeling.backbones.base import BACKBONES
 from strongreid.modeling.backbones.resnet import ResNetBackbone
 from strongreid.modeling.backbones.resnet_ibn import IBN_A_URLS, ResNetIBNa
+from strongreid.modeling.non_local import NonLocal
 
 # Blocks per stage and non-local blocks per stage (fast-reid's nl_layers_per_stage).
 LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 NL_PER_STAGE = {50: (0, 2, 3, 0), 101: (0, 2, 9, 0)}
-
-
-class NonLocal(nn.Module):
-    """Dot-product non-local block (affinities divided by N), residual through a zero-init BN.
-
-    fast-reid (and ReID-Survey's AGW, which it copies) computes the inner width as
-    `reduc_ratio // reduc_ratio`, i.e. 1 channel whatever the ratio; its published files hold
-    1-channel g/theta/phi convs, so that is what this block builds.
-    """
-
-    def __init__(self, channels: int, inter_channels: int = 1) -> None:
-        super().__init__()
-        self.inter_channels = inter_channels
-        self.g = nn.Conv2d(channels, inter_channels, 1)
-        self.W = nn.Sequential(nn.Conv2d(inter_channels, channels, 1), nn.BatchNorm2d(channels))
-        nn.init.zeros_(self.W[1].weight)  # the block starts as the identity
-        nn.init.zeros_(self.W[1].bias)
-        self.theta = nn.Conv2d(channels, inter_channels, 1)
-        self.phi = nn.Conv2d(channels, inter_channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        g = self.g(x).flatten(2).transpose(1, 2)  # B x HW x C'
-        theta = self.theta(x).flatten(2).transpose(1, 2)
-        phi = self.phi(x).flatten(2)  # B x C' x HW
-        f = theta @ phi / phi.shape[-1]  # B x HW x HW, each pair's affinity over N positions
-        y = (f @ g).transpose(1, 2).reshape(b, self.inter_channels, h, w)
-        return self.W(y) + x
 
 
 class FastReIDResNet(nn.Module):
