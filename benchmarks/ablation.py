@@ -20,6 +20,7 @@ half-way from its last.pt, so an interrupted ablation continues where it stopped
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -42,10 +43,17 @@ BOT: list[str] = [
     "INPUT.RE_SH", "0.4",
     "TEST.NECK_FEAT", "after",
     "INPUT.INTERPOLATION", "bilinear",
+    "MODEL.HEAD_PRECISION", "amp",
+    "TEST.FLIP_AUG", "False",
+    "SOLVER.EVAL_PERIOD", "8",  # the old demo's evaluations at epochs 8 and 16 (demo.yml: 16 only)
 ]
 
 NO_CENTER = ["MODEL.METRIC_LOSS_TYPE", "triplet", "MODEL.IF_WITH_CENTER", "no"]
 WARMUP_ITER = ["SOLVER.LR_STEP_UNIT", "warmup"]
+SCHED_ITER = ["SOLVER.LR_STEP_UNIT", "iter"]  # warm-up and decay both stepped per iteration
+BICUBIC = ["INPUT.INTERPOLATION", "bicubic"]
+FLIP_TEST = ["TEST.FLIP_AUG", "True"]  # test on the mean of the image's and its mirror's features
+HEAD_FP32 = ["MODEL.HEAD_PRECISION", "fp32"]  # pooling, BNNeck and classifier outside bf16
 CLS_STD = ["MODEL.CLASSIFIER_INIT_STD", "0.01"]
 RE_FASTREID = ["INPUT.RE_FILL", "zero", "INPUT.RE_SH", "0.33"]
 # fast-reid's Base-bagtricks as far as it differs from the paper in what matters from scratch.
@@ -54,17 +62,26 @@ FASTREID = NO_CENTER + WARMUP_ITER + CLS_STD + RE_FASTREID
 # name -> overrides applied on top of BOT (None: configs/demo.yml unchanged).
 VARIANTS: dict[str, list[str] | None] = {
     "bot": [],
+    # The paper's recipe evaluated only after the last epoch, as demo.yml is: the same training,
+    # its wall time comparable with demo's.
+    "bot_eval16": ["SOLVER.EVAL_PERIOD", "16"],
     "no_center": NO_CENTER,
     "warmup_iter": WARMUP_ITER,
-    "sched_iter": ["SOLVER.LR_STEP_UNIT", "iter"],
+    "sched_iter": SCHED_ITER,
     "cls_std_0.01": CLS_STD,
     "zero_init_residual": ["MODEL.ZERO_INIT_RESIDUAL", "True"],
     "re_fill_zero": RE_FASTREID,
     "test_before_bn": ["TEST.NECK_FEAT", "before"],
-    "bicubic": ["INPUT.INTERPOLATION", "bicubic"],
+    "bicubic": BICUBIC,
     "fastreid": FASTREID,
     "fastreid+zero_init": FASTREID + ["MODEL.ZERO_INIT_RESIDUAL", "True"],
     "no_center+warmup_iter": NO_CENTER + WARMUP_ITER,
+    "fastreid+bicubic": FASTREID + BICUBIC,
+    "fastreid+bicubic+sched_iter": FASTREID + BICUBIC + SCHED_ITER,
+    "fastreid+bicubic+flip_test": FASTREID + BICUBIC + FLIP_TEST,
+    "head_fp32": HEAD_FP32,
+    "fastreid+head_fp32": FASTREID + HEAD_FP32,
+    "fastreid+bicubic+head_fp32": FASTREID + BICUBIC + HEAD_FP32,
     "demo": None,
 }
 
@@ -88,6 +105,28 @@ def overrides(name: str) -> list[str]:
     """The KEY VALUE list a variant trains with (on top of the config file)."""
     extra = VARIANTS[name]
     return [] if extra is None else BOT + extra
+
+
+def recipe_id(config: str, name: str, opts: list[str]) -> str:
+    """A hash of the merged config a training runs (less its seed and folder): a result is reused
+    only for the same recipe, so editing configs/demo.yml reruns `demo` but not `bot`."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from strongreid.config import load_config
+    from strongreid.config.loader import dump_config
+
+    cfg = load_config(config, [*overrides(name), *opts, "SOLVER.SEED", "0", "OUTPUT_DIR", "-"])
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
+
+
+def run_recipe_id(run_dir: Path) -> str:
+    """recipe_id of what a training actually ran, from the config.yaml it saved (an edit of the
+    config file while it trains does not relabel it)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from strongreid.config import load_config
+    from strongreid.config.loader import dump_config
+
+    cfg = load_config(str(run_dir / "config.yaml"), ["SOLVER.SEED", "0", "OUTPUT_DIR", "-"])
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
 
 
 def load_results(path: Path) -> list[dict]:
@@ -122,7 +161,8 @@ def train_once(config: str, name: str, seed: int, out: Path, opts: list[str]) ->
     res = json.loads((run_dir / "results.json").read_text())
     return {"variant": name, "seed": seed, "mAP": res["mAP"], "rank1": res["rank1"],
             "mINP": res.get("mINP"), "wall_s": wall, "train_time_s": res.get("train_time_s"),
-            "overrides": overrides(name) + opts, "config": config, "resumed": resumed}
+            "overrides": overrides(name) + opts, "config": config, "resumed": resumed,
+            "recipe": run_recipe_id(run_dir)}
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -130,13 +170,20 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
-def table(rows: list[dict]) -> str:
-    """Mean +- sample std (and min..max) of mAP and rank-1 in percent, per variant."""
+def table(rows: list[dict], recipes: dict[str, str] | None = None) -> str:
+    """Mean +- sample std (and min..max) of mAP and rank-1 in percent, per variant. With
+    `recipes` (variant -> recipe id) a variant's rows are those of its recipe, whichever variant
+    name trained them (`demo` shares the rows of the variant it equals); without, by name."""
     order = list(dict.fromkeys([*VARIANTS, *(r["variant"] for r in rows)]))
+    if recipes is not None:
+        order = [n for n in order if n in recipes]
     lines = ["| variant | seeds | mAP % | rank-1 % | mAP min..max | train s/run |",
              "|---|---|---|---|---|---|"]
     for name in order:
-        got = [r for r in rows if r["variant"] == name]
+        if recipes is None:
+            got = [r for r in rows if r["variant"] == name]
+        else:
+            got = list({r["seed"]: r for r in rows if r.get("recipe") == recipes[name]}.values())
         if not got:
             continue
         m, ms = _mean_spread([100 * r["mAP"] for r in got])
@@ -158,24 +205,29 @@ def main(argv: list[str] | None = None) -> int:
         for name in VARIANTS:
             print(f"{name}: {' '.join(overrides(name)) or '(configs/demo.yml as it is)'}")
         return 0
-    rows = load_results(path)
-    if args.table:
-        print(table(rows))
-        return 0
     if len(args.opts) % 2:
         raise SystemExit(f"overrides come in KEY VALUE pairs; got {args.opts}")
+    rows = load_results(path)
+    recipes = {name: recipe_id(args.config, name, args.opts) for name in VARIANTS}
+    if args.table:
+        stale = sum(r.get("recipe") not in recipes.values() for r in rows)
+        print(table(rows, recipes))
+        if stale:
+            print(f"({stale} results of other recipes in {path} left out)")
+        return 0
     for name in args.variants:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            if any(r["variant"] == name and r["seed"] == seed and r["overrides"] == overrides(name) + args.opts
-                   and r["config"] == args.config for r in rows):
+            # The same recipe and seed is the same training, whichever variant name ran it.
+            if any(r["seed"] == seed and r.get("recipe") == recipes[name] for r in rows):
                 continue
             print(f"training {name} seed {seed} ...", flush=True)
             row = train_once(args.config, name, seed, out, args.opts)
-            rows.append(row)
+            # Re-read before appending: another ablation process may have added rows meanwhile.
+            rows = [*load_results(path), row]
             save_results(path, rows)
             print(f"  mAP {100 * row['mAP']:.1f}  rank-1 {100 * row['rank1']:.1f}  "
                   f"{row['wall_s']:.0f} s", flush=True)
-    print(table(rows))
+    print(table(rows, recipes))
     return 0
 
 

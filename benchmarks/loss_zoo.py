@@ -1,4 +1,4 @@
-"""configs/demo.yml with the pair-wise circle loss in place of the batch-hard triplet: mAP.
+"""configs/demo_bot.yml with the pair-wise circle loss in place of the batch-hard triplet: mAP.
 
 The loss zoo's target on the synthetic set is mAP >= 0.60 for this recipe (issue 9). Run:
 
@@ -25,7 +25,7 @@ TARGET_MAP = 0.60
 
 
 def train(name: str, opts: list[str], out: Path, data_root: Path) -> dict:
-    """Train configs/demo.yml with `opts` into out/name and return its results.json."""
+    """Train configs/demo_bot.yml with `opts` into out/name and return its results.json."""
     from strongreid.config import load_config
     from strongreid.engine.inference import test_command
     from strongreid.engine.trainer import Trainer
@@ -34,11 +34,11 @@ def train(name: str, opts: list[str], out: Path, data_root: Path) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a benchmark always starts afresh
     base = ["DATASETS.ROOT_DIR", str(data_root), "OUTPUT_DIR", str(run_dir)]
-    cfg = load_config(str(REPO / "configs" / "demo.yml"), base + opts)
+    cfg = load_config(str(REPO / "configs" / "demo_bot.yml"), base + opts)
     start = time.perf_counter()
     Trainer(cfg).fit()
     seconds = time.perf_counter() - start
-    test_cfg = load_config(str(REPO / "configs" / "demo.yml"),
+    test_cfg = load_config(str(REPO / "configs" / "demo_bot.yml"),
                            base + opts + ["TEST.WEIGHT", str(run_dir / "best.pt")])
     test_command(test_cfg)
     results = json.loads((run_dir / "results.json").read_text())

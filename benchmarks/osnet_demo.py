@@ -1,7 +1,7 @@
 """OSNet x0.25 against the ResNet-18 demo: mAP, training and inference images/s, on the CPU.
 
 Both models train with the same recipe from random init on the synthetic set
-(`configs/demo.yml` and `configs/osnet_x0_25_demo.yml`, which differ only in MODEL.NAME and
+(`configs/demo_bot.yml` and `configs/osnet_x0_25_demo.yml`, which differ only in MODEL.NAME and
 LAST_STRIDE), one after the other in this process; inference is timed on the same batch for
 both in eval mode. Figures are reported side by side and as OSNet / ResNet-18 ratios, so they
 compare across machines (the absolute ones depend on the CPU and on what else runs on it).
@@ -26,7 +26,7 @@ from strongreid.config import load_config
 from strongreid.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = (("ResNet-18 demo", REPO / "configs" / "demo.yml"),
+CONFIGS = (("ResNet-18 demo", REPO / "configs" / "demo_bot.yml"),
            ("OSNet x0.25 demo", REPO / "configs" / "osnet_x0_25_demo.yml"))
 
 

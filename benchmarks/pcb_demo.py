@@ -1,4 +1,4 @@
-"""PCB on the synthetic set: configs/demo.yml with MODEL.HEAD 'pcb', against an mAP target.
+"""PCB on the synthetic set: configs/demo_bot.yml with MODEL.HEAD 'pcb', against an mAP target.
 
 The demo recipe (ResNet-18 from scratch, BNNeck-free PCB head here, CE + triplet + center loss,
 16 epochs) with layumi's six horizontal stripes. PCB needs a feature map at least as high as
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)  # a benchmark always starts afresh
     h, w = args.size
-    cfg = load_config(str(ROOT / "configs" / "demo.yml"), [
+    cfg = load_config(str(ROOT / "configs" / "demo_bot.yml"), [
         "MODEL.HEAD", "pcb", "MODEL.PCB_PARTS", str(args.parts),
         "INPUT.SIZE_TRAIN", f"[{h}, {w}]", "INPUT.SIZE_TEST", f"[{h}, {w}]",
         "DATASETS.ROOT_DIR", str(data), "OUTPUT_DIR", str(out), *args.opts,

@@ -41,6 +41,8 @@ def test_original_configs_keep_the_original_behaviour(name):
     assert cfg.SOLVER.LR_STEP_UNIT == "epoch"
     assert cfg.MODEL.CLASSIFIER_INIT_STD == 0.001
     assert cfg.MODEL.ZERO_INIT_RESIDUAL is False
+    assert cfg.INPUT.INTERPOLATION == "bilinear"
+    assert cfg.MODEL.HEAD_PRECISION == "amp"
 
 
 def test_epoch_unit_builds_no_iteration_lr():
@@ -122,6 +124,31 @@ def test_classifier_std_option():
     # neck 'no' keeps nn.Linear's default init (as the original), whatever the std says
     plain = _model(**{"MODEL.NECK": "no", "MODEL.CLASSIFIER_INIT_STD": 0.01}).classifier.weight
     assert float(plain.detach().std()) > 0.02
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_head_precision_fp32_keeps_the_head_out_of_bf16(training):
+    torch.manual_seed(0)
+    amp = _model().train(training)
+    fp32 = _model(**{"MODEL.HEAD_PRECISION": "fp32"}).train(training)
+    fp32.load_state_dict(amp.state_dict())  # same weights: only the head's precision differs
+    x = torch.randn(4, 3, 64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_amp, out_fp32 = amp(x), fp32(x)
+    if training:
+        assert out_amp[0].dtype == torch.bfloat16  # the classifier ran in bf16
+        assert out_fp32[0].dtype == torch.float32 and out_fp32[1].dtype == torch.float32
+        # the fp32 head's logits are the fp32 classifier applied to its fp32 BN feature
+        feat = fp32.bottleneck(out_fp32[1])
+        assert torch.allclose(out_fp32[0], fp32.classifier(feat), atol=1e-6)
+    else:
+        assert out_amp.dtype == torch.bfloat16 and out_fp32.dtype == torch.float32
+        assert torch.allclose(out_amp.float(), out_fp32, atol=0.05, rtol=0.05)
+    # outside autocast the two are the same model (same weights and BN statistics again)
+    fp32.load_state_dict(amp.state_dict())
+    with torch.no_grad():
+        a, b = amp.eval()(x), fp32.eval()(x)
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(("name", "count", "attr"), [("resnet18", 8, "bn2"), ("resnet50", 16, "bn3")])
@@ -219,7 +246,68 @@ def test_ablation_resumes_an_interrupted_training(tiny_synthetic_root, tmp_path)
     opts = opts[:-2]  # OUTPUT_DIR is the ablation's own
     row = ab.train_once(str(ROOT / "configs" / "demo.yml"), "demo", 0, out, opts)
     assert row["resumed"] is True and 0 <= row["mAP"] <= 1
+    # the row is stamped with the recipe the run saved, which is the one asked for
+    assert row["recipe"] == ab.recipe_id(str(ROOT / "configs" / "demo.yml"), "demo", opts)
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["type"] == "train"]
     assert epochs == [1, 2]
     assert "| demo | 1 |" in ab.table([row]) and ab.table([row]).rstrip().endswith("| ? |")
+
+
+def test_ablation_reuses_a_result_only_for_the_same_recipe(tmp_path):
+    ab = _ablation()
+    demo = str(ROOT / "configs" / "demo.yml")
+    edited = tmp_path / "demo.yml"
+    # demo.yml changed in a key BOT restates: `bot` keeps its results, `demo` must rerun.
+    import yaml
+
+    data = yaml.safe_load((ROOT / "configs" / "demo.yml").read_text())
+    data["MODEL"]["CLASSIFIER_INIT_STD"] = 0.005
+    edited.write_text(yaml.safe_dump(data))
+    assert ab.recipe_id(str(edited), "bot", []) == ab.recipe_id(demo, "bot", [])
+    assert ab.recipe_id(str(edited), "demo", []) != ab.recipe_id(demo, "demo", [])
+    assert ab.recipe_id(demo, "bot", []) != ab.recipe_id(demo, "fastreid", [])
+    assert ab.recipe_id(demo, "bot", ["SOLVER.MAX_EPOCHS", "2"]) != ab.recipe_id(demo, "bot", [])
+
+
+def test_ablation_table_groups_rows_by_recipe():
+    ab = _ablation()
+    # `demo` equal in recipe to `fastreid+bicubic` shares its rows; `bot` a different recipe.
+    recipes = {"bot": "r-bot", "fastreid+bicubic": "r-fb", "demo": "r-fb"}
+    rows = [{"variant": "fastreid+bicubic", "seed": 0, "mAP": 0.80, "rank1": 0.90, "wall_s": 50.0, "recipe": "r-fb"},
+            {"variant": "demo", "seed": 1, "mAP": 0.82, "rank1": 0.92, "wall_s": 70.0, "recipe": "r-fb"},
+            {"variant": "bot", "seed": 0, "mAP": 0.75, "rank1": 0.85, "wall_s": 60.0, "recipe": "r-old"}]
+    text = ab.table(rows, recipes)
+    assert "| demo | 2 | 81.0 ± 1.4 | 91.0 ± 1.4 | 80.0..82.0 | 60 |" in text
+    assert "| fastreid+bicubic | 2 | 81.0 ± 1.4 |" in text
+    assert "| bot |" not in text  # its only row is of a stale recipe
+    assert "| fastreid |" not in text  # not in `recipes`
+
+
+def test_demo_bot_is_the_ablations_paper_recipe_and_demo_its_best_variant():
+    ab = _ablation()
+    demo = str(ROOT / "configs" / "demo.yml")
+    assert ab.recipe_id(str(ROOT / "configs" / "demo_bot.yml"), "demo", []) == ab.recipe_id(demo, "bot", [])
+    # demo.yml is that variant evaluated once, after the last epoch (what it trains is the same)
+    assert ab.recipe_id(demo, "demo", ["SOLVER.EVAL_PERIOD", "8"]) == ab.recipe_id(demo, "fastreid+bicubic+flip_test", [])
+    assert load_config(demo, []).SOLVER.EVAL_PERIOD == 16
+    bot = load_config(str(ROOT / "configs" / "demo_bot.yml"), [])
+    assert (bot.MODEL.METRIC_LOSS_TYPE, bot.MODEL.IF_WITH_CENTER) == ("triplet_center", "yes")
+
+
+def test_demo_walltime_benchmark_runs_both_recipes(tiny_synthetic_root, tmp_path):
+    spec = importlib.util.spec_from_file_location("demo_walltime", ROOT / "benchmarks" / "demo_walltime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    opts = tiny_train_opts(tiny_synthetic_root, tmp_path / "unused")[:-2]  # OUTPUT_DIR is its own
+    # the recipes' own losses and test flip stay; only size, data and device are the tiny ones
+    opts = [x for k, v in zip(opts[::2], opts[1::2])
+            if k not in ("MODEL.IF_WITH_CENTER", "MODEL.METRIC_LOSS_TYPE") for x in (k, v)]
+    out = tmp_path / "w.json"
+    assert mod.main(["--rounds", "1", "--json", str(out), *opts]) == 0
+    res = json.loads(out.read_text())
+    paper, demo = res["recipes"].values()
+    assert len(paper["epoch_s"]) == len(demo["epoch_s"]) == 1
+    cfg = load_config(str(ROOT / "configs" / "demo.yml"), [])
+    assert mod.evaluations(cfg) == 1 and mod.evaluations(load_config(str(ROOT / "configs" / "demo_bot.yml"), [])) == 2
+    assert res["ratio_train"] == pytest.approx(demo["projected_train_s"] / paper["projected_train_s"])

@@ -338,3 +338,6 @@ _C.MODEL.CLASSIFIER_INIT_STD = 0.001
 _C.MODEL.ZERO_INIT_RESIDUAL = False
 # resize filter of the train and test transforms: 'bilinear' (the original) | 'bicubic' (fast-reid)
 _C.INPUT.INTERPOLATION = "bilinear"
+# precision of the baseline head (pooling, BNNeck, classifier) under MODEL.AMP: 'amp' (the
+# autocast dtype, as the backbone) | 'fp32' (the head leaves autocast; same cost, less rounding)
+_C.MODEL.HEAD_PRECISION = "amp"

@@ -60,6 +60,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "SOLVER.TRIPLET_GATHER": ("auto", "on", "off"),
     "INPUT.RE_FILL": ("original", "zero", "random"),
     "INPUT.INTERPOLATION": ("bilinear", "bicubic"),
+    "MODEL.HEAD_PRECISION": ("amp", "fp32"),
     "DATASETS.CUHK03_KIND": ("labeled", "detected"),
     "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
     "DATALOADER.CHECK_IMAGES": ("header", "full", "off"),

@@ -31,6 +31,7 @@ class ReIDModel(nn.Module):
         neck_feat: str = "after",
         pooling: str = "avg",
         gem_p: float = 3.0,
+        head_fp32: bool = False,
     ) -> None:
         super().__init__()
         if neck not in ("bnneck", "no"):
@@ -45,6 +46,8 @@ class ReIDModel(nn.Module):
         self.num_classes = int(num_classes)
         self.neck = neck
         self.neck_feat = neck_feat
+        # MODEL.HEAD_PRECISION 'fp32': pooling, BNNeck and classifier leave the autocast region
+        self.head_fp32 = bool(head_fp32)
         self.arch = str(getattr(backbone, "arch", type(backbone).__name__))
         if neck == "bnneck":
             self.bottleneck: nn.BatchNorm1d | None = make_bnneck(self.feat_dim)
@@ -55,7 +58,16 @@ class ReIDModel(nn.Module):
             self.classifier = nn.Linear(self.feat_dim, self.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        global_feat = self.pool(self.backbone(x))
+        fmap = self.backbone(x)
+        if self.head_fp32 and torch.is_autocast_enabled(fmap.device.type):
+            # The head is a few kFLOPs per image next to the backbone's MFLOPs: fp32 there is
+            # free, and it keeps bf16 rounding out of the embedding and the logits.
+            with torch.autocast(device_type=fmap.device.type, enabled=False):
+                return self._head(fmap.float())
+        return self._head(fmap)
+
+    def _head(self, fmap: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        global_feat = self.pool(fmap)
         feat = global_feat if self.bottleneck is None else self.bottleneck(global_feat)
         if self.training:
             return self.classifier(feat), global_feat
@@ -93,6 +105,7 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
             neck_feat=cfg.TEST.NECK_FEAT,
             pooling=cfg.MODEL.POOLING,
             gem_p=cfg.MODEL.GEM_P,
+            head_fp32=cfg.MODEL.HEAD_PRECISION == "fp32",
         )
     apply_init_options(cfg, model)  # issue 14's init keys; no-op at their defaults
     if cfg.MODEL.ID_LOSS_TYPE != "softmax":  # loss zoo: margin losses need cosine logits
