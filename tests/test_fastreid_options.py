@@ -151,6 +151,15 @@ def test_head_precision_fp32_keeps_the_head_out_of_bf16(training):
     assert torch.equal(a, b)
 
 
+def test_head_precision_is_refused_for_heads_it_does_not_cover():
+    assert load_config(None, ["MODEL.HEAD_PRECISION", "fp32"]).MODEL.HEAD_PRECISION == "fp32"
+    for head in ("layumi", "pcb", "torchreid"):
+        with pytest.raises(ConfigError, match=f"HEAD_PRECISION 'fp32'.*MODEL.HEAD is '{head}'"):
+            load_config(None, ["MODEL.HEAD", head, "MODEL.HEAD_PRECISION", "fp32"])
+    with pytest.raises(ConfigError, match="MODEL.HEAD_PRECISION.*'amp', 'fp32'"):
+        load_config(None, ["MODEL.HEAD_PRECISION", "bf16"])
+
+
 @pytest.mark.parametrize(("name", "count", "attr"), [("resnet18", 8, "bn2"), ("resnet50", 16, "bn3")])
 def test_zero_init_residual_zeroes_the_last_bn_of_every_block(name, count, attr):
     backbone = create_backbone(name, 1)
@@ -311,3 +320,7 @@ def test_demo_walltime_benchmark_runs_both_recipes(tiny_synthetic_root, tmp_path
     cfg = load_config(str(ROOT / "configs" / "demo.yml"), [])
     assert mod.evaluations(cfg) == 1 and mod.evaluations(load_config(str(ROOT / "configs" / "demo_bot.yml"), [])) == 2
     assert res["ratio_train"] == pytest.approx(demo["projected_train_s"] / paper["projected_train_s"])
+    # `make demo` evaluates once more (its test step): one more median evaluation on each side
+    for r in (paper, demo):
+        assert r["projected_make_demo_s"] == pytest.approx(r["projected_train_s"] + r["median_eval_s"])
+    assert res["ratio_make_demo"] == pytest.approx(demo["projected_make_demo_s"] / paper["projected_make_demo_s"])

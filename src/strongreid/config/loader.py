@@ -461,6 +461,11 @@ def _check_layumi_head(cfg: CfgNode) -> None:
             "INPUT.COLOR_JITTER / INPUT.AUTOAUG_PROB run on PIL images; DATALOADER.DATA_PATH 'device' "
             "augments decoded batches without them: use DATA_PATH 'pil' or turn them off."
         )
+    if m.HEAD_PRECISION == "fp32" and m.HEAD != "baseline":
+        raise ConfigError(
+            f"MODEL.HEAD_PRECISION 'fp32' applies to MODEL.HEAD 'baseline' (pooling, BNNeck and "
+            f"classifier); MODEL.HEAD is {m.HEAD!r}: set HEAD_PRECISION 'amp'."
+        )
     s = cfg.SOLVER
     if s.BACKBONE_LR_FACTOR < 0:
         raise ConfigError(f"SOLVER.BACKBONE_LR_FACTOR = {s.BACKBONE_LR_FACTOR} must be >= 0 (layumi: 0.1).")
