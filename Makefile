@@ -15,14 +15,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,deploy,search,tracking,quant]'
 	touch $(STAMP)
 
-# Synthetic data -> train -> test -> pictures -> HTML report, all on the CPU (about 2-3 minutes).
+# Synthetic data -> train -> test -> pictures -> HTML report, all on the CPU (about 3-7 minutes).
+# `make demo DEMO_CONFIG=configs/demo_bot.yml DEMO_RUN=runs/demo_bot` runs the same steps with
+# the paper's recipe (benchmarks/demo_endtoend.sh compares the two).
+DEMO_CONFIG ?= configs/demo.yml
+DEMO_RUN ?= runs/demo
 demo: $(STAMP) data/synthetic/synthetic.json
-	rm -rf runs/demo  # the demo always starts afresh; train refuses to overwrite a run otherwise
-	$(BIN)/strongreid train --config configs/demo.yml
-	$(BIN)/strongreid test --config configs/demo.yml TEST.WEIGHT runs/demo/best.pt
-	$(BIN)/python benchmarks/histogram_baseline.py --root data/synthetic --out runs/demo/histogram_baseline.json --compare runs/demo/results.json
-	$(BIN)/strongreid visualize --results runs/demo
-	$(BIN)/strongreid report --results runs/demo
+	rm -rf $(DEMO_RUN)  # the demo always starts afresh; train refuses to overwrite a run otherwise
+	$(BIN)/strongreid train --config $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_RUN)
+	$(BIN)/strongreid test --config $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_RUN) TEST.WEIGHT $(DEMO_RUN)/best.pt
+	$(BIN)/python benchmarks/histogram_baseline.py --root data/synthetic --out $(DEMO_RUN)/histogram_baseline.json --compare $(DEMO_RUN)/results.json
+	$(BIN)/strongreid visualize --results $(DEMO_RUN)
+	$(BIN)/strongreid report --results $(DEMO_RUN)
 
 # After `make demo` (needs the search extra): synthetic footage -> Milvus Lite gallery, then
 # prints the `strongreid serve` command that opens the search page (docs/search.md).

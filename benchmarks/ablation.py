@@ -62,9 +62,6 @@ FASTREID = NO_CENTER + WARMUP_ITER + CLS_STD + RE_FASTREID
 # name -> overrides applied on top of BOT (None: configs/demo.yml unchanged).
 VARIANTS: dict[str, list[str] | None] = {
     "bot": [],
-    # The paper's recipe evaluated only after the last epoch, as demo.yml is: the same training,
-    # its wall time comparable with demo's.
-    "bot_eval16": ["SOLVER.EVAL_PERIOD", "16"],
     "no_center": NO_CENTER,
     "warmup_iter": WARMUP_ITER,
     "sched_iter": SCHED_ITER,
@@ -107,26 +104,26 @@ def overrides(name: str) -> list[str]:
     return [] if extra is None else BOT + extra
 
 
-def recipe_id(config: str, name: str, opts: list[str]) -> str:
-    """A hash of the merged config a training runs (less its seed and folder): a result is reused
-    only for the same recipe, so editing configs/demo.yml reruns `demo` but not `bot`."""
+def _recipe_hash(config: str, opts: list[str]) -> str:
+    """A hash of the merged config less its seed and output folder (the same recipe otherwise)."""
     sys.path.insert(0, str(ROOT / "src"))
     from strongreid.config import load_config
     from strongreid.config.loader import dump_config
 
-    cfg = load_config(config, [*overrides(name), *opts, "SOLVER.SEED", "0", "OUTPUT_DIR", "-"])
+    cfg = load_config(config, [*opts, "SOLVER.SEED", "0", "OUTPUT_DIR", "-"])
     return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
+
+
+def recipe_id(config: str, name: str, opts: list[str]) -> str:
+    """The recipe a variant trains: a result is reused only for the same recipe, so editing
+    configs/demo.yml reruns `demo` but not `bot`."""
+    return _recipe_hash(config, [*overrides(name), *opts])
 
 
 def run_recipe_id(run_dir: Path) -> str:
     """recipe_id of what a training actually ran, from the config.yaml it saved (an edit of the
     config file while it trains does not relabel it)."""
-    sys.path.insert(0, str(ROOT / "src"))
-    from strongreid.config import load_config
-    from strongreid.config.loader import dump_config
-
-    cfg = load_config(str(run_dir / "config.yaml"), ["SOLVER.SEED", "0", "OUTPUT_DIR", "-"])
-    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
+    return _recipe_hash(str(run_dir / "config.yaml"), [])
 
 
 def load_results(path: Path) -> list[dict]:

@@ -26,13 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from strongreid.config import load_config  # noqa: E402
+from strongreid.engine.trainer import Trainer, evaluates_after  # noqa: E402
+
 RECIPES = {"paper (demo_bot.yml)": ROOT / "configs" / "demo_bot.yml", "demo (demo.yml)": ROOT / "configs" / "demo.yml"}
 
 
 def evaluations(cfg) -> int:
-    """How many evaluations `strongreid train` runs with this config (fit's rule)."""
-    n, period = cfg.SOLVER.MAX_EPOCHS, cfg.SOLVER.EVAL_PERIOD
-    return sum(1 for e in range(1, n + 1) if e % period == 0 or e == n)
+    """How many evaluations `strongreid train` runs with this config."""
+    return sum(evaluates_after(cfg, e) for e in range(1, cfg.SOLVER.MAX_EPOCHS + 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.opts) % 2:
         raise SystemExit(f"overrides come in KEY VALUE pairs; got {args.opts}")
 
-    from strongreid.config import load_config
-    from strongreid.engine.trainer import Trainer
+    with tempfile.TemporaryDirectory(prefix="demo_walltime_") as tmp:  # the runs' files go with it
+        return _measure(args, Path(tmp))
 
-    tmp = Path(tempfile.mkdtemp(prefix="demo_walltime_"))
+
+def _measure(args: argparse.Namespace, tmp: Path) -> int:
     trainers, cfgs = {}, {}
     for i, (name, path) in enumerate(RECIPES.items()):
         cfgs[name] = load_config(str(path), [*args.opts, "OUTPUT_DIR", str(tmp / f"run{i}")])

@@ -75,6 +75,11 @@ def scale_lr(cfg: CfgNode) -> CfgNode:
     return scaled
 
 
+def evaluates_after(cfg: CfgNode, epoch: int) -> bool:
+    """Whether `fit` evaluates after this epoch: every SOLVER.EVAL_PERIOD epochs and after the last."""
+    return epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == cfg.SOLVER.MAX_EPOCHS
+
+
 class Trainer:
     """Holds everything one run needs; `fit()` trains, evaluates and checkpoints.
 
@@ -481,8 +486,7 @@ class Trainer:
             self._append_metrics({"type": "train", "epoch": epoch, **stats})
             self._log(f"epoch {epoch} done in {stats['time']:.1f} s ({stats['images_per_s']:.1f} img/s)")
             self._validate(epoch)
-            do_eval = epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == max_epochs
-            evaluated = self.evaluate(epoch) if do_eval else None
+            evaluated = self.evaluate(epoch) if evaluates_after(cfg, epoch) else None
             self._save(epoch, evaluated is not None)
             D.barrier()
         if self.averaging.averaged is not None and self.start_epoch < max_epochs:
