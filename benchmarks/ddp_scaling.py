@@ -113,8 +113,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         center_optimizer.zero_grad(set_to_none=True)
-        logits, feats = train_model(images)
-        loss = loss_fn(logits, feats, targets)["total"]
+        loss = loss_fn(train_model(images), targets)["total"]
         loss.backward()
         optimizer.step()
         for p in loss_fn.center.parameters():

@@ -157,8 +157,8 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.center_optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            logits, feats = self.forward(images)
-        terms = self.loss_fn(logits.float(), feats.float(), targets)
+            outputs = self.forward(images)
+        terms = self.loss_fn(outputs.float(), targets)
         self.scaler.scale(terms["total"]).backward()
         self.scaler.step(self.optimizer)
         step_center(self.center_optimizer, self.loss_fn.center, self.loss_fn.center_weight,

@@ -15,7 +15,7 @@ from _train_utils import model_cfg
 from strongreid.config import load_config
 from strongreid.errors import ConfigError
 from strongreid.modeling import build_model, create_backbone
-from strongreid.modeling.layumi import is_part_logits
+from strongreid.modeling.outputs import is_part_logits
 from strongreid.modeling.weights import load_backbone_state
 
 # name, MODEL.HEAD, size, last stride, expected map (rows, cols) or None, test-feature width

@@ -19,6 +19,7 @@ from strongreid.engine.inference import tta_forward
 from strongreid.engine.validation import validation_metrics
 from strongreid.errors import StrongReIDError
 from strongreid.evaluation import multi_query_features
+from strongreid.modeling.outputs import ModelOutput
 from strongreid.viz.ranked import RankedLayout, resolve_queries
 
 
@@ -60,11 +61,11 @@ def test_tta_forward_flip_and_scales_by_hand():
 
 def test_validation_metrics_by_hand():
     class Fixed(nn.Module):
-        """Training forward -> (logits, feature), as ReIDModel / LayumiModel."""
+        """Training forward -> ModelOutput(logits, feature), as ReIDModel / LayumiModel."""
 
         def forward(self, x):
             logits = x[:, 0, 0, :2]
-            return (logits, logits) if self.training else logits
+            return ModelOutput(logits, logits) if self.training else logits
 
     images = torch.zeros(2, 1, 1, 2)
     images[0, 0, 0] = torch.tensor([2.0, 0.0])  # target 0: right

@@ -17,7 +17,8 @@ from strongreid.errors import ConfigError
 from strongreid.losses.build import ReIDLoss
 from strongreid.losses.classification import CrossEntropyLoss
 from strongreid.modeling import build_model, load_test_weights
-from strongreid.modeling.layumi import ClassBlock, LayumiModel, PCBModel, class_scores
+from strongreid.modeling.layumi import ClassBlock, LayumiModel, PCBModel
+from strongreid.modeling.outputs import ModelOutput, class_scores
 
 _cfg = model_cfg
 
@@ -91,7 +92,7 @@ def test_id_loss_sums_over_part_logits():
     a = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     b = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     loss = ReIDLoss(CrossEntropyLoss(), id_weight=0.5)
-    out = loss([a, b], torch.zeros(2, 4), targets)
+    out = loss(ModelOutput([a, b], torch.zeros(2, 4)), targets)
     # CE(a) = mean(log(2 + e^2) - 2, log(2 + e) - 1); CE(b) = mean(log(2 + e) - 0, log 3)
     ce_a = (math.log(2 + math.e ** 2) - 2 + math.log(2 + math.e) - 1) / 2
     ce_b = (math.log(2 + math.e) + math.log(3)) / 2

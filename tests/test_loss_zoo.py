@@ -35,6 +35,7 @@ from strongreid.losses import (
     build_loss,
 )
 from strongreid.modeling.cosine import CosineClassifier
+from strongreid.modeling.outputs import ModelOutput
 
 # --------------------------------------------------------------------------------------------
 # Hand-worked cases
@@ -319,7 +320,7 @@ def test_terms_and_weights_come_from_the_config():
     assert isinstance(loss.id_loss.ce, CrossEntropyLabelSmooth)
     x, y = torch.randn(8, 8), torch.arange(4).repeat_interleave(2)
     cos = torch.rand(8, 4)
-    out = loss(cos, x, y)
+    out = loss(ModelOutput(cos, x), y)
     assert set(out) == {"id", "triplet", "circle", "contrastive", "total"}
     assert out["circle"].item() == pytest.approx(0.5 * CircleLoss(0.25, 64.0)(x, y).item(), rel=1e-6)
     assert out["total"].item() == pytest.approx(sum(v.item() for k, v in out.items() if k != "total"), rel=1e-6)
@@ -405,7 +406,7 @@ def test_each_loss_trains_a_bnneck_model_under_bf16_autocast(id_type, metric):
     assert feats.dtype == torch.bfloat16
     # the cosine classifier leaves autocast: margins are added in fp32
     assert logits.dtype == (torch.float32 if id_type != "softmax" else torch.bfloat16)
-    terms = loss_fn(logits.float(), feats.float(), targets)
+    terms = loss_fn(ModelOutput(logits, feats).float(), targets)
     assert all(torch.isfinite(v) for v in terms.values())
     terms["total"].backward()
     for name in ("classifier.weight", "bottleneck.weight", "backbone.conv1.weight"):
@@ -427,8 +428,7 @@ def test_margin_classifiers_replace_the_layumi_and_pcb_classifiers(head, extra):
     assert len(cosine) == (4 if head == "pcb" else 1)
     assert all(m.out_features != 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
     model.train()
-    logits, feats = model(torch.randn(8, 3, 64, 32))
-    terms = build_loss(cfg, 4, model.feat_dim)(logits, feats, torch.arange(4).repeat_interleave(2))
+    terms = build_loss(cfg, 4, model.feat_dim)(model(torch.randn(8, 3, 64, 32)), torch.arange(4).repeat_interleave(2))
     terms["total"].backward()
     assert all(torch.isfinite(v) for v in terms.values())
     assert all(dict(model.named_parameters())[n + ".weight"].grad is not None for n in cosine)
@@ -473,7 +473,7 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
     local = feats[half].clone().requires_grad_(True)
     fake = SimpleNamespace(loss_fn=build_loss(cfg, 4, 6), triplet_gather=True,
                            dist=SimpleNamespace(world_size=2))
-    terms, loss = Trainer._losses(fake, cos[half], local, labels[half])
+    terms, loss = Trainer._losses(fake, ModelOutput(cos[half], local), labels[half])
     loss.backward()
     torch.save({"terms": {k: v.item() for k, v in terms.items()}, "grad": local.grad}, f"{out}/rank{rank}.pt")
     D.cleanup()

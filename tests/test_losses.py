@@ -22,6 +22,7 @@ from strongreid.losses import (
     euclidean_dist,
 )
 from strongreid.losses import build as build_module
+from strongreid.modeling.outputs import ModelOutput
 
 
 def _log_softmax(row):
@@ -206,7 +207,7 @@ def _cfg(sampler, metric, center, smooth):
 )
 def test_combination_table(sampler, metric, center, smooth, terms, id_kind):
     loss_fn = build_loss(_cfg(sampler, metric, center, smooth), num_classes=3, feat_dim=4)
-    out = loss_fn(torch.randn(4, 3), torch.randn(4, 4), torch.tensor([0, 0, 1, 2]))
+    out = loss_fn(ModelOutput(torch.randn(4, 3), torch.randn(4, 4)), torch.tensor([0, 0, 1, 2]))
     assert set(out) == terms | {"total"}
     assert type(loss_fn.id_loss) is id_kind if id_kind else loss_fn.id_loss is None
     assert (loss_fn.center is not None) == ("center" in terms)
@@ -248,7 +249,7 @@ def test_weights_epsilon_and_margin_from_config():
     with torch.no_grad():
         loss_fn.center.centers.zero_()
     logits = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
-    out = loss_fn(logits, LINE, torch.tensor([0, 0, 1, 1]))
+    out = loss_fn(ModelOutput(logits, LINE), torch.tensor([0, 0, 1, 1]))
     raw_id = CrossEntropyLabelSmooth(3, 0.2)(logits, torch.tensor([0, 0, 1, 1]))
     raw_tri = sum(math.log1p(math.exp(a - n)) for a, n in [(2, 3), (2, 1), (4, 1), (4, 5)]) / 4
     raw_center = (0 + 4 + 9 + 49) / 4  # centers at 0

@@ -12,6 +12,7 @@ from strongreid.errors import ConfigError, StrongReIDError
 from strongreid.losses import build_loss
 from strongreid.modeling import BACKBONES, build_model, create_backbone, load_backbone_file
 from strongreid.modeling.backbones.osnet import WIDTHS, ChannelGate, OSBlock, OSNet
+from strongreid.modeling.outputs import ModelOutput
 
 NAMES = [
     "osnet_x1_0", "osnet_x0_75", "osnet_x0_5", "osnet_x0_25", "osnet_ibn_x1_0",
@@ -185,7 +186,7 @@ def test_trains_with_heads_and_losses(head, neck, pooling, loss, id_loss, dim):
     x, y = torch.randn(8, 3, 64, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     logits, feat = model(x)
     assert logits.shape == (8, 4) and feat.shape == (8, dim)
-    losses = criterion(logits, feat, y)
+    losses = criterion(ModelOutput(logits, feat), y)
     losses["total"].backward()
     assert all(p.grad is not None for p in model.backbone.parameters())
     model.eval()

@@ -40,6 +40,7 @@ from strongreid.engine.runtime import (
     use_channels_last,
 )
 from strongreid.errors import CheckpointError, ConfigError, StrongReIDError
+from strongreid.modeling.outputs import ModelOutput
 from strongreid.solver.optimizer import step_center
 
 logger = logging.getLogger("strongreid")
@@ -302,8 +303,6 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        from strongreid.modeling.layumi import class_scores, logits_to_float  # PCB: part logits
-
         cfg = self.cfg
         self.train_model.train()
         sampler = getattr(self.loader, "batch_sampler", None)
@@ -339,11 +338,11 @@ class Trainer:
             if self.center_optimizer is not None:
                 self.center_optimizer.zero_grad(set_to_none=True)
             with autocast(self.device, self.amp_dtype):
-                logits, feats = self.train_model(images)
+                outputs = self.train_model(images)
             # Losses in fp32: the triplet distances and center terms lose too much in bf16.
-            terms, loss = self._losses(logits_to_float(logits), feats.float(), targets)
+            terms, loss = self._losses(outputs.float(), targets)
             with torch.no_grad():
-                acc = (class_scores(logits).argmax(1) == targets).float().mean()
+                acc = (outputs.class_scores().argmax(1) == targets).float().mean()
                 # One small collective per step: the logged numbers are means over all ranks, and
                 # a NaN on any rank stops every rank here (not in a collective that never returns).
                 values = D.all_reduce_mean_(torch.stack([v.detach().float() for v in terms.values()] + [acc]))
@@ -395,7 +394,7 @@ class Trainer:
                       "data_wait": t_data / max(elapsed, 1e-9)})
         return stats
 
-    def _losses(self, logits: torch.Tensor, feats: torch.Tensor,
+    def _losses(self, outputs: ModelOutput,
                 targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The weighted loss terms (what is logged) and the loss to back-propagate.
 
@@ -408,10 +407,10 @@ class Trainer:
         """
         lf = self.loss_fn
         if not self.triplet_gather:
-            terms = lf(logits, feats, targets)
+            terms = lf(outputs, targets)
             return terms, terms["total"]
-        gathered = (D.all_gather_with_grad(feats), D.all_gather_with_grad(targets))
-        terms = lf(logits, feats, targets, gathered=gathered)
+        gathered = (D.all_gather_with_grad(outputs.features), D.all_gather_with_grad(targets))
+        terms = lf(outputs, targets, gathered=gathered)
         pair_total = torch.stack([terms[k] for k in lf.metrics]).sum()
         return terms, terms["total"] + (self.dist.world_size - 1) * pair_total
 

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from strongreid.engine.runtime import autocast
-from strongreid.modeling.layumi import class_scores, is_part_logits
 
 
 @torch.no_grad()
@@ -18,7 +17,7 @@ def validation_metrics(
 
     The model runs in eval mode (BatchNorm running statistics, no dropout), as layumi's val
     phase does, but its classifier output is needed: the top module alone is switched to
-    training so that its forward returns (logits, feature) while every layer below stays in
+    training so that its forward returns its ModelOutput while every layer below stays in
     eval mode. The loss is plain cross-entropy (no label smoothing), layumi's criterion.
     """
     model = getattr(model, "module", model)  # DDP: the bare module, no collectives
@@ -33,14 +32,11 @@ def validation_metrics(
             images = images.to(device, non_blocking=True)
             targets = pids.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
-                logits = model(images)[0]
-            if is_part_logits(logits):  # PCB: the parts' losses add up, as in training
-                parts = [t.float() for t in logits]
-                loss_sum += sum(float(F.cross_entropy(t, targets, reduction="sum")) for t in parts)
-                scores = class_scores(parts)
-            else:
-                scores = logits.float()
-                loss_sum += float(F.cross_entropy(scores, targets, reduction="sum"))
+                outputs = model(images)
+            outputs = outputs.float()
+            # A part model's (PCB) losses add up over its parts, as in training.
+            loss_sum += sum(float(F.cross_entropy(t, targets, reduction="sum")) for t in outputs.parts)
+            scores = outputs.class_scores()
             wrong += int((scores.argmax(1) != targets).sum())
             count += int(targets.numel())
     finally:

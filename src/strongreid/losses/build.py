@@ -15,6 +15,7 @@ from strongreid.errors import ConfigError
 from strongreid.losses.center import CenterLoss
 from strongreid.losses.classification import CrossEntropyLabelSmooth, CrossEntropyLoss
 from strongreid.losses.zoo import build_id_loss, build_pair_term
+from strongreid.modeling.outputs import ModelOutput
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +23,13 @@ _warned_softmax_ls = False
 
 
 class ReIDLoss(nn.Module):
-    """forward(logits, feats, targets) -> {'id', <metric terms>, 'center' (as configured), 'total'}.
+    """forward(outputs, targets) -> {'id', <metric terms>, 'center' (as configured), 'total'}.
 
     Every entry is already weighted, so 'total' is their sum and each can be logged on its own.
-    `logits` come from the classifier (on the BN feature), `feats` are the pre-BN features.
-    The metric terms ('triplet', 'circle', ...) live in `.metrics` with weights in
-    `.metric_weights`; `gathered=(feats, targets)` of all ranks replaces their input.
+    `outputs` is the model's ModelOutput: the ID loss sees its `logits` (summed over the parts of
+    a part model), the metric and center terms its `features`. The metric terms ('triplet',
+    'circle', ...) live in `.metrics` with weights in `.metric_weights`; `gathered=(feats,
+    targets)` of all ranks replaces their input.
     """
 
     def __init__(
@@ -56,19 +58,14 @@ class ReIDLoss(nn.Module):
     def triplet(self) -> nn.Module | None:
         return self.metrics["triplet"] if "triplet" in self.metrics else None
 
-    def id_term(self, logits: torch.Tensor | list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        """The unweighted ID loss; PCB's list of part logits gives the sum over parts (layumi)."""
-        if isinstance(logits, (list, tuple)):
-            return torch.stack([self.id_loss(part, targets) for part in logits]).sum()
-        return self.id_loss(logits, targets)
-
     def forward(
-        self, logits: torch.Tensor | list[torch.Tensor], feats: torch.Tensor, targets: torch.Tensor,
+        self, outputs: ModelOutput, targets: torch.Tensor,
         gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
+        feats = outputs.features
         terms: dict[str, torch.Tensor] = {}
         if self.id_loss is not None:
-            terms["id"] = self.id_weight * self.id_term(logits, targets)
+            terms["id"] = self.id_weight * outputs.sum_over_parts(lambda logits: self.id_loss(logits, targets))
         pair_feats, pair_targets = gathered if gathered is not None else (feats, targets)
         for name, term in self.metrics.items():
             terms[name] = self.metric_weights[name] * term(pair_feats, pair_targets)

@@ -11,12 +11,13 @@ from yacs.config import CfgNode
 from strongreid.errors import ConfigError
 from strongreid.modeling.backbones import create_backbone
 from strongreid.modeling.heads import build_pooling, make_bnneck, weights_init_classifier
+from strongreid.modeling.outputs import ModelOutput
 
 logger = logging.getLogger(__name__)
 
 
 class ReIDModel(nn.Module):
-    """Training forward -> (logits, pre-BN global feature); eval forward -> the test feature.
+    """Training forward -> ModelOutput(logits, pre-BN global feature); eval forward -> the test feature.
 
     With neck 'bnneck' the ID loss sees the BN feature and triplet/center loss the pre-BN one
     (Luo et al.'s BNNeck); the test feature is the BN feature ('after') or the pre-BN one
@@ -57,7 +58,7 @@ class ReIDModel(nn.Module):
             self.bottleneck = None
             self.classifier = nn.Linear(self.feat_dim, self.num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ModelOutput:
         fmap = self.backbone(x)
         if self.head_fp32 and torch.is_autocast_enabled(fmap.device.type):
             # The head is a few kFLOPs per image next to the backbone's MFLOPs: fp32 there is
@@ -66,11 +67,11 @@ class ReIDModel(nn.Module):
                 return self._head(fmap.float())
         return self._head(fmap)
 
-    def _head(self, fmap: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def _head(self, fmap: torch.Tensor) -> torch.Tensor | ModelOutput:
         global_feat = self.pool(fmap)
         feat = global_feat if self.bottleneck is None else self.bottleneck(global_feat)
         if self.training:
-            return self.classifier(feat), global_feat
+            return ModelOutput(self.classifier(feat), global_feat)
         return feat if self.neck_feat == "after" else global_feat
 
 

@@ -19,9 +19,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from strongreid.errors import ConfigError
+from strongreid.modeling.outputs import ModelOutput
 
 
 def layumi_init_kaiming(m: nn.Module) -> None:
@@ -86,7 +86,8 @@ class ClassBlock(nn.Module):
 class LayumiModel(nn.Module):
     """layumi's ft_net family: backbone -> global pooling -> ClassBlock.
 
-    Training forward -> (logits, linear_num-d embedding, the feature layumi's metric losses see);
+    Training forward -> ModelOutput(logits, linear_num-d embedding: the feature layumi's metric
+    losses see);
     eval forward -> the same embedding (BN applied, dropout off), layumi's test feature.
     """
 
@@ -105,10 +106,10 @@ class LayumiModel(nn.Module):
         # Parameter prefixes whose shape depends on the class count (skipped on cross-domain load).
         self.class_layers = ("classifier.classifier.",)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ModelOutput:
         pooled = self.pool(self.backbone(x))
         if self.training:
-            return self.classifier(pooled)
+            return ModelOutput(*self.classifier(pooled))
         return self.classifier.embed(pooled)
 
 
@@ -116,7 +117,7 @@ class PCBModel(nn.Module):
     """PCB (Sun et al. 2018) as layumi's: the map pooled into P horizontal stripes, dropout 0.5,
     one ClassBlock(C, N, linear 256, no ReLU) per stripe.
 
-    Training forward -> ([P logits], B x (C*P) stripe features); the ID loss sums over stripes.
+    Training forward -> ModelOutput([P logits], B x (C*P) stripe features); the ID loss sums over stripes.
     Eval forward -> layumi's test feature: every C-d stripe divided by its norm times sqrt(P)
     (each stripe counts equally and the whole vector has unit norm), flattened channel-major
     (index c*P + p) like layumi's `ff.view(n, -1)` on its n x C x P tensor.
@@ -153,35 +154,16 @@ class PCBModel(nn.Module):
             )
         return self.avgpool(fmap).flatten(2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[list[torch.Tensor], torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ModelOutput:
         parts = self.stripes(x)
         if self.training:
             dropped = self.dropout(parts)
             logits = [getattr(self, f"classifier{i}")(dropped[:, :, i])[0] for i in range(self.parts)]
-            return logits, parts.flatten(1)
+            return ModelOutput(logits, parts.flatten(1))
         # Normalise in fp32: the per-stripe norm of a bf16 map loses the small stripes.
         parts = parts.float()
         parts = parts / (parts.norm(p=2, dim=1, keepdim=True).clamp_min(1e-12) * math.sqrt(self.parts))
         return parts.flatten(1)
-
-
-def is_part_logits(logits: object) -> bool:
-    """True for PCB's training output: a list (or tuple) of per-part logits."""
-    return isinstance(logits, (list, tuple))
-
-
-def logits_to_float(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-    """fp32 copy of one logits tensor or of every part's (losses run in fp32)."""
-    if is_part_logits(logits):
-        return [t.float() for t in logits]
-    return logits.float()
-
-
-def class_scores(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-    """Scores whose argmax is the prediction: PCB sums the parts' softmaxes, as layumi."""
-    if is_part_logits(logits):
-        return torch.stack([F.softmax(t, dim=1) for t in logits]).sum(0)
-    return logits
 
 
 def build_layumi_head(cfg, backbone: nn.Module, num_classes: int) -> nn.Module:

@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 
 from strongreid.errors import ConfigError
+from strongreid.modeling.outputs import ModelOutput
 
 
 class TorchreidModel(nn.Module):
     """backbone -> pool -> (fc: Linear-BN-ReLU to `fc_dim`) -> classifier (Linear with bias).
 
-    Training forward -> (logits, feature); eval forward -> the feature (fc output, or the pooled
+    Training forward -> ModelOutput(logits, feature); eval forward -> the feature (fc output, or the pooled
     map when `fc_dim` is 0), torchreid's test feature.
     """
 
@@ -56,10 +57,10 @@ class TorchreidModel(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ModelOutput:
         v = self.pool(self.backbone(x))
         if self.fc is not None:
             v = self.fc(v)
         if self.training:
-            return self.classifier(v), v
+            return ModelOutput(self.classifier(v), v)
         return v
