@@ -89,8 +89,6 @@ def run_case(args: argparse.Namespace, case: str, path: str, out: Path) -> dict:
         for images, _params, _index in itertools.islice(full._host_batches(), args.loader_iters):
             n += images.shape[0]
         host_ips = n / (time.perf_counter() - t1)
-    if trainer.tb is not None:
-        trainer.tb.close()
     return {"case": case, "path": path, "img/s": stats["images_per_s"], "data_wait": stats["data_wait"],
             "setup_s": setup_s, "loader_img/s": loader_ips, "host_img/s": host_ips, "batch": batch, "device": str(trainer.device), "amp": str(trainer.amp_dtype)}
 

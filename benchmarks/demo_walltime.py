@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from strongreid.config import load_config  # noqa: E402
 from strongreid.engine.trainer import Trainer, evaluates_after  # noqa: E402
+from strongreid.evaluation.hooks import EvalHook  # noqa: E402
 
 RECIPES = {"paper (demo_bot.yml)": ROOT / "configs" / "demo_bot.yml", "demo (demo.yml)": ROOT / "configs" / "demo.yml"}
 
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure(args: argparse.Namespace, tmp: Path) -> int:
-    trainers, cfgs = {}, {}
+    trainers, evals, cfgs = {}, {}, {}
     for i, (name, path) in enumerate(RECIPES.items()):
         cfgs[name] = load_config(str(path), [*args.opts, "OUTPUT_DIR", str(tmp / f"run{i}")])
-        trainers[name] = Trainer(cfgs[name])
+        evals[name] = EvalHook()
+        trainers[name] = Trainer(cfgs[name], hooks=[evals[name]])
     names = list(RECIPES)
     epoch_s: dict[str, list[float]] = {n: [] for n in names}
     eval_s: dict[str, list[float]] = {n: [] for n in names}
@@ -66,7 +68,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> int:
             epoch_s[name].append(time.perf_counter() - t)
         for name in order:
             t = time.perf_counter()
-            trainers[name].evaluate(r + 1)
+            evals[name].evaluate(r + 1)
             eval_s[name].append(time.perf_counter() - t)
 
     out = {}

@@ -27,8 +27,8 @@ TARGET_MAP = 0.60
 def train(name: str, opts: list[str], out: Path, data_root: Path) -> dict:
     """Train configs/demo_bot.yml with `opts` into out/name and return its results.json."""
     from strongreid.config import load_config
-    from strongreid.engine.inference import test_command
-    from strongreid.engine.trainer import Trainer
+    from strongreid.evaluation.runner import test_command
+    from strongreid.workflows import build_trainer
 
     run_dir = out / name
     if run_dir.exists():
@@ -36,7 +36,7 @@ def train(name: str, opts: list[str], out: Path, data_root: Path) -> dict:
     base = ["DATASETS.ROOT_DIR", str(data_root), "OUTPUT_DIR", str(run_dir)]
     cfg = load_config(str(REPO / "configs" / "demo_bot.yml"), base + opts)
     start = time.perf_counter()
-    Trainer(cfg).fit()
+    build_trainer(cfg).fit()
     seconds = time.perf_counter() - start
     test_cfg = load_config(str(REPO / "configs" / "demo_bot.yml"),
                            base + opts + ["TEST.WEIGHT", str(run_dir / "best.pt")])

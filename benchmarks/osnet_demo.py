@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from strongreid.config import load_config
-from strongreid.engine.trainer import Trainer
+from strongreid.workflows import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = (("ResNet-18 demo", REPO / "configs" / "demo_bot.yml"),
@@ -60,7 +60,7 @@ def run_one(config: Path, root: str, out: Path, epochs: int | None, workers: int
         opts += ["SOLVER.MAX_EPOCHS", str(epochs), "SOLVER.EVAL_PERIOD", str(epochs),
                  "SOLVER.CHECKPOINT_PERIOD", str(epochs)]
     cfg = load_config(str(config), opts)
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     t0 = time.perf_counter()
     results = trainer.fit() or {}
     wall = time.perf_counter() - t0

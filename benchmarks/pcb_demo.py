@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from strongreid.config import load_config
     from strongreid.data.synthetic import generate
-    from strongreid.engine.trainer import train
+    from strongreid.workflows import train
 
     data = Path(args.data)
     if not (data / "synthetic").is_dir():

@@ -37,6 +37,7 @@ from strongreid.engine import distributed as D
 from strongreid.engine.checkpoint import load_checkpoint, save_checkpoint
 from strongreid.engine.trainer import Trainer, scale_lr
 from strongreid.errors import ConfigError
+from strongreid.workflows import build_trainer
 
 WORLD = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +78,6 @@ def _run_epochs(cfg) -> dict:
     for epoch in range(1, cfg.SOLVER.MAX_EPOCHS + 1):
         rows.append(trainer.train_one_epoch(epoch))
         trainer.scheduler.step()
-    if trainer.tb is not None:
-        trainer.tb.close()
     return {
         "iterations": len(trainer.loader),
         "losses": {k: [r[k] for r in rows] for k in ("loss", "loss_id", "loss_triplet", "loss_center")},
@@ -165,7 +164,7 @@ def _worker(rank: int, world: int, port: int, root: str, workdir: str, pretraine
     result["triplet_only"] = {"loss": stats["loss"], "iterations": len(trainer.loader),
                               "classifier": classifier.detach().clone(), "classifier_grad": classifier.grad}
     # The defaults ('auto' SyncBN and triplet gather): a whole fit with its sharded evaluation.
-    result["defaults"] = Trainer(load_config(None, _defaults_opts(Path(root), work / "defaults2", Path(pretrained)))).fit()
+    result["defaults"] = build_trainer(load_config(None, _defaults_opts(Path(root), work / "defaults2", Path(pretrained)))).fit()
     torch.save(result, work / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -205,7 +204,7 @@ def spawned(tiny_synthetic_root, tmp_path_factory) -> dict:
             pytest.fail("the 2-rank session did not finish in 240 s")
     ranks = [torch.load(work / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     single = _run_epochs(load_config(None, _equivalence_opts(tiny_synthetic_root, work / "single", pretrained)))
-    defaults = Trainer(load_config(None, _defaults_opts(tiny_synthetic_root, work / "defaults1", pretrained))).fit()
+    defaults = build_trainer(load_config(None, _defaults_opts(tiny_synthetic_root, work / "defaults1", pretrained))).fit()
     return {"ranks": ranks, "single": single, "pretrained": trained["model"], "work": work,
             "defaults": defaults}
 
@@ -435,8 +434,6 @@ def test_trainer_builds_its_optimisers_with_the_scaled_lr(tiny_synthetic_root, t
     assert lrs == pytest.approx([2 * base, 2 * base * 2])  # weights, biases (BIAS_LR_FACTOR 2)
     assert trainer.center_optimizer.param_groups[0]["lr"] == pytest.approx(2 * center)
     assert load_config(str(out / "config.yaml"), []).SOLVER.BASE_LR == pytest.approx(base)
-    if trainer.tb is not None:
-        trainer.tb.close()
 
 
 # -- torchrun: sharded evaluation and fault tolerance ------------------------------------------

@@ -12,7 +12,9 @@ from _train_utils import tiny_train_opts
 from strongreid.cli import main
 from strongreid.config import load_config
 from strongreid.engine.checkpoint import load_checkpoint
-from strongreid.engine.trainer import Trainer, TrainingDiverged
+from strongreid.engine.hooks import TrainingDiverged
+from strongreid.engine.trainer import Trainer
+from strongreid.workflows import build_trainer
 
 
 def _chance_map(ranking_path, repeats: int = 20) -> float:
@@ -67,11 +69,11 @@ def test_train_then_test_through_the_cli(tiny_synthetic_root, tmp_path, capsys):
 
 def test_resume_equals_uninterrupted_run(tiny_synthetic_root, tmp_path):
     straight = tmp_path / "straight"
-    Trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, straight))).fit()
+    build_trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, straight))).fit()
 
     split = tmp_path / "split"
-    Trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, split, **{"SOLVER.MAX_EPOCHS": 1}))).fit()
-    Trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, split)), resume=True).fit()
+    build_trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, split, **{"SOLVER.MAX_EPOCHS": 1}))).fit()
+    build_trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, split)), resume=True).fit()
 
     a = load_checkpoint(straight / "last.pt")
     b = load_checkpoint(split / "last.pt")
@@ -125,7 +127,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_synthetic_root, tmp_pat
 
 def test_ranking_file_matches_results(tiny_synthetic_root, tmp_path):
     out = tmp_path / "rank"
-    Trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 1}))).fit()
+    build_trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 1}))).fit()
     ranking = np.load(out / "ranking.npz")
     results = json.loads((out / "results.json").read_text())
     ap = ranking["ap"]
@@ -146,7 +148,7 @@ def test_test_command_rejects_a_checkpoint_of_another_architecture(tiny_syntheti
 
 
 def test_result_table_says_when_no_query_has_a_match():
-    from strongreid.engine.inference import format_table
+    from strongreid.evaluation.runner import format_table
 
     text = format_table("plain", {"mAP": None, "mINP": None, "cmc": [None] * 10, "num_valid": 0})
     assert "n/a" in text and "0 valid" in text

@@ -120,13 +120,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from strongreid.engine.trainer import train_command
+    from strongreid.workflows import train_command
 
     return train_command(_load_cfg(args), resume=args.resume)
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
-    from strongreid.engine.inference import test_command
+    from strongreid.evaluation.runner import test_command
 
     return test_command(_load_cfg(args))
 

@@ -4,18 +4,18 @@ Order of one iteration (as reid-strong-baseline): forward, loss, backward, model
 with center loss, the center gradients are rescaled by 1/weight and the centers take their own
 SGD step. The LR scheduler steps once per epoch, after it (epoch e trains with t = e - 1).
 Under torchrun (docs/distributed.md) SOLVER.IMS_PER_BATCH is the global batch, the model is
-wrapped in DDP, and the logged losses are the means over all ranks.
+wrapped in DDP, and the logged losses are the means over all ranks. Everything else a run does
+(logs, metrics.jsonl, TensorBoard, checkpoints, weight averaging, validation, the NaN guard) is
+a hook (engine/hooks.py); evaluation on the test split is one too, added by
+`strongreid.workflows`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import math
-import os
-import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,14 @@ from yacs.config import CfgNode
 
 from strongreid.config import save_config
 from strongreid.config.loader import dump_config
+from strongreid.data import build_train_loader
+from strongreid.data.integrity import check_splits
+from strongreid.data.splits import load_splits
 from strongreid.engine import distributed as D
-from strongreid.engine.averaging import WeightAveraging, save_averaged
-from strongreid.engine.checkpoint import load_checkpoint, save_checkpoint
-from strongreid.engine.inference import evaluate_model, format_table, write_results
+from strongreid.engine import hooks as H
+from strongreid.engine.averaging import WeightAveraging
+from strongreid.engine.checkpoint import load_checkpoint
+from strongreid.engine.hooks import EpochMeter, HookBase
 from strongreid.engine.runtime import (
     amp_dtype,
     autocast,
@@ -39,15 +43,19 @@ from strongreid.engine.runtime import (
     setup_logging,
     use_channels_last,
 )
-from strongreid.errors import CheckpointError, ConfigError, StrongReIDError
+from strongreid.errors import CheckpointError, ConfigError
+from strongreid.losses import build_loss
+from strongreid.modeling import build_model
 from strongreid.modeling.outputs import ModelOutput
+from strongreid.solver import (
+    build_iteration_lr,
+    build_scheduler,
+    make_center_optimizer,
+    make_optimizer,
+)
 from strongreid.solver.optimizer import step_center
 
 logger = logging.getLogger("strongreid")
-
-
-class TrainingDiverged(StrongReIDError):
-    """The loss became NaN or infinite."""
 
 
 def scale_lr(cfg: CfgNode) -> CfgNode:
@@ -81,110 +89,56 @@ def evaluates_after(cfg: CfgNode, epoch: int) -> bool:
     return epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == cfg.SOLVER.MAX_EPOCHS
 
 
+# Checkpoint entries the trainer itself restores; the rest of a checkpoint belongs to the hooks.
+_TRAINER_STATE = ("model", "optimizer", "scheduler", "center", "center_optimizer", "scaler", "rng")
+
+
 class Trainer:
-    """Holds everything one run needs; `fit()` trains, evaluates and checkpoints.
+    """One run: data, model, loss and optimisers built from the config; `fit()` trains.
 
     `resume`: True continues from OUTPUT_DIR/last.pt; "auto" does so when every rank sees that
-    file (the torchrun restart path) and starts afresh when none does.
+    file (the torchrun restart path) and starts afresh when none does. `hooks` join
+    `default_hooks()`; `register_hooks` adds more later (engine/hooks.py says in which order
+    they run).
+
+    What hooks read: `cfg`, `model` (the bare module) and `train_model` (DDP / compiled),
+    `loader`, `splits`, `device`, `dist`, `out_dir`, `amp_dtype`, `epoch` and `iter` (1-based),
+    `iters_per_epoch`, `lr` (the head's), `step_values` (the iteration's weighted loss terms,
+    'total' and 'acc', means over ranks), `meter` (the epoch's EpochMeter) and `epoch_stats`
+    (its train row). What they leave for each other: `eval_result` (the metrics of this epoch's
+    evaluation, None when there was none), `averaged_model` / `averaged_metrics` (SOLVER.WA, at
+    the end) and `results` (what `fit` returns).
     """
 
-    def __init__(self, cfg: CfgNode, resume: bool | str = False) -> None:
-        from strongreid.data import build_train_loader
-        from strongreid.data.integrity import check_splits
-        from strongreid.data.splits import load_splits
-        from strongreid.losses import build_loss
-        from strongreid.modeling import build_model
-        from strongreid.solver import (
-            build_iteration_lr,
-            build_scheduler,
-            make_center_optimizer,
-            make_optimizer,
-        )
-
+    def __init__(self, cfg: CfgNode, resume: bool | str = False, hooks: Iterable[HookBase] = ()) -> None:
         self.cfg = cfg
         self.device = select_device(cfg)
         self.dist = D.init_distributed(self.device)
         # Before anything heavy: the global batch must split into whole identities per rank.
         D.local_batch_size(cfg, self.dist.world_size)
         self.out_dir = Path(cfg.OUTPUT_DIR)
-        if resume == "auto":
-            resume = self._agree_on_resume()
-        if not resume and (self.out_dir / "last.pt").exists():
-            raise ConfigError(
-                f"OUTPUT_DIR {self.out_dir} already holds a run ({self.out_dir / 'last.pt'}): "
-                "continue it with --resume, or set another OUTPUT_DIR. Nothing was overwritten."
-            )
-        setup_logging(self.out_dir, self.dist.rank)
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
+        self.resumed = self._agree_on_resume() if resume == "auto" else bool(resume)
+        self._prepare_out_dir()
         # Same seed on every rank: identical initial weights; the sampler shards the data.
         seed_everything(cfg.SOLVER.SEED, cfg.SOLVER.DETERMINISTIC)
-
-        self.splits = load_splits(cfg)
-        self.num_classes = self.splits.num_classes
-        # Every unreadable image named before anything trains (data/integrity.py).
-        unreadable = check_splits(cfg, self.splits, write_list=self.dist.is_main)
-        self.loader = build_train_loader(cfg, self.splits.train, rank=self.dist.rank,
-                                         world_size=self.dist.world_size, device=self.device,
-                                         known_corrupt=unreadable)
-        model = build_model(cfg, self.num_classes)
-        self.sync_bn = D.world_switch(cfg.MODEL.SYNC_BN, self.dist.world_size)
-        if self.sync_bn:
-            model = D.convert_sync_batchnorm(model, self.device)
-        self.channels_last = use_channels_last(cfg.MODEL.CHANNELS_LAST, self.device)
-        model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.loss_fn = build_loss(cfg, self.num_classes, model.feat_dim).to(self.device)
-        self.triplet_gather = (D.world_switch(cfg.SOLVER.TRIPLET_GATHER, self.dist.world_size)
-                               and len(self.loss_fn.metrics) > 0)
-        solver_cfg = scale_lr(cfg)
-        self.optimizer = make_optimizer(solver_cfg, model)
-        self.center_optimizer = (
-            make_center_optimizer(solver_cfg, self.loss_fn.center) if self.loss_fn.center is not None else None
-        )
-        self.scheduler = build_scheduler(solver_cfg, self.optimizer)
-        self.averaging = WeightAveraging(cfg)  # SOLVER.WA (engine/averaging.py)
-        # SOLVER.LR_STEP_UNIT 'iter'/'warmup' (issue 14): the lr also moves within the epoch.
-        self.iter_lr = build_iteration_lr(cfg, self.scheduler, len(self.loader))
-        self.start_epoch = 0
-        self.best_map = -1.0
-        self.last_eval: dict[str, Any] | None = None
-        if resume:
+        self._build_data()
+        self._build_model()
+        self._build_solver()
+        self.start_epoch = self.epoch = self.iter = 0
+        self.iters_per_epoch = len(self.loader)
+        self.eval_result: dict[str, Any] | None = None
+        self.averaged_model: nn.Module | None = None
+        self.averaged_metrics: dict[str, Any] | None = None
+        self.results: dict[str, Any] | None = None
+        self._resume_state: dict[str, Any] | None = None
+        if self.resumed:
             self._resume(self.out_dir / "last.pt")
-        self.train_model: nn.Module = model
-        if self.dist.enabled:
-            # A triplet-only loss leaves the classifier unused, which DDP must be told.
-            self.train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.loss_fn.id_loss is None, **_no_forward_buffer_sync(),
-            )
-        if cfg.MODEL.COMPILE:
-            self.train_model = torch.compile(self.train_model)
-        self.tb = None
-        if self.dist.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self._wrap_for_training()
+        self.hooks: list[HookBase] = []
+        self.register_hooks([*self.default_hooks(), *hooks])
+        self._log_setup()
 
-                self.tb = SummaryWriter(str(self.out_dir / "tb"))
-            except ImportError:  # tensorboard is a dependency, but training must not need it
-                logger.warning("tensorboard is not installed: no TensorBoard logs")
-        logger.info(
-            "training %s on %s: %d images, %d ids, %d iterations/epoch, device %s, amp %s, channels_last %s, world %d",
-            cfg.MODEL.NAME, "+".join(self.splits.train_names), len(self.splits.train), self.num_classes,
-            len(self.loader), self.device, self.amp_dtype, self.channels_last, self.dist.world_size,
-        )
-        if self.dist.enabled:
-            logger.info("distributed: %d ranks x %d images (global batch %d), SyncBN %s (MODEL.SYNC_BN %s), "
-                        "triplet over %s (SOLVER.TRIPLET_GATHER %s)",
-                        self.dist.world_size, D.local_batch_size(cfg, self.dist.world_size),
-                        cfg.SOLVER.IMS_PER_BATCH, "on" if self.sync_bn else "off", cfg.MODEL.SYNC_BN,
-                        "all ranks" if self.triplet_gather else "each rank's batch", cfg.SOLVER.TRIPLET_GATHER)
-
+    # -- building --------------------------------------------------------------------------------
     def _agree_on_resume(self) -> bool:
         """Resume when every rank sees last.pt, start afresh when none does; anything else means
         OUTPUT_DIR is not shared by all nodes, and the ranks would silently diverge."""
@@ -196,14 +150,113 @@ class Trainer:
             )
         return seen > 0
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    def _prepare_out_dir(self) -> None:
+        if not self.resumed and (self.out_dir / "last.pt").exists():
+            raise ConfigError(
+                f"OUTPUT_DIR {self.out_dir} already holds a run ({self.out_dir / 'last.pt'}): "
+                "continue it with --resume, or set another OUTPUT_DIR. Nothing was overwritten."
+            )
+        setup_logging(self.out_dir, self.dist.rank)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out_dir / "config.yaml")
+
+    def _build_data(self) -> None:
+        self.splits = load_splits(self.cfg)
+        self.num_classes = self.splits.num_classes
+        # Every unreadable image named before anything trains (data/integrity.py).
+        unreadable = check_splits(self.cfg, self.splits, write_list=self.dist.is_main)
+        self.loader = build_train_loader(self.cfg, self.splits.train, rank=self.dist.rank,
+                                         world_size=self.dist.world_size, device=self.device,
+                                         known_corrupt=unreadable)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        model = build_model(cfg, self.num_classes)
+        self.sync_bn = D.world_switch(cfg.MODEL.SYNC_BN, self.dist.world_size)
+        if self.sync_bn:
+            model = D.convert_sync_batchnorm(model, self.device)
+        self.channels_last = use_channels_last(cfg.MODEL.CHANNELS_LAST, self.device)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def _build_solver(self) -> None:
+        cfg = self.cfg
+        self.loss_fn = build_loss(cfg, self.num_classes, self.model.feat_dim).to(self.device)
+        self.triplet_gather = (D.world_switch(cfg.SOLVER.TRIPLET_GATHER, self.dist.world_size)
+                               and len(self.loss_fn.metrics) > 0)
+        solver_cfg = scale_lr(cfg)
+        self.optimizer = make_optimizer(solver_cfg, self.model)
+        center = self.loss_fn.center
+        self.center_optimizer = make_center_optimizer(solver_cfg, center) if center is not None else None
+        self.scheduler = build_scheduler(solver_cfg, self.optimizer)
+        # SOLVER.LR_STEP_UNIT 'iter'/'warmup': the lr also moves within the epoch.
+        self.iter_lr = build_iteration_lr(cfg, self.scheduler, len(self.loader))
+
+    def _wrap_for_training(self) -> None:
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            # A triplet-only loss leaves the classifier unused, which DDP must be told.
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.loss_fn.id_loss is None, **_no_forward_buffer_sync(),
+            )
+        if self.cfg.MODEL.COMPILE:
+            self.train_model = torch.compile(self.train_model)
+
+    def _log_setup(self) -> None:
+        cfg, world = self.cfg, self.dist.world_size
+        logger.info(
+            "training %s on %s: %d images, %d ids, %d iterations/epoch, device %s, amp %s, channels_last %s, world %d",
+            cfg.MODEL.NAME, "+".join(self.splits.train_names), len(self.splits.train), self.num_classes,
+            len(self.loader), self.device, self.amp_dtype, self.channels_last, world,
+        )
+        if self.dist.enabled:
+            logger.info("distributed: %d ranks x %d images (global batch %d), SyncBN %s (MODEL.SYNC_BN %s), "
+                        "triplet over %s (SOLVER.TRIPLET_GATHER %s)",
+                        world, D.local_batch_size(cfg, world), cfg.SOLVER.IMS_PER_BATCH,
+                        "on" if self.sync_bn else "off", cfg.MODEL.SYNC_BN,
+                        "all ranks" if self.triplet_gather else "each rank's batch", cfg.SOLVER.TRIPLET_GATHER)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def default_hooks(self) -> list[HookBase]:
+        """What every run does besides training (evaluation is added by strongreid.workflows)."""
+        return [H.NaNGuard(), H.WeightAveragingHook(WeightAveraging(self.cfg)), H.ProgressLogger(),
+                H.ValidationHook(), H.CheckpointHook(), H.MetricsFile(), H.TensorBoard()]
+
+    def register_hooks(self, hooks: Iterable[HookBase]) -> None:
+        """Add hooks; a resumed run hands each its part of last.pt."""
+        for hook in hooks:
+            hook.trainer = self
+            if self._resume_state is not None:
+                hook.load_state_dict(self._resume_state)
+            self.hooks.append(hook)
+        self.hooks.sort(key=lambda h: h.priority)  # stable: ties keep their registration order
+
+    def _call(self, event: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)()
+
+    def publish(self, record: dict[str, Any]) -> None:
+        """Hand a metrics row to every hook's `write` (metrics.jsonl, TensorBoard...)."""
+        for hook in self.hooks:
+            hook.write(record)
+
+    def log_step(self) -> bool:
+        """Whether this iteration is one the logs report (every SOLVER.LOG_PERIOD, and the last)."""
+        return self.iter % self.cfg.SOLVER.LOG_PERIOD == 0 or self.iter == self.iters_per_epoch
+
+    # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self, epoch: int) -> dict[str, Any]:
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
-            "best_map": self.best_map,
             "rng": rng_state(),
             "config": dump_config(self.cfg),
             "num_classes": self.num_classes,
@@ -213,9 +266,8 @@ class Trainer:
         if self.loss_fn.center is not None:
             state["center"] = self.loss_fn.center.state_dict()
             state["center_optimizer"] = self.center_optimizer.state_dict()
-        if self.last_eval is not None:
-            state["metrics"] = self.last_eval
-        state.update(self.averaging.state_dict())
+        for hook in self.hooks:
+            state.update(hook.state_dict())
         return state
 
     def _resume(self, path: Path) -> None:
@@ -238,161 +290,90 @@ class Trainer:
             self.center_optimizer.load_state_dict(ckpt["center_optimizer"])
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.averaging.load_state_dict(ckpt, self.model)
         self.start_epoch = int(ckpt["epoch"])
-        self.best_map = float(ckpt.get("best_map", -1.0))
-        self.last_eval = ckpt.get("metrics")
         set_rng_state(ckpt["rng"])
-        self._trim_metrics(self.start_epoch)
+        self._resume_state = {k: v for k, v in ckpt.items() if k not in _TRAINER_STATE}
         logger.info("resumed from %s at the end of epoch %d", path, self.start_epoch)
 
-    def _trim_metrics(self, epoch: int) -> None:
-        """Drop metrics.jsonl rows of epochs after the checkpoint (and a line cut short by a
-        kill): the resumed run writes them again, once."""
-        path = self.out_dir / "metrics.jsonl"
-        if not self.dist.is_main or not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if int(json.loads(line).get("epoch", 0)) <= epoch:
-                    kept.append(line)
-            except (ValueError, TypeError, AttributeError):
-                continue
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+    # -- training --------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any] | None:
+        """Train the epochs after `start_epoch`; returns `results` (the final evaluation's summary
+        when an evaluation hook wrote one)."""
+        max_epochs = self.cfg.SOLVER.MAX_EPOCHS
+        if self.start_epoch >= max_epochs:
+            logger.info("nothing to train: the checkpoint is already at epoch %d", self.start_epoch)
+            return None
+        self._call("before_train")
+        for epoch in range(self.start_epoch + 1, max_epochs + 1):
+            self.run_epoch(epoch)
+        self._call("after_train")
+        return self.results
 
-    def _sync_buffers(self) -> None:
-        # SyncBN keeps the running statistics equal on every rank (and averaging equal values
-        # over 3 ranks could round); without it each rank only saw its own images.
-        if self.dist.enabled and not self.sync_bn:
-            D.average_buffers_(self.model)
-
-    def _save(self, epoch: int, evaluated: bool) -> None:
-        if not self.dist.is_main:
-            return
-        state = self.state_dict(epoch)
-        save_checkpoint(state, self.out_dir / "last.pt")
-        if epoch % self.cfg.SOLVER.CHECKPOINT_PERIOD == 0:
-            save_checkpoint(state, self.out_dir / f"{self._prefix()}_epoch{epoch}.pt")
-        if evaluated and self.last_eval and self.last_eval["mAP"] >= self.best_map:
-            self.best_map = self.last_eval["mAP"]
-            state["best_map"] = self.best_map
-            save_checkpoint(state, self.out_dir / "best.pt")
-            # last.pt must know the best mAP too, so a resumed run keeps choosing best.pt right.
-            save_checkpoint(state, self.out_dir / "last.pt")
-
-    def _finish_averaging(self, epoch: int) -> None:
-        """BN statistics of the averaged model, its validation, OUTPUT_DIR/averaged.pt."""
-        module = self.averaging.finalize(self.loader, self.device)
-        D.average_buffers_(module)  # each rank recomputed BN on its own shard
-        evaluated = evaluate_model(self.cfg, module, self.splits.query, self.splits.gallery, self.device)
-        state = self.state_dict(epoch)
-        if evaluated is not None:
-            res = evaluated["results"]["plain"].to_dict()
-            state["metrics"] = {k: res[k] for k in ("mAP", "mINP", "rank1", "rank5", "rank10") if k in res}
-            self._log("averaged weights (SOLVER.WA):\n" + format_table("averaged", res))
-            self._append_metrics({"type": "eval_averaged", "epoch": epoch, **state["metrics"]})
-        if self.dist.is_main:
-            save_averaged(self.out_dir / "averaged.pt", state, module)
+    def run_epoch(self, epoch: int) -> None:
+        """Train one epoch, step the LR schedule, publish the train row, then `after_epoch`."""
+        self.eval_result = None
+        self.epoch_stats = self.train_one_epoch(epoch)
+        self.scheduler.step()
+        self._sync_buffers()
+        self.publish({"type": "train", "epoch": epoch, **self.epoch_stats})
+        self._call("after_epoch")
         D.barrier()
 
-    def _prefix(self) -> str:
-        return self.cfg.MODEL.NAME.replace(":", "_").replace("/", "_")
-
-    # -- training --------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        cfg = self.cfg
+        """One pass over the loader with the step hooks; returns the epoch's train row."""
+        self.epoch = epoch
         self.train_model.train()
-        sampler = getattr(self.loader, "batch_sampler", None)
-        for obj in (getattr(self.loader, "sampler", None), sampler):
+        for obj in (getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None),
+                    self.loader.dataset):
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
-        if hasattr(self.loader.dataset, "set_epoch"):
-            self.loader.dataset.set_epoch(epoch)
-        n_iter = len(self.loader)
+        self.iters_per_epoch = len(self.loader)
         # The head's lr (SOLVER.BACKBONE_LR_FACTOR / FREEZE_BACKBONE_EPOCHS change the backbone's).
         groups = self.optimizer.param_groups
-        lr = next((g["lr"] for g in groups if not g.get("backbone")), groups[0]["lr"])
-        sums: dict[str, float] = {}
-        count = 0
-        images_seen = 0
-        t_start = time.perf_counter()
-        t_data = 0.0
-        bar = None
-        if self.dist.is_main and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_iter, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        self.lr = next((g["lr"] for g in groups if not g.get("backbone")), groups[0]["lr"])
+        self.meter = EpochMeter(self.dist.world_size)
+        self._call("before_epoch")
         end = time.perf_counter()
         for it, (images, pids, _camids, _paths) in enumerate(self.loader, start=1):
-            t_data += time.perf_counter() - end
-            images = images.to(self.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = pids.to(self.device, non_blocking=True)
-            if self.iter_lr is not None:
-                lr = self.iter_lr(epoch - 1, it - 1)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.center_optimizer is not None:
-                self.center_optimizer.zero_grad(set_to_none=True)
-            with autocast(self.device, self.amp_dtype):
-                outputs = self.train_model(images)
-            # Losses in fp32: the triplet distances and center terms lose too much in bf16.
-            terms, loss = self._losses(outputs.float(), targets)
-            with torch.no_grad():
-                acc = (outputs.class_scores().argmax(1) == targets).float().mean()
-                # One small collective per step: the logged numbers are means over all ranks, and
-                # a NaN on any rank stops every rank here (not in a collective that never returns).
-                values = D.all_reduce_mean_(torch.stack([v.detach().float() for v in terms.values()] + [acc]))
-            logged = dict(zip([*terms, "acc"], values.tolist()))
-            if not math.isfinite(logged["total"]):
-                raise TrainingDiverged(
-                    f"the loss became {logged['total']} at epoch {epoch}, iteration {it} (terms: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in logged.items() if k not in ("total", "acc"))
-                    + f"). Training stopped; the last good checkpoint is {self.out_dir / 'last.pt'} "
-                    "(resume with --resume). Lower SOLVER.BASE_LR or set MODEL.AMP 'off'."
-                )
-            self.scaler.scale(loss).backward()
-            if cfg.SOLVER.GRAD_CLIP > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.SOLVER.GRAD_CLIP)
-            self.scaler.step(self.optimizer)
-            if self.center_optimizer is not None:
-                # Before scaler.update(): the center step unscales with this iteration's scale.
-                self._center_step()
-            self.scaler.update()
-            for k, v in logged.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            images_seen += images.shape[0] * self.dist.world_size
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{sums['total'] / count:.3f}", acc=f"{sums['acc'] / count:.3f}")
-            if it % cfg.SOLVER.LOG_PERIOD == 0 or it == n_iter:
-                now = time.perf_counter()
-                ips = images_seen / max(now - t_start, 1e-9)
-                eta = (now - t_start) / it * (n_iter - it + (cfg.SOLVER.MAX_EPOCHS - epoch) * n_iter)
-                msg = ", ".join(f"{k} {v / count:.3f}" for k, v in sums.items())
-                self._log(f"epoch {epoch} iter {it}/{n_iter}: {msg}, lr {lr:.2e}, "
-                          f"{ips:.1f} img/s, data wait {100 * t_data / max(now - t_start, 1e-9):.0f}%, "
-                          f"eta {_fmt_time(eta)}")
-                if self.tb is not None:
-                    step = (epoch - 1) * n_iter + it
-                    for k, v in logged.items():
-                        self.tb.add_scalar("train/acc" if k == "acc" else f"train/loss_{k}", v, step)
-                    self.tb.add_scalar("train/lr", lr, step)
-                    self.tb.add_scalar("train/images_per_s", ips, step)
+            self.iter = it
+            self.meter.data_time += time.perf_counter() - end
+            self._call("before_step")
+            self.run_step(images, pids)
+            self.meter.update(self.step_values, images.shape[0])
+            self._call("after_step")
             end = time.perf_counter()
-        if bar is not None:
-            bar.close()
-        elapsed = time.perf_counter() - t_start
-        stats = {("loss" if k == "total" else ("acc" if k == "acc" else f"loss_{k}")): v / max(count, 1)
-                 for k, v in sums.items()}
-        stats.update({"lr": lr, "images_per_s": images_seen / max(elapsed, 1e-9), "time": elapsed,
-                      "data_wait": t_data / max(elapsed, 1e-9)})
-        return stats
+        return self.meter.stats(self.lr)
+
+    def run_step(self, images: torch.Tensor, pids: torch.Tensor) -> None:
+        """Forward, loss, backward and the optimizer steps of one batch; sets `step_values`."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = pids.to(self.device, non_blocking=True)
+        if self.iter_lr is not None:
+            self.lr = self.iter_lr(self.epoch - 1, self.iter - 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.center_optimizer is not None:
+            self.center_optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp_dtype):
+            outputs = self.train_model(images)
+        # Losses in fp32: the triplet distances and center terms lose too much in bf16.
+        terms, loss = self._losses(outputs.float(), targets)
+        with torch.no_grad():
+            acc = (outputs.class_scores().argmax(1) == targets).float().mean()
+            # One small collective per step: the logged numbers are means over all ranks, so a
+            # NaN on any rank stops every rank at the same step (NaNGuard).
+            values = D.all_reduce_mean_(torch.stack([v.detach().float() for v in terms.values()] + [acc]))
+        self.step_values = dict(zip([*terms, "acc"], values.tolist()))
+        self.scaler.scale(loss).backward()
+        if self.cfg.SOLVER.GRAD_CLIP > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.SOLVER.GRAD_CLIP)
+        self.scaler.step(self.optimizer)
+        if self.center_optimizer is not None:
+            # Before scaler.update(): the center step unscales with this iteration's scale.
+            self._center_step()
+        self.scaler.update()
 
     def _losses(self, outputs: ModelOutput,
                 targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -423,85 +404,11 @@ class Trainer:
                     D.all_reduce_mean_(p.grad)
         step_center(self.center_optimizer, center, self.loss_fn.center_weight, scaler=self.scaler)
 
-    def _log(self, msg: str) -> None:
-        if self.dist.is_main:
-            logger.info(msg)
-
-    def _append_metrics(self, record: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _validate(self, epoch: int) -> None:
-        """DATASETS.VALIDATION: loss and top-1 error of the held-out images, on rank 0."""
-        if not self.splits.val or not self.dist.is_main:
-            return
-        from strongreid.data import build_test_loader
-        from strongreid.engine.validation import validation_metrics
-
-        if not hasattr(self, "_val_loader"):
-            self._val_loader = build_test_loader(self.cfg, self.splits.val)
-        val = validation_metrics(self.model, self._val_loader, self.device, self.amp_dtype)
-        self._log(f"epoch {epoch} validation: loss {val['val_loss']:.4f}, top-1 error "
-                  f"{100 * val['val_error']:.2f}% ({val['val_images']} images)")
-        self._append_metrics({"type": "val", "epoch": epoch, **val})
-        if self.tb is not None:
-            self.tb.add_scalar("val/loss", val["val_loss"], epoch)
-            self.tb.add_scalar("val/error", val["val_error"], epoch)
-
-    def evaluate(self, epoch: int) -> dict[str, Any] | None:
-        evaluated = evaluate_model(self.cfg, self.model, self.splits.query, self.splits.gallery, self.device,
-                                   multi_query=self.splits.multi_query)
-        if evaluated is None:
-            return None
-        res = evaluated["results"]["plain"].to_dict()
-        self.last_eval = {k: res[k] for k in ("mAP", "mINP", "rank1", "rank5", "rank10") if k in res}
-        self.last_eval["epoch"] = epoch
-        self._log(f"validation at epoch {epoch}:\n" + format_table("plain", res))
-        record = {"type": "eval", "epoch": epoch, **{k: v for k, v in self.last_eval.items() if k != "epoch"}}
-        if "reranked" in evaluated["results"]:
-            rr = evaluated["results"]["reranked"].to_dict()
-            self._log(format_table("re-ranked", rr))
-            record.update({f"reranked_{k}": rr[k] for k in ("mAP", "mINP", "rank1")})
-        self._append_metrics(record)
-        if self.tb is not None:
-            for k in ("mAP", "mINP", "rank1", "rank5", "rank10"):
-                if k in res:
-                    self.tb.add_scalar(f"eval/{k}", res[k], epoch)
-        return evaluated
-
-    def fit(self) -> dict[str, Any] | None:
-        cfg = self.cfg
-        max_epochs = cfg.SOLVER.MAX_EPOCHS
-        final: dict[str, Any] | None = None
-        evaluated = None
-        t0 = time.perf_counter()
-        for epoch in range(self.start_epoch + 1, max_epochs + 1):
-            stats = self.train_one_epoch(epoch)
-            self.scheduler.step()
-            self._sync_buffers()
-            self.averaging.update(epoch, self.model)
-            self._append_metrics({"type": "train", "epoch": epoch, **stats})
-            self._log(f"epoch {epoch} done in {stats['time']:.1f} s ({stats['images_per_s']:.1f} img/s)")
-            self._validate(epoch)
-            evaluated = self.evaluate(epoch) if evaluates_after(cfg, epoch) else None
-            self._save(epoch, evaluated is not None)
-            D.barrier()
-        if self.averaging.averaged is not None and self.start_epoch < max_epochs:
-            self._finish_averaging(max_epochs)
-        if self.start_epoch >= max_epochs:
-            logger.info("nothing to train: the checkpoint is already at epoch %d", self.start_epoch)
-        elif evaluated is not None and self.dist.is_main:
-            summary = write_results(cfg, self.out_dir, evaluated, self.splits.query, self.splits.gallery,
-                                    {"epoch": max_epochs, "dataset": self.splits.test_name,
-                                     "train_time_s": time.perf_counter() - t0,
-                                     "weights": str(self.out_dir / "last.pt")})
-            final = summary
-            logger.info("final results written to %s", self.out_dir / "results.json")
-        if self.tb is not None:
-            self.tb.close()
-        return final
+    def _sync_buffers(self) -> None:
+        # SyncBN keeps the running statistics equal on every rank (and averaging equal values
+        # over 3 ranks could round); without it each rank only saw its own images.
+        if self.dist.enabled and not self.sync_bn:
+            D.average_buffers_(self.model)
 
 
 def _no_forward_buffer_sync() -> dict[str, bool]:
@@ -510,29 +417,3 @@ def _no_forward_buffer_sync() -> dict[str, bool]:
     Newer torch names it forward_sync_buffers (and warns about the old broadcast_buffers)."""
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def train(cfg: CfgNode, resume: bool | str = False) -> dict[str, Any] | None:
-    try:
-        return Trainer(cfg, resume=resume).fit()
-    finally:
-        D.cleanup()
-
-
-def train_command(cfg: CfgNode, resume: bool = False) -> int:
-    """`strongreid train`; when torchrun restarts the workers, they resume from last.pt by themselves."""
-    if not resume and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        resume = "auto"
-    final = train(cfg, resume=resume)
-    if final is not None:
-        print(format_table("final", final))
-    return 0
