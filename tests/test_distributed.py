@@ -34,9 +34,9 @@ from strongreid.config import get_cfg_defaults, load_config
 from strongreid.data import build_train_loader
 from strongreid.data.splits import load_splits
 from strongreid.engine import distributed as D
-from strongreid.engine.checkpoint import load_checkpoint, save_checkpoint
 from strongreid.engine.trainer import Trainer, scale_lr
 from strongreid.errors import ConfigError
+from strongreid.modeling.checkpoint import read_checkpoint, save_checkpoint
 from strongreid.workflows import build_trainer
 
 WORLD = 2
@@ -534,8 +534,8 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tin
     resumed = [line for line in (killed_out / "log.txt").read_text().splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and "at the end of epoch" in resumed[0], resumed
     assert int(resumed[0].rsplit(" ", 1)[1]) < 4  # it restarted mid-run, not after the end
-    a = load_checkpoint(tmp_path / "straight" / "last.pt")
-    b = load_checkpoint(killed_out / "last.pt")
+    a = read_checkpoint(tmp_path / "straight" / "last.pt")
+    b = read_checkpoint(killed_out / "last.pt")
     assert a["epoch"] == b["epoch"] == 4
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], atol=1e-6, rtol=0, msg=key)

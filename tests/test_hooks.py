@@ -6,8 +6,8 @@ import pytest
 from _train_utils import tiny_train_opts
 
 from strongreid.config import load_config
-from strongreid.engine.checkpoint import load_checkpoint
 from strongreid.engine.hooks import HookBase
+from strongreid.modeling.checkpoint import read_checkpoint
 from strongreid.workflows import build_trainer
 
 
@@ -67,7 +67,7 @@ def test_a_hook_from_the_test_file_sees_every_point_of_a_real_run(tiny_synthetic
         seen = counter.losses[row["epoch"]]
         assert row["loss"] == pytest.approx(sum(seen) / len(seen), rel=1e-12)
     assert final["mAP"] == json.loads((out / "results.json").read_text())["mAP"]
-    assert load_checkpoint(out / "last.pt")["toy_steps"] == 2 * per_epoch
+    assert read_checkpoint(out / "last.pt")["toy_steps"] == 2 * per_epoch
 
     # A resumed run hands the hook its state back from last.pt.
     resumed = StepCounter()
@@ -75,7 +75,7 @@ def test_a_hook_from_the_test_file_sees_every_point_of_a_real_run(tiny_synthetic
     build_trainer(cfg, resume=True, hooks=[resumed]).fit()
     assert resumed.events[0] == ("before_train", 2)
     assert resumed.steps == 3 * per_epoch
-    assert load_checkpoint(out / "last.pt")["toy_steps"] == 3 * per_epoch
+    assert read_checkpoint(out / "last.pt")["toy_steps"] == 3 * per_epoch
 
 
 def test_hooks_run_in_priority_order_whatever_the_registration_order(tiny_synthetic_root, tmp_path):

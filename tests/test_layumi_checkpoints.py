@@ -19,8 +19,9 @@ from torch import nn
 from strongreid import FeatureExtractor
 from strongreid.config import load_config
 from strongreid.errors import CheckpointError
+from strongreid.modeling.checkpoint import read_checkpoint
 from strongreid.modeling.formats import CHECKPOINT_FORMATS, detect_format
-from strongreid.modeling.loading import load_inference_model, read_checkpoint_file
+from strongreid.modeling.loading import load_inference_model
 
 OPTS = ["MODEL.DEVICE", "cpu", "MODEL.AMP", "off", "MODEL.CHANNELS_LAST", "off", "DATALOADER.NUM_WORKERS", "0",
         "MODEL.PRETRAIN_CHOICE", "none", "TEST.IMS_PER_BATCH", "2"]
@@ -106,7 +107,7 @@ def write_layumi(path: Path, ref: nn.Module, stride: int | None = None, seed: in
 
 
 def check_every_key_consumed(path: Path, model: nn.Module) -> None:
-    raw = read_checkpoint_file(path)
+    raw = read_checkpoint(path)
     converted = CHECKPOINT_FORMATS.get("layumi")().convert(raw, path)
     tensors = {k for k, v in raw.items() if isinstance(v, torch.Tensor)}
     assert len(converted.state) + len(converted.ignored) == len(tensors)
@@ -120,7 +121,7 @@ def test_ft_net_features_match_layumi(tmp_path, stride):
     torch.manual_seed(1)
     ref = RefFtNet(stride)
     path = write_layumi(tmp_path / "ft_ResNet50" / "net_last.pth", ref, stride)
-    raw = read_checkpoint_file(path)
+    raw = read_checkpoint(path)
     assert detect_format(raw) == "layumi"
     loaded = load_inference_model(load_config(None, OPTS), path)
     assert loaded.format == "layumi"

@@ -16,9 +16,9 @@ from strongreid.cli import main
 from strongreid.config import load_config
 from strongreid.data.transforms import build_transforms
 from strongreid.engine.averaging import WeightAveraging, first_averaged_epoch
-from strongreid.engine.checkpoint import load_checkpoint
 from strongreid.errors import ConfigError
 from strongreid.modeling import build_model
+from strongreid.modeling.checkpoint import read_checkpoint
 from strongreid.solver import build_scheduler, make_optimizer
 
 _solver_cfg = model_cfg
@@ -126,8 +126,8 @@ def test_weight_averaging_writes_its_own_checkpoint(tiny_synthetic_root, tmp_pat
         "INPUT.COLOR_JITTER": True,
     })
     assert main(["train", *opts]) == 0
-    averaged = load_checkpoint(out / "averaged.pt")
-    last = load_checkpoint(out / "last.pt")
+    averaged = read_checkpoint(out / "averaged.pt")
+    last = read_checkpoint(out / "last.pt")
     assert averaged["weight_averaging"] and "optimizer" not in averaged
     assert set(averaged["model"]) == set(last["model"])
     # WA_START 0.5 of 3 epochs: 0-based epoch >= 1.5, i.e. epoch 3 alone is averaged, so the

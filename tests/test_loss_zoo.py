@@ -435,8 +435,8 @@ def test_margin_classifiers_replace_the_layumi_and_pcb_classifiers(head, extra):
 
 
 def test_cosine_classifier_checkpoint_loads_and_tests_like_the_linear_one(tmp_path):
-    from strongreid.engine.checkpoint import save_checkpoint
     from strongreid.modeling import build_model
+    from strongreid.modeling.checkpoint import save_checkpoint
     from strongreid.modeling.weights import load_test_weights
 
     torch.manual_seed(0)

@@ -11,9 +11,9 @@ from _train_utils import tiny_train_opts
 
 from strongreid.cli import main
 from strongreid.config import load_config
-from strongreid.engine.checkpoint import load_checkpoint
 from strongreid.engine.hooks import TrainingDiverged
 from strongreid.engine.trainer import Trainer
+from strongreid.modeling.checkpoint import read_checkpoint
 from strongreid.workflows import build_trainer
 
 
@@ -52,7 +52,7 @@ def test_train_then_test_through_the_cli(tiny_synthetic_root, tmp_path, capsys):
     assert 0 <= results["mINP"] <= results["mAP"] <= 1
     assert len(results["cmc"]) >= 10 and results["cmc"][0] == pytest.approx(results["rank1"])
 
-    ckpt = load_checkpoint(out / "last.pt")
+    ckpt = read_checkpoint(out / "last.pt")
     assert {"model", "optimizer", "scheduler", "center", "center_optimizer", "epoch", "rng", "config",
             "num_classes", "arch"} <= set(ckpt)
     assert ckpt["epoch"] == 6 and ckpt["arch"] == "resnet18" and ckpt["num_classes"] == 12
@@ -75,8 +75,8 @@ def test_resume_equals_uninterrupted_run(tiny_synthetic_root, tmp_path):
     build_trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, split, **{"SOLVER.MAX_EPOCHS": 1}))).fit()
     build_trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, split)), resume=True).fit()
 
-    a = load_checkpoint(straight / "last.pt")
-    b = load_checkpoint(split / "last.pt")
+    a = read_checkpoint(straight / "last.pt")
+    b = read_checkpoint(split / "last.pt")
     assert a["epoch"] == b["epoch"] == 2
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], atol=1e-6, rtol=0, msg=key)
@@ -103,7 +103,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_synthe
         trainer.fit()
     msg = str(exc.value)
     assert "nan" in msg and "epoch 2" in msg and "last.pt" in msg
-    ckpt = load_checkpoint(out / "last.pt")
+    ckpt = read_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -136,8 +136,8 @@ def test_ranking_file_matches_results(tiny_synthetic_root, tmp_path):
 
 
 def test_test_command_rejects_a_checkpoint_of_another_architecture(tiny_synthetic_root, tmp_path, capsys):
-    from strongreid.engine.checkpoint import save_checkpoint
     from strongreid.modeling import build_model
+    from strongreid.modeling.checkpoint import save_checkpoint
 
     other = build_model(load_config(None, tiny_train_opts(tiny_synthetic_root, tmp_path, **{"MODEL.NAME": "resnet34"})), 12)
     save_checkpoint({"model": other.state_dict(), "arch": "resnet34", "num_classes": 12}, tmp_path / "r34.pt")

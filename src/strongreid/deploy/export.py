@@ -34,6 +34,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from strongreid.errors import ConfigError, StrongReIDError
+from strongreid.modeling.checkpoint import save_safetensors
 
 logger = logging.getLogger("strongreid")
 
@@ -204,11 +205,9 @@ def _export_openvino(model: nn.Module, example: torch.Tensor, out: Path,
 
 
 def _export_safetensors(model: InferenceModel, out: Path, meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    # clone(): save_file refuses tensors that share memory, and views must be contiguous.
+    # clone(): safetensors refuses tensors that share memory, and views must be contiguous.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.model.state_dict().items()}
-    save_file(state, str(out), metadata=meta)
+    save_safetensors(state, out, meta)
 
 
 def _run_safetensors(cfg: CfgNode, out: Path) -> Callable[[torch.Tensor], np.ndarray]:

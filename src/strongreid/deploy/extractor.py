@@ -27,7 +27,8 @@ from PIL import Image
 from yacs.config import CfgNode
 
 from strongreid.errors import ConfigError, DatasetError, StrongReIDError
-from strongreid.modeling.loading import config_for, load_inference_model, read_checkpoint_info
+from strongreid.modeling.checkpoint import read_checkpoint_info
+from strongreid.modeling.loading import config_for, load_inference_model
 
 logger = logging.getLogger("strongreid")
 

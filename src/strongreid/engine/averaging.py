@@ -19,6 +19,8 @@ import torch.nn as nn
 from torch.optim import swa_utils
 from yacs.config import CfgNode
 
+from strongreid.modeling.checkpoint import save_checkpoint
+
 logger = logging.getLogger(__name__)
 
 
@@ -79,8 +81,6 @@ class WeightAveraging:
 
 def save_averaged(path: Path, state: dict[str, Any], module: nn.Module) -> None:
     """averaged.pt: the last checkpoint's metadata with the averaged weights as `model`."""
-    from strongreid.engine.checkpoint import save_checkpoint
-
     out = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "averaged",
                                                         "center_optimizer", "scaler")}
     out["model"] = module.state_dict()

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from strongreid.engine import distributed as D
 from strongreid.engine.averaging import WeightAveraging, save_averaged
-from strongreid.engine.checkpoint import save_checkpoint
 from strongreid.errors import StrongReIDError
+from strongreid.modeling.checkpoint import save_checkpoint
 
 if TYPE_CHECKING:
     from strongreid.engine.trainer import Trainer

@@ -31,7 +31,6 @@ from strongreid.data.splits import load_splits
 from strongreid.engine import distributed as D
 from strongreid.engine import hooks as H
 from strongreid.engine.averaging import WeightAveraging
-from strongreid.engine.checkpoint import load_checkpoint
 from strongreid.engine.hooks import EpochMeter, HookBase
 from strongreid.engine.runtime import (
     amp_dtype,
@@ -46,6 +45,7 @@ from strongreid.engine.runtime import (
 from strongreid.errors import CheckpointError, ConfigError
 from strongreid.losses import build_loss
 from strongreid.modeling import build_model
+from strongreid.modeling.checkpoint import read_checkpoint
 from strongreid.modeling.outputs import ModelOutput
 from strongreid.solver import (
     build_iteration_lr,
@@ -274,7 +274,7 @@ class Trainer:
         if not path.is_file():
             raise CheckpointError(f"--resume: {path} does not exist; train without --resume first "
                                   "(or point OUTPUT_DIR at the run to continue)")
-        ckpt = load_checkpoint(path, map_location=self.device)
+        ckpt = read_checkpoint(path, map_location=self.device)
         if ckpt.get("arch") != self.cfg.MODEL.NAME or ckpt.get("num_classes") != self.num_classes:
             raise CheckpointError(
                 f"--resume: {path} is a {ckpt.get('arch')} with {ckpt.get('num_classes')} classes, but "

@@ -2,13 +2,12 @@
 
 from strongreid.modeling.backbones import BACKBONES, create_backbone
 from strongreid.modeling.baseline import ReIDModel, build_model
+from strongreid.modeling.checkpoint import LoadReport, read_weights_file
 from strongreid.modeling.heads import GeM, GlobalAvgPool, build_pooling
 from strongreid.modeling.weights import (
-    LoadReport,
     load_backbone_file,
     load_published_weights,
     load_test_weights,
-    read_weights_file,
 )
 
 __all__ = [

@@ -11,117 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import re
-import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 from torch import nn
 from yacs.config import CfgNode
 
 from strongreid.errors import CheckpointError, ConfigError
+from strongreid.modeling.checkpoint import match_state, read_checkpoint, read_checkpoint_info
 
 logger = logging.getLogger(__name__)
-
-
-def read_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely (no pickled code runs); errors name the file and the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (check TEST.WEIGHT / MODEL.PRETRAIN_PATH / OUTPUT_DIR)")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise pickled_objects_error(path, str(exc)) from None
-    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {first}. It is truncated, not a PyTorch file, or holds "
-            "pickled objects (reid-strong-baseline's ignite 0.1.2 files pickle whole modules: load "
-            "them in that project and save `model.state_dict()` instead)."
-        ) from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
-    return obj
-
-
-def pickled_objects_error(path: Path, message: str) -> CheckpointError:
-    """The one message for a file that pickles code objects, not just tensors.
-
-    torch.load(weights_only=True) names the first class it refused ("Unsupported global: GLOBAL
-    modeling.baseline.Baseline"); reid-strong-baseline's package is `modeling`, and its released
-    models and ignite 0.1.2 checkpoints pickle the whole module.
-    """
-    found = re.search(r"GLOBAL ([\w.]+)", message)
-    name = found.group(1) if found else None
-    if name is None or not name.startswith("modeling."):
-        what = f"a pickled {name}" if name else "pickled Python objects"
-        return CheckpointError(
-            f"cannot read checkpoint {path}: it holds {what}, not only tensors, and strongreid "
-            "reads checkpoints with weights_only=True so that no code from a file runs. Load it "
-            "in the project that wrote it and save `model.state_dict()` instead."
-        )
-    return CheckpointError(
-        f"{path} holds a whole pickled reid-strong-baseline model ({name}; its released "
-        "resnet50_model_*.pth and ignite 0.1.2 checkpoints are saved so), which cannot be loaded "
-        "safely: unpickling runs that project's code, and strongreid reads files with "
-        "weights_only=True. Convert it once in a checkout of reid-strong-baseline: python -c "
-        "\"import torch; m = torch.load('FILE', map_location='cpu', weights_only=False); "
-        "torch.save(m.state_dict(), 'FILE_state.pth')\" and give strongreid the new file "
-        "(docs/model-zoo.md)."
-    )
-
-
-def _bare_key(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
-    """What a checkpoint (or a .safetensors file from `strongreid export`) records about its model.
-
-    Keys: `arch` (MODEL.NAME), `num_classes`, `config` (YAML text) - each None when absent -
-    and `classifier_rows`, the class count its classifier weights actually hold.
-    """
-    path = Path(path)
-    info: dict[str, Any] = {"arch": None, "num_classes": None, "config": None, "classifier_rows": None}
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        if not path.is_file():
-            raise CheckpointError(f"weight file {path} does not exist; check the path given as weights")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                shapes = {_bare_key(k): f.get_slice(k).get_shape() for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
-        info["arch"] = meta.get("arch") or None
-        info["config"] = meta.get("config") or None
-        if meta.get("num_classes", "").isdigit():
-            info["num_classes"] = int(meta["num_classes"])
-    else:
-        raw = read_checkpoint_file(path)
-        state = raw
-        for wrapper in ("model", "state_dict"):
-            if isinstance(raw.get(wrapper), dict):
-                state = raw[wrapper]
-                info["arch"] = raw.get("arch") if isinstance(raw.get("arch"), str) else None
-                info["num_classes"] = raw.get("num_classes") if isinstance(raw.get("num_classes"), int) else None
-                info["config"] = raw.get("config") if isinstance(raw.get("config"), str) else None
-                break
-        shapes = {_bare_key(str(k)): tuple(v.shape) for k, v in state.items()
-                  if isinstance(v, torch.Tensor)}
-    # BNNeck / plain classifier, layumi's ClassBlock, PCB's first part classifier.
-    classifier = next((shapes[k] for k in ("classifier.weight", "classifier.classifier.0.weight",
-                                           "classifier0.classifier.0.weight") if k in shapes), None)
-    if classifier is not None and len(classifier) == 2:
-        info["classifier_rows"] = int(classifier[0])
-    return info
 
 
 def config_for(config: Any, info: dict[str, Any] | None) -> CfgNode:
@@ -164,7 +63,7 @@ def checkpoint_format(cfg: CfgNode, path: Path) -> tuple[str, dict[str, Any] | N
             raise ConfigError(f"{path} is a safetensors export of strongreid, not a {wanted!r} "
                               "checkpoint: set MODEL.CHECKPOINT_FORMAT auto")
         return NATIVE, None
-    raw = read_checkpoint_file(path)
+    raw = read_checkpoint(path)
     return (detect_format(raw) if wanted == "auto" else wanted), raw
 
 
@@ -225,27 +124,16 @@ def _load_foreign(cfg: CfgNode, path: Path, fmt: str, raw: dict[str, Any] | None
     from strongreid.config.loader import with_overrides
     from strongreid.modeling import build_model
     from strongreid.modeling.formats import CHECKPOINT_FORMATS
-    from strongreid.modeling.weights import LoadReport
 
     if raw is None:
-        raw = read_checkpoint_file(path)
+        raw = read_checkpoint(path)
     converted = CHECKPOINT_FORMATS.get(fmt)().convert(raw, path)
     overrides = {**converted.overrides, "MODEL.CHECKPOINT_FORMAT": fmt}
     build_cfg = with_overrides(_no_pretrain(cfg), overrides, f"for the {converted.source} checkpoint {path}")
     model = build_model(build_cfg, converted.num_classes)
-    own = model.state_dict()
-    report = LoadReport(skipped=list(converted.ignored))
-    to_load: dict[str, torch.Tensor] = {}
-    for key, tensor in converted.state.items():
-        if key not in own:
-            report.unexpected.append(key)
-        elif tuple(tensor.shape) != tuple(own[key].shape):
-            report.mismatched.append((key, tuple(tensor.shape), tuple(own[key].shape)))
-        else:
-            to_load[key] = tensor
-            report.loaded.append(key)
-    report.missing = [k for k in own if k not in to_load and not k.endswith("num_batches_tracked")]
-    if report.missing or report.unexpected or report.mismatched:
+    to_load, report = match_state(model.state_dict(), converted.state)
+    report.skipped = list(converted.ignored)
+    if not report.clean:
         arch = getattr(model, "arch", build_cfg.MODEL.NAME)
         raise CheckpointError(
             f"{path} is a {converted.source} checkpoint, which does not fit the {arch} model built "

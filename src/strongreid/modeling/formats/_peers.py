@@ -13,34 +13,15 @@ from typing import Any
 import torch
 
 from strongreid.errors import CheckpointError
-
-# Wrappers that prefix every parameter name: DataParallel / DDP and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_wrappers(key: str) -> str:
-    """`module.conv1.weight` -> `conv1.weight` (any number of wrapper prefixes)."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                changed = True
-    return key
+from strongreid.modeling.checkpoint import nested_state, strip_prefixes
 
 
 def tensors_of(raw: Mapping[str, Any], nest: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict inside `raw` (under the first of `nest` that holds a mapping, else `raw`
     itself) with wrapper prefixes stripped, and the names of the other top-level entries."""
-    state: Any = raw
-    outer: list[str] = []
-    for key in nest:
-        if isinstance(raw.get(key), Mapping):
-            state = raw[key]
-            outer = [str(k) for k in raw if k != key]
-            break
-    tensors = {strip_wrappers(str(k)): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    state, key = nested_state(raw, nest)
+    outer = [str(k) for k in raw if k != key] if key is not None else []
+    tensors = {strip_prefixes(str(k)): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     return tensors, outer
 
 

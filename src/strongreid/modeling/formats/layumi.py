@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from strongreid.errors import CheckpointError
+from strongreid.modeling.checkpoint import strip_prefixes
 from strongreid.modeling.formats import CHECKPOINT_FORMATS, Converted
 
 logger = logging.getLogger(__name__)
@@ -42,14 +43,8 @@ _EXPECTED = (
 
 def _bare(raw: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors of a layumi file with the `module.` of DataParallel / AveragedModel removed."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            continue
-        while key.startswith("module."):
-            key = key[len("module."):]
-        out[key] = value
-    return out
+    return {strip_prefixes(key): value for key, value in raw.items()
+            if isinstance(key, str) and isinstance(value, torch.Tensor)}
 
 
 def _opts(path: Path) -> dict[str, Any]:
