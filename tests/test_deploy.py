@@ -159,7 +159,8 @@ def test_neck_feat_before_gives_the_pooled_feature(run) -> None:
 
 
 def test_bf16_autocast_still_returns_float32(run) -> None:
-    fe = FeatureExtractor(config=make_cfg(**{"MODEL.AMP": "bf16"}), weights=run["ckpt"])
+    fe = FeatureExtractor(config=make_cfg(**{"MODEL.AMP": "bf16", "TEST.PRECISION": "amp"}),
+                          weights=run["ckpt"])
     feats = fe(run["paths"][:2])
     reference = FeatureExtractor(config=run["cfg"], weights=run["ckpt"])(run["paths"][:2])
     assert feats.dtype == torch.float32

@@ -19,7 +19,12 @@ from yacs.config import CfgNode
 
 from strongreid.config import flag
 from strongreid.engine import distributed as D
-from strongreid.engine.runtime import amp_dtype, autocast, select_device, use_channels_last
+from strongreid.engine.runtime import (
+    autocast,
+    feature_channels_last,
+    feature_dtype,
+    select_device,
+)
 
 logger = logging.getLogger("strongreid")
 
@@ -37,7 +42,14 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
     (align_corners False), and every (flip, scale) view's feature enters the mean, taken before
     any normalisation. Unlike test.py, which resizes the previous scale's tensor again, every
     scale is taken from the original image (the same for its usual `--ms 1,1.1`).
+
+    A model whose feature is not linear in its views says how to combine them: PCB
+    (`test_view_feature` / `merge_test_views`) sums the raw stripes of every view and normalises
+    each stripe once, as layumi's test.py does; averaging its normalised features would not.
     """
+    net = model.module if hasattr(model, "module") else model  # DDP: the hooks live inside
+    view_feature = getattr(net, "test_view_feature", None)
+    forward = view_feature if view_feature is not None else model
     views = (images, torch.flip(images, dims=[3])) if flip else (images,)
     total: torch.Tensor | None = None
     count = 0
@@ -45,10 +57,12 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
         for scale in scales:
             x = view if scale == 1 else F.interpolate(
                 view, scale_factor=math.sqrt(scale), mode="bicubic", align_corners=False)
-            f = model(x).float()
+            f = forward(x).float()
             total = f if total is None else total + f
             count += 1
     assert total is not None  # scales is never empty (validated in config/loader.py)
+    if view_feature is not None:
+        return net.merge_test_views(total)
     return total / count
 
 
@@ -95,10 +109,10 @@ def extract_split(cfg: CfgNode, model: nn.Module, records: list, device: torch.d
     ctx = D.current()
     start, end = D.shard_range(len(records), ctx.rank, ctx.world_size)
     loader = build_test_loader(cfg, records[start:end])
-    dtype = amp_dtype(cfg.MODEL.AMP, device)
+    dtype = feature_dtype(cfg, device)
     feats, _, _, _ = extract_features(
         model, loader, device, flip=cfg.TEST.FLIP_AUG, amp_dtype=dtype,
-        channels_last=use_channels_last(cfg.MODEL.CHANNELS_LAST, device), scales=test_scales(cfg),
+        channels_last=feature_channels_last(cfg, device, dtype), scales=test_scales(cfg),
     )
     if feats.numel() == 0:
         feats = torch.zeros((0, _feat_dim(model)), dtype=torch.float32)
@@ -219,14 +233,14 @@ def write_results(cfg: CfgNode, out_dir: str | os.PathLike, evaluated: dict[str,
     return plain
 
 
-def build_test_model(cfg: CfgNode, weights: str) -> tuple[nn.Module, CfgNode]:
-    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched), and the
-    config to test it with (a foreign checkpoint sets its input size and pixel statistics); a
-    checkpoint of another architecture is a CheckpointError naming both."""
+def build_test_model(cfg: CfgNode, weights: str):
+    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched), the
+    config to test it with (a foreign checkpoint sets its input size, pixel statistics and resize
+    filter) and the loader's warnings, as a `LoadedModel`; a checkpoint of another architecture is
+    a CheckpointError naming both."""
     from strongreid.modeling.loading import load_inference_model
 
-    loaded = load_inference_model(cfg, weights)
-    return loaded.model, loaded.cfg
+    return load_inference_model(cfg, weights)
 
 
 def test_command(cfg: CfgNode) -> int:
@@ -246,9 +260,10 @@ def test_command(cfg: CfgNode) -> int:
     from strongreid.data.integrity import check_splits
 
     check_splits(cfg, splits, train=False, write_list=ctx.is_main)  # every bad file named at once
-    model, cfg = build_test_model(cfg, cfg.TEST.WEIGHT)
-    model = model.to(device)
-    if use_channels_last(cfg.MODEL.CHANNELS_LAST, device):
+    loaded = build_test_model(cfg, cfg.TEST.WEIGHT)
+    model, cfg = loaded.model.to(device), loaded.cfg
+    dtype = feature_dtype(cfg, device)
+    if feature_channels_last(cfg, device, dtype):
         model = model.to(memory_format=torch.channels_last)
     logger.info("evaluating %s on %s: %d query, %d gallery images", cfg.TEST.WEIGHT, splits.test_name,
                 len(splits.query), len(splits.gallery))
@@ -258,8 +273,13 @@ def test_command(cfg: CfgNode) -> int:
         summary = write_results(cfg, out_dir, evaluated, splits.query, splits.gallery,
                                 {"weights": str(cfg.TEST.WEIGHT), "dataset": splits.test_name,
                                  "multi_query": bool(cfg.TEST.MULTI_QUERY), "flip": bool(cfg.TEST.FLIP_AUG),
-                                 "multi_scale": list(test_scales(cfg))})
+                                 "multi_scale": list(test_scales(cfg)),
+                                 "interpolation": str(cfg.INPUT.INTERPOLATION),
+                                 "precision": str(dtype or torch.float32).replace("torch.", ""),
+                                 "warnings": list(loaded.warnings)})
         print(format_table("plain", summary))
+        for message in loaded.warnings:
+            print(f"warning: {message}")
         if "reranked" in evaluated["results"]:
             print(format_table("re-ranked", evaluated["results"]["reranked"].to_dict()))
         print(f"results written to {out_dir / 'results.json'}")
