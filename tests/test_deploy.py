@@ -159,7 +159,8 @@ def test_neck_feat_before_gives_the_pooled_feature(run) -> None:
 
 
 def test_bf16_autocast_still_returns_float32(run) -> None:
-    fe = FeatureExtractor(config=make_cfg(**{"MODEL.AMP": "bf16"}), weights=run["ckpt"])
+    fe = FeatureExtractor(config=make_cfg(**{"MODEL.AMP": "bf16", "TEST.PRECISION": "amp"}),
+                          weights=run["ckpt"])
     feats = fe(run["paths"][:2])
     reference = FeatureExtractor(config=run["cfg"], weights=run["ckpt"])(run["paths"][:2])
     assert feats.dtype == torch.float32
@@ -366,3 +367,33 @@ def test_export_fails_above_the_tolerance(run, tmp_path, monkeypatch) -> None:
         export_model(make_cfg(), "torchscript", tmp_path / "x.ts")
     with pytest.raises(ConfigError, match="--format"):
         export_model(cfg, "tflite", tmp_path / "x.tflite")
+
+
+def test_test_extract_export_and_extractor_compute_one_feature(run) -> None:
+    """PCB with flip and two scales: every consumer gets the feature of engine.inference.test_feature."""
+    from strongreid.deploy.export import build_inference_model
+    from strongreid.engine.inference import extract_features, test_feature, tta_forward
+
+    cfg = make_cfg(**{"MODEL.HEAD": "pcb", "MODEL.PCB_PARTS": 2, "MODEL.LAST_STRIDE": 1,
+                      "TEST.FLIP_AUG": True, "TEST.MULTI_SCALE": "[1.0, 1.1]", "TEST.FEAT_NORM": "yes"})
+    ckpt = save_ckpt(run["root"] / "pcb.pt", cfg)
+    fe = FeatureExtractor(config=cfg, weights=ckpt, device="cpu")
+    batch = fe.preprocess(run["paths"])
+    with torch.no_grad():
+        by_hand = F.normalize(tta_forward(fe.model, batch, True, (1.0, 1.1)), dim=1)
+        exported, _ = build_inference_model(cfg, ckpt)
+        feats = {
+            "FeatureExtractor": fe(run["paths"]),
+            "test_feature": test_feature(fe.model, batch, True, (1.0, 1.1), normalize=True),
+            "export graph": exported(batch),
+            # strongreid test: unnormalised features, TEST.FEAT_NORM applied by the evaluator
+            "test": F.normalize(extract_features(fe.model, [(batch, [0] * 3, [0] * 3, run["paths"])],
+                                                 torch.device("cpu"), flip=True, scales=(1.0, 1.1))[0], dim=1),
+        }
+    for name, got in feats.items():
+        torch.testing.assert_close(got, by_hand, rtol=0, atol=1e-6, msg=name)
+    # PCB merges raw stripes; the mean of its normalised views differs, so a consumer with a recipe
+    # of its own would fail above.
+    with torch.no_grad():
+        plain_mean = F.normalize(tta_forward(lambda x: fe.model(x), batch, True, (1.0, 1.1)), dim=1)
+    assert not torch.allclose(plain_mean, by_hand, atol=1e-4)

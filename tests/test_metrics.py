@@ -111,6 +111,58 @@ def test_same_pid_same_camera_is_removed_but_other_camera_and_distractors_stay()
     assert math.isinf(r.topk_dist[0, 2])
 
 
+def test_pid_minus_one_gallery_items_are_junk_for_every_query():
+    # Query 0 (pid 1, cam 0) and query 1 (pid 2, cam 1) rank the gallery in index order:
+    #   0: pid -1   1: pid 2 cam 0   2: pid 1 cam 1   3: pid -1   4: pid 1 cam 0   5: pid 1 cam 2
+    # Query 0 without junk (0, 3: pid -1; 4: its own camera): [1, 2, 5], positives at ranks 2, 3.
+    # Query 1 without junk (0, 3): [1, 2, 4, 5], its positive (index 1, camera 0) at rank 1.
+    d = np.tile(np.arange(6, dtype=np.float32), (2, 1))
+    g_pids, g_cams = [-1, 2, 1, -1, 1, 1], [0, 0, 1, 2, 0, 2]
+    args = (d, [1, 2], g_pids, [0, 1], g_cams)
+    plain = evaluate(*args, max_rank=3, topk=3)
+    np.testing.assert_array_equal(plain.cmc, [0.5, 1.0, 1.0])
+    np.testing.assert_allclose(plain.ap, [(1 / 2 + 2 / 3) / 2, 1.0])
+    assert plain.num_gallery == 6 and plain.num_junk == 2 and plain.to_dict()["num_junk"] == 2
+    np.testing.assert_array_equal(plain.topk_index, [[1, 2, 5], [1, 2, 4]])  # whole-gallery indices
+    # layumi's evaluate_gpu.py / the Market script: trapezoid AP over the same list.
+    trap = evaluate(*args, max_rank=3, ap="trapezoid")
+    np.testing.assert_allclose(trap.ap, [((1 / 2 + 0 / 1) / 2 + (2 / 3 + 1 / 2) / 2) / 2, 1.0])
+    assert trap.mAP == pytest.approx((0.4166666667 + 1.0) / 2)
+    feats = evaluate_features(np.eye(2, dtype=np.float32), np.zeros((6, 2), np.float32) + np.arange(6)[:, None],
+                              *args[1:], max_rank=3, topk=3)
+    assert feats.num_junk == 2 and (feats.topk_index >= 0).all() and 0 not in feats.topk_index
+    assert 3 not in feats.topk_index
+
+
+def test_junk_queries_and_an_all_junk_gallery_are_refused():
+    d = np.zeros((2, 2), np.float32)
+    with pytest.raises(StrongReIDError, match=r"q_pids\[1\] is -1, the junk label"):
+        evaluate(d, [3, -1], [3, 3], [0, 0], [1, 1])
+    with pytest.raises(StrongReIDError, match="all 2 gallery items have pid -1"):
+        evaluate(d, [3, 4], [-1, -1], [0, 0], [1, 1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=st.data())
+def test_junk_items_change_nothing_but_the_indices(case):
+    rng = np.random.default_rng(case.draw(st.integers(0, 10_000)))
+    num_q, num_g = case.draw(st.integers(1, 5)), case.draw(st.integers(1, 20))
+    junk = np.array(case.draw(st.lists(st.booleans(), min_size=num_g, max_size=num_g)))
+    if junk.all():
+        junk[0] = False
+    q_pids, g_pids = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
+    q_cams, g_cams = rng.integers(0, 2, num_q), rng.integers(0, 2, num_g)
+    d = rng.standard_normal((num_q, num_g)).astype(np.float32)
+    with_junk = quiet_evaluate(d, q_pids, np.where(junk, -1, g_pids), q_cams, g_cams, max_rank=5, topk=5)
+    kept = np.flatnonzero(~junk)
+    without = quiet_evaluate(d[:, kept], q_pids, g_pids[kept], q_cams, g_cams[kept], max_rank=5, topk=5)
+    np.testing.assert_array_equal(with_junk.ap, without.ap)
+    np.testing.assert_array_equal(with_junk.cmc, without.cmc)
+    mapped = np.where(without.topk_index >= 0, kept[np.maximum(without.topk_index, 0)], -1)
+    np.testing.assert_array_equal(with_junk.topk_index, mapped)
+    assert with_junk.num_junk == int(junk.sum()) and with_junk.num_gallery == num_g
+
+
 def test_ties_are_broken_by_gallery_index():
     d = np.array([[0.5, 0.5, 0.5]], dtype=np.float32)
     first = evaluate(d, [1], [1, 2, 3], [0], [1, 1, 1], max_rank=3)

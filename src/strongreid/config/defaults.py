@@ -316,6 +316,11 @@ _C.TEST.MULTI_QUERY = False
 # multi-scale test as layumi's --ms: each value s resizes the image by sqrt(s) per side
 # (bicubic) and the features of all scales (and flips) are averaged; [1.0] = one scale
 _C.TEST.MULTI_SCALE = [1.0]
+# extension: precision of test-time features (`test`, `extract`, FeatureExtractor, evaluation
+# during training): 'fp32' (the default: what the exported ONNX / TorchScript graphs compute and
+# what the peers' test scripts do) | 'amp' (autocast as MODEL.AMP says, e.g. bf16 on a CPU with
+# AMX / AVX512-BF16; docs/deploy.md has the measured mAP effect and speed)
+_C.TEST.PRECISION = "fp32"
 
 # ---------------------------------------------------------------------------------------------
 # Misc

@@ -78,6 +78,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "TEST.METRIC": ("euclidean", "cosine"),
     "TEST.AP": ("plain", "trapezoid"),
     "TEST.UNMATCHED": ("skip", "fail"),
+    "TEST.PRECISION": ("fp32", "amp"),
     "DATASETS.VALIDATION": ("off", "first"),
 }
 
@@ -309,10 +310,25 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
+# Where a config remembers the keys its yml file and command line set (outside the tree, so no
+# dump or validation sees it; clone() copies it). A foreign checkpoint's guesses yield to them.
+_EXPLICIT = "__explicit_keys__"
+
+
+def explicit_keys(cfg: CfgNode) -> frozenset[str]:
+    """The dotted keys a config file or KEY VALUE override set on `cfg` (not the defaults)."""
+    return cfg.__dict__.get(_EXPLICIT, frozenset())
+
+
+def _mark_explicit(cfg: CfgNode, keys: Iterable[str]) -> None:
+    cfg.__dict__[_EXPLICIT] = explicit_keys(cfg) | frozenset(keys)
+
+
 def merge_file(cfg: CfgNode, path: str) -> None:
     data = _read_yaml(path)
     for key, value in _flatten(data, f"in {path}"):
         _set(cfg, key, value, f"in {path}")
+        _mark_explicit(cfg, [key])
 
 
 def merge_opts(cfg: CfgNode, opts: list[str]) -> None:
@@ -323,6 +339,7 @@ def merge_opts(cfg: CfgNode, opts: list[str]) -> None:
         )
     for key, text in zip(opts[0::2], opts[1::2]):
         _set(cfg, key, _parse_cli_value(text), "on the command line")
+        _mark_explicit(cfg, [key])
 
 
 def validate(cfg: CfgNode) -> None:

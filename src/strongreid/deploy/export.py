@@ -2,9 +2,10 @@
 
 The exported model is the test-time feature function of `FeatureExtractor` on a preprocessed
 batch (N x 3 x H x W, normalised with INPUT.PIXEL_MEAN/STD at INPUT.SIZE_TEST): the model's eval
-forward (TEST.NECK_FEAT), the flip mean when TEST.FLIP_AUG is on, and L2 normalisation inside
-the graph when TEST.FEAT_NORM is 'yes'. Resizing and normalising the pixels stay outside, and the
-values needed for them are stored in the file's metadata. The classifier is not part of the ONNX
+forward (TEST.NECK_FEAT), the flip and TEST.MULTI_SCALE views when they are on, and L2
+normalisation inside the graph when TEST.FEAT_NORM is 'yes'. Resizing and normalising the pixels
+stay outside, and what they must be (size, resize filter, mean/std) is stored in the file's
+metadata: features match only when the crops are resized as the model was tested. The classifier is not part of the ONNX
 or TorchScript graph. The .safetensors file holds the model's full state dict (classifier
 included) with the architecture, class count and config as metadata, so `FeatureExtractor`
 and `strongreid test` load it like a checkpoint.
@@ -29,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode
 
+from strongreid.engine.inference import test_feature, test_scales
 from strongreid.errors import ConfigError, StrongReIDError
 from strongreid.modeling.checkpoint import save_safetensors
 
@@ -50,21 +51,19 @@ CHECK_BATCHES = (1, 3)
 
 
 class InferenceModel(nn.Module):
-    """Preprocessed images -> test features, as `FeatureExtractor.features` computes them in fp32."""
+    """Preprocessed images -> test features, as `FeatureExtractor.features` computes them in fp32
+    (the same `tta_forward`: flip and TEST.MULTI_SCALE views, PCB's per-stripe merge)."""
 
-    def __init__(self, model: nn.Module, flip: bool, feat_norm: bool) -> None:
+    def __init__(self, model: nn.Module, flip: bool, feat_norm: bool,
+                 scales: tuple[float, ...] = (1.0,)) -> None:
         super().__init__()
         self.model = model.eval()
         self.flip = bool(flip)
         self.feat_norm = bool(feat_norm)
+        self.scales = tuple(float(s) for s in scales)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        f = self.model(images)
-        if self.flip:
-            f = (f + self.model(torch.flip(images, dims=[3]))) / 2
-        if self.feat_norm:
-            f = F.normalize(f, p=2, dim=1, eps=1e-12)
-        return f
+        return test_feature(self.model, images, self.flip, self.scales, self.feat_norm)
 
 
 def build_inference_model(cfg: CfgNode, weights: str | os.PathLike) -> tuple[InferenceModel, CfgNode]:
@@ -73,8 +72,10 @@ def build_inference_model(cfg: CfgNode, weights: str | os.PathLike) -> tuple[Inf
     from strongreid.config import flag
     from strongreid.modeling.loading import load_inference_model
 
-    model, cfg, _ = load_inference_model(cfg, weights)
-    return InferenceModel(model, bool(cfg.TEST.FLIP_AUG), flag(cfg.TEST.FEAT_NORM)).eval(), cfg
+    loaded = load_inference_model(cfg, weights)
+    cfg = loaded.cfg
+    model = InferenceModel(loaded.model, bool(cfg.TEST.FLIP_AUG), flag(cfg.TEST.FEAT_NORM), test_scales(cfg))
+    return model.eval(), cfg
 
 
 def export_metadata(cfg: CfgNode, model: InferenceModel) -> dict[str, str]:
@@ -87,15 +88,36 @@ def export_metadata(cfg: CfgNode, model: InferenceModel) -> dict[str, str]:
         "arch": str(cfg.MODEL.NAME),
         "num_classes": str(int(model.model.num_classes)),
         "feat_dim": str(int(model.model.feat_dim)),
-        "input": f"RGB float32 N x 3 x {height} x {width}, (pixel / 255 - mean) / std",
+        "input": f"RGB float32 N x 3 x {height} x {width}: {resize_description(cfg)}, then "
+                 f"(pixel / 255 - mean) / std",
         "input_size": json.dumps([height, width]),
+        "interpolation": str(cfg.INPUT.INTERPOLATION),
         "pixel_mean": json.dumps([float(v) for v in cfg.INPUT.PIXEL_MEAN]),
         "pixel_std": json.dumps([float(v) for v in cfg.INPUT.PIXEL_STD]),
         "neck_feat": str(cfg.TEST.NECK_FEAT),
         "feat_norm": "yes" if model.feat_norm else "no",
         "flip_aug": "yes" if model.flip else "no",
+        "multi_scale": json.dumps(list(model.scales)),
+        "views": views_description(model.flip, model.scales),
         "config": dump_config(cfg),
     }
+
+
+def resize_description(cfg: CfgNode) -> str:
+    """How the crops must be resized, in words: the filter the model was tested with."""
+    height, width = (int(v) for v in cfg.INPUT.SIZE_TEST)
+    return (f"the whole crop resized to {height} x {width} with {cfg.INPUT.INTERPOLATION} "
+            "interpolation (PIL, antialiased when shrinking: torchvision's Resize on a PIL image)")
+
+
+def views_description(flip: bool, scales: tuple[float, ...]) -> str:
+    """What the graph averages over, in words: the views it computes from each input."""
+    views = ["the image"] + (["its horizontal mirror"] if flip else [])
+    extra = [s for s in scales if s != 1]
+    text = " and ".join(views)
+    if extra:
+        text += f", each also resized by sqrt(s) per side for s in {extra} (bicubic, in the graph)"
+    return "the graph averages " + text if (flip or extra) else "one view: the image as given"
 
 
 def sample_inputs(cfg: CfgNode, batches: tuple[int, ...] = CHECK_BATCHES, seed: int = 0) -> list[torch.Tensor]:

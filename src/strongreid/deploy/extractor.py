@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from yacs.config import CfgNode
 
+from strongreid.engine.inference import test_feature, test_scales
 from strongreid.errors import ConfigError, DatasetError, StrongReIDError
 from strongreid.modeling.checkpoint import read_checkpoint_info
 from strongreid.modeling.loading import config_for, load_inference_model
@@ -108,7 +108,8 @@ class FeatureExtractor:
       * torch uint8 tensors C x H x W or N x C x H x W: raw RGB pixels, preprocessed like arrays;
       * torch float tensors C x H x W or N x C x H x W: taken as already preprocessed (the test
         transform's output, INPUT.SIZE_TEST in size) and fed to the model as they are.
-    Features come back on the CPU in input order; MODEL.AMP applies as in `strongreid test`.
+    Features come back on the CPU in input order, computed in fp32 unless TEST.PRECISION is 'amp'
+    (then MODEL.AMP's autocast), as in `strongreid test`.
     TEST.FLIP_AUG averages the features of each image and its mirror BEFORE the TEST.FEAT_NORM
     L2 normalisation, as `strongreid test` does (see the module docstring).
     """
@@ -122,7 +123,7 @@ class FeatureExtractor:
     ) -> None:
         from strongreid.config import flag
         from strongreid.data import build_transforms
-        from strongreid.engine.runtime import amp_dtype, select_device, use_channels_last
+        from strongreid.engine.runtime import feature_channels_last, feature_dtype, select_device
 
         info = read_checkpoint_info(weights) if weights else None
         cfg = config_for(config, info)
@@ -136,19 +137,20 @@ class FeatureExtractor:
         self.weights = os.fspath(weights)
         # A foreign checkpoint (fast-reid, torchreid, layumi...) implies its own input size and
         # pixel statistics: the transforms below follow the config the model was built with.
-        model, cfg, self.checkpoint_format = load_inference_model(cfg, self.weights, info)
+        loaded = load_inference_model(cfg, self.weights, info)
+        model, cfg, self.checkpoint_format = loaded.model, loaded.cfg, loaded.format
         self.cfg = cfg
         self.device = select_device(cfg if device is None else device)
         self.batch_size = int(batch_size if batch_size is not None else cfg.TEST.IMS_PER_BATCH)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         self.flip = bool(cfg.TEST.FLIP_AUG)
-        self.scales = tuple(float(s) for s in cfg.TEST.MULTI_SCALE)
+        self.scales = test_scales(cfg)
         self.feat_norm = flag(cfg.TEST.FEAT_NORM)
         self.input_size = (int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1]))
         self.transform = build_transforms(cfg, is_train=False)
-        self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
-        self.channels_last = use_channels_last(cfg.MODEL.CHANNELS_LAST, self.device)
+        self.amp_dtype = feature_dtype(cfg, self.device)
+        self.channels_last = feature_channels_last(cfg, self.device, self.amp_dtype)
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -246,18 +248,10 @@ class FeatureExtractor:
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         """Features of one preprocessed batch: forward (+ flip / multi-scale mean), then L2 with
         FEAT_NORM."""
-        from strongreid.engine.inference import tta_forward
-        from strongreid.engine.runtime import autocast
-
         if batch.shape[0] == 0:
             return torch.empty(0, self.feat_dim)
         x = batch.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.amp_dtype):
-            f = tta_forward(self.model, x, self.flip, self.scales)
-        if self.feat_norm:
-            f = F.normalize(f, p=2, dim=1, eps=1e-12)
+        f = test_feature(self.model, x, self.flip, self.scales, self.feat_norm, self.amp_dtype, self.channels_last)
         return f.float().cpu()
 
     def __call__(self, images: Any) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Test-time features: the model's eval forward over views (flip, scales), for a loader or a split."""
+"""Test-time features, computed in one place (`test_feature`) for `strongreid test`, training's
+evaluation, `strongreid extract`, `FeatureExtractor` and the exported graphs (deploy/export.py):
+the model's eval forward over the views TEST.FLIP_AUG / TEST.MULTI_SCALE ask for (`tta_forward`,
+which lets PCB merge its stripes), in TEST.PRECISION, L2-normalised where TEST.FEAT_NORM applies."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from strongreid.engine import distributed as D
-from strongreid.engine.runtime import amp_dtype, autocast, use_channels_last
+from strongreid.engine.runtime import autocast, feature_channels_last, feature_dtype
 
 logger = logging.getLogger("strongreid")
 
@@ -31,7 +34,14 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
     (align_corners False), and every (flip, scale) view's feature enters the mean, taken before
     any normalisation. Unlike test.py, which resizes the previous scale's tensor again, every
     scale is taken from the original image (the same for its usual `--ms 1,1.1`).
+
+    A model whose feature is not linear in its views says how to combine them: PCB
+    (`test_view_feature` / `merge_test_views`) sums the raw stripes of every view and normalises
+    each stripe once, as layumi's test.py does; averaging its normalised features would not.
     """
+    net = model.module if hasattr(model, "module") else model  # DDP: the hooks live inside
+    view_feature = getattr(net, "test_view_feature", None)
+    forward = view_feature if view_feature is not None else model
     views = (images, torch.flip(images, dims=[3])) if flip else (images,)
     total: torch.Tensor | None = None
     count = 0
@@ -39,11 +49,32 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
         for scale in scales:
             x = view if scale == 1 else F.interpolate(
                 view, scale_factor=math.sqrt(scale), mode="bicubic", align_corners=False)
-            f = model(x).float()
+            f = forward(x).float()
             total = f if total is None else total + f
             count += 1
     assert total is not None  # scales is never empty (validated in config/loader.py)
+    if view_feature is not None:
+        return net.merge_test_views(total)
     return total / count
+
+
+def test_feature(model: nn.Module, images: torch.Tensor, flip: bool = False,
+                 scales: Sequence[float] = (1.0,), normalize: bool = False,
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+    """The test feature of a preprocessed batch: `tta_forward` under autocast `amp_dtype` (None:
+    fp32), then L2 normalisation when `normalize`.
+
+    `strongreid test` and training's evaluation leave `normalize` off: the evaluator applies
+    TEST.FEAT_NORM itself, before query expansion and re-ranking. `extract`, FeatureExtractor and
+    the exported graphs turn it on with TEST.FEAT_NORM 'yes'.
+    """
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(images.device, amp_dtype):
+        f = tta_forward(model, images, flip, scales)
+    if normalize:
+        f = F.normalize(f, p=2, dim=1, eps=1e-12)
+    return f
 
 
 @torch.no_grad()
@@ -67,10 +98,7 @@ def extract_features(
     feats, pids, camids, paths = [], [], [], []
     for images, pid, camid, path in loader:
         images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            f = tta_forward(model, images, flip, scales)
+        f = test_feature(model, images, flip, scales, amp_dtype=amp_dtype, channels_last=channels_last)
         feats.append(f.cpu())
         pids.append(np.asarray(pid))
         camids.append(np.asarray(camid))
@@ -89,10 +117,10 @@ def extract_split(cfg: CfgNode, model: nn.Module, records: list, device: torch.d
     ctx = D.current()
     start, end = D.shard_range(len(records), ctx.rank, ctx.world_size)
     loader = build_test_loader(cfg, records[start:end])
-    dtype = amp_dtype(cfg.MODEL.AMP, device)
+    dtype = feature_dtype(cfg, device)
     feats, _, _, _ = extract_features(
         model, loader, device, flip=cfg.TEST.FLIP_AUG, amp_dtype=dtype,
-        channels_last=use_channels_last(cfg.MODEL.CHANNELS_LAST, device), scales=test_scales(cfg),
+        channels_last=feature_channels_last(cfg, device, dtype), scales=test_scales(cfg),
     )
     if feats.numel() == 0:
         feats = torch.zeros((0, _feat_dim(model)), dtype=torch.float32)

@@ -89,12 +89,33 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def feature_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of test-time features: None (fp32) unless TEST.PRECISION is 'amp'.
+
+    fp32 by default so that `test`, `extract`, FeatureExtractor and the exported graphs give the
+    same features, and a foreign checkpoint the features its own project computes.
+    """
+    if cfg.TEST.PRECISION != "amp":
+        return None
+    return amp_dtype(cfg.MODEL.AMP, device)
+
+
 def use_channels_last(mode: str, device: torch.device) -> bool:
     if mode == "on":
         return True
     if mode == "off":
         return False
     return device.type in ("cuda", "cpu")
+
+
+def feature_channels_last(cfg, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """MODEL.CHANNELS_LAST for test-time features: 'auto' is on for CUDA and, on the CPU, only
+    under autocast. fp32 CPU convolutions ran 4.4x slower in channels_last than contiguous, bf16
+    ones 1.3x faster (ResNet-18 at 64 x 32, benchmarks/feature_precision.py, docs/deploy.md)."""
+    mode = cfg.MODEL.CHANNELS_LAST
+    if mode != "auto" or device.type != "cpu":
+        return use_channels_last(mode, device)
+    return dtype is not None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -2,7 +2,10 @@
 
 Protocol (Market-1501, as reid-strong-baseline, torchreid and fast-reid evaluate):
   * for each query, gallery items with the same pid AND the same camera are removed ("junk");
-    everything else stays, pid 0 distractors included (pid -1 junk is dropped by the loaders);
+    so are gallery items with pid -1 (JUNK_PID: Market's junk boxes), for every query, as the
+    official Market script and layumi's evaluate_gpu.py do and as the peers' loaders do by
+    dropping them; everything else stays, pid 0 distractors included. A query with pid -1 is
+    refused (it has no identity to find);
   * the remaining items are ranked by distance, ascending. Ties are broken by gallery index,
     ascending (a stable sort), so results never depend on the sort algorithm;
   * a query whose remaining list holds no item of its pid has no valid match. With
@@ -53,6 +56,8 @@ from strongreid.evaluation.selection import (
 logger = logging.getLogger(__name__)
 
 AP_MODES = ("plain", "trapezoid")
+# The pid of Market-1501's junk boxes (file names starting with -1): never ranked.
+JUNK_PID = -1
 UNMATCHED_MODES = ("skip", "fail")
 CUHK03_REPEATS = 10
 # Columns used to bound the top-k threshold before the full-row pass (see `_topk_bound`).
@@ -75,6 +80,7 @@ class EvalResult:
     num_gallery: int
     num_valid: int  # queries with at least one valid match
     num_skipped: int  # queries left out of the means (unmatched="skip")
+    num_junk: int = 0  # gallery items with pid -1, left out of every ranking
     topk_index: np.ndarray | None = field(default=None, repr=False)  # (Q, K) int64, -1 = none
     topk_dist: np.ndarray | None = field(default=None, repr=False)  # (Q, K) float32, inf = none
 
@@ -97,6 +103,7 @@ class EvalResult:
             "num_gallery": self.num_gallery,
             "num_valid": self.num_valid,
             "num_skipped": self.num_skipped,
+            "num_junk": self.num_junk,
         }
 
 
@@ -148,6 +155,38 @@ def _check_lengths(num_q: int, num_g: int, labels: dict[str, torch.Tensor], what
                 f"{name} has {t.shape[0]} entries but {what} has {want} {side} items; "
                 f"give one {name[2:].rstrip('s')} per {side} image, in the same order"
             )
+
+
+def _without_junk(labels: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Indices of the gallery items that are not junk (pid -1), None when none is; refuses junk
+    queries and an all-junk gallery. `labels` is narrowed to the kept gallery items in place."""
+    junk_q = torch.nonzero(labels["q_pids"] == JUNK_PID)
+    if junk_q.numel():
+        raise StrongReIDError(
+            f"q_pids[{int(junk_q[0])}] is {JUNK_PID}, the junk label ({junk_q.numel()} such "
+            "queries): a query needs its identity; leave junk images out of the query set"
+        )
+    junk = labels["g_pids"] == JUNK_PID
+    if not bool(junk.any()):
+        return None
+    keep = torch.nonzero(~junk).squeeze(1)
+    if keep.numel() == 0:
+        raise StrongReIDError(
+            f"all {junk.numel()} gallery items have pid {JUNK_PID} (junk, never ranked): nothing to rank"
+        )
+    labels["g_pids"], labels["g_camids"] = labels["g_pids"][keep], labels["g_camids"][keep]
+    return keep
+
+
+def _with_junk(res: EvalResult, keep: torch.Tensor | None, num_g: int) -> EvalResult:
+    """The result in terms of the whole gallery: its size, the junk count, top-k indices into it."""
+    if keep is None:
+        return res
+    res.num_gallery, res.num_junk = num_g, num_g - int(keep.numel())
+    if res.topk_index is not None:
+        index = keep.cpu().numpy()
+        res.topk_index = np.where(res.topk_index >= 0, index[np.maximum(res.topk_index, 0)], -1)
+    return res
 
 
 class _Evaluator:
@@ -549,14 +588,16 @@ def evaluate(
     }
     num_q, num_g = dist.shape
     _check_lengths(num_q, num_g, labels, "distmat")
+    keep = _without_junk(labels)
     ev = _Evaluator(
         labels["q_pids"], labels["g_pids"], labels["q_camids"], labels["g_camids"],
         max_rank=max_rank, ap=ap, unmatched=unmatched, cuhk03=cuhk03, seed=seed, topk=topk,
     )
     rows = block_rows(num_g, dev, chunk_size)
     for start in range(0, num_q, rows):
-        ev.add(start, dist[start : start + rows])
-    return ev.result()
+        block = dist[start : start + rows]
+        ev.add(start, block if keep is None else block.index_select(1, keep))
+    return _with_junk(ev.result(), keep, num_g)
 
 
 def evaluate_features(
@@ -585,14 +626,18 @@ def evaluate_features(
     _check_options(max_rank, ap, unmatched, topk)
     q, g = feature_pair(q_feats, g_feats, device)
     dev = q.device
-    chunks = DistanceChunks(q, g, metric)
     labels = {
         "q_pids": _as_labels(q_pids, "q_pids", dev),
         "g_pids": _as_labels(g_pids, "g_pids", dev),
         "q_camids": _as_labels(q_camids, "q_camids", dev),
         "g_camids": _as_labels(g_camids, "g_camids", dev),
     }
-    _check_lengths(q.shape[0], g.shape[0], labels, "the features")
+    num_g = g.shape[0]
+    _check_lengths(q.shape[0], num_g, labels, "the features")
+    keep = _without_junk(labels)
+    if keep is not None:
+        g = g.index_select(0, keep)
+    chunks = DistanceChunks(q, g, metric)
     ev = _Evaluator(
         labels["q_pids"], labels["g_pids"], labels["q_camids"], labels["g_camids"],
         max_rank=max_rank, ap=ap, unmatched=unmatched, cuhk03=cuhk03, seed=seed, topk=topk,
@@ -601,4 +646,4 @@ def evaluate_features(
     for start, block in chunks.blocks(block_rows(g.shape[0], dev, chunk_size, gemm=True)):
         for s in range(0, block.shape[0], sub):
             ev.add(start + s, block[s : s + sub], check_nan=False)
-    return ev.result()
+    return _with_junk(ev.result(), keep, num_g)

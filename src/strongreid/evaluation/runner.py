@@ -20,11 +20,16 @@ from strongreid.data.integrity import check_splits
 from strongreid.data.splits import load_splits
 from strongreid.engine import distributed as D
 from strongreid.engine.inference import extract_split, test_scales
-from strongreid.engine.runtime import select_device, setup_logging, use_channels_last
+from strongreid.engine.runtime import (
+    feature_channels_last,
+    feature_dtype,
+    select_device,
+    setup_logging,
+)
 from strongreid.errors import ConfigError
 from strongreid.evaluation.multi_query import multi_query_features
 from strongreid.evaluation.pipeline import evaluate_from_config, save_ranking
-from strongreid.modeling.loading import load_inference_model
+from strongreid.modeling.loading import LoadedModel, load_inference_model
 
 logger = logging.getLogger("strongreid")
 
@@ -130,12 +135,12 @@ def write_results(cfg: CfgNode, out_dir: str | os.PathLike, evaluated: dict[str,
     return plain
 
 
-def build_test_model(cfg: CfgNode, weights: str) -> tuple[nn.Module, CfgNode]:
-    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched), and the
-    config to test it with (a foreign checkpoint sets its input size and pixel statistics); a
-    checkpoint of another architecture is a CheckpointError naming both."""
-    loaded = load_inference_model(cfg, weights)
-    return loaded.model, loaded.cfg
+def build_test_model(cfg: CfgNode, weights: str) -> LoadedModel:
+    """The model of a checkpoint, ready for inference (no ImageNet weights are fetched), the
+    config to test it with (a foreign checkpoint sets its input size, pixel statistics and resize
+    filter) and the loader's warnings, as a `LoadedModel`; a checkpoint of another architecture is
+    a CheckpointError naming both."""
+    return load_inference_model(cfg, weights)
 
 
 def test_command(cfg: CfgNode) -> int:
@@ -149,9 +154,10 @@ def test_command(cfg: CfgNode) -> int:
     setup_logging(out_dir, ctx.rank)
     splits = load_splits(cfg, need_train=False)
     check_splits(cfg, splits, train=False, write_list=ctx.is_main)  # every bad file named at once
-    model, cfg = build_test_model(cfg, cfg.TEST.WEIGHT)
-    model = model.to(device)
-    if use_channels_last(cfg.MODEL.CHANNELS_LAST, device):
+    loaded = build_test_model(cfg, cfg.TEST.WEIGHT)
+    model, cfg = loaded.model.to(device), loaded.cfg
+    dtype = feature_dtype(cfg, device)
+    if feature_channels_last(cfg, device, dtype):
         model = model.to(memory_format=torch.channels_last)
     logger.info("evaluating %s on %s: %d query, %d gallery images", cfg.TEST.WEIGHT, splits.test_name,
                 len(splits.query), len(splits.gallery))
@@ -161,8 +167,13 @@ def test_command(cfg: CfgNode) -> int:
         summary = write_results(cfg, out_dir, evaluated, splits.query, splits.gallery,
                                 {"weights": str(cfg.TEST.WEIGHT), "dataset": splits.test_name,
                                  "multi_query": bool(cfg.TEST.MULTI_QUERY), "flip": bool(cfg.TEST.FLIP_AUG),
-                                 "multi_scale": list(test_scales(cfg))})
+                                 "multi_scale": list(test_scales(cfg)),
+                                 "interpolation": str(cfg.INPUT.INTERPOLATION),
+                                 "precision": str(dtype or torch.float32).replace("torch.", ""),
+                                 "warnings": list(loaded.warnings)})
         print(format_table("plain", summary))
+        for message in loaded.warnings:
+            print(f"warning: {message}")
         if "reranked" in evaluated["results"]:
             print(format_table("re-ranked", evaluated["results"]["reranked"].to_dict()))
         print(f"results written to {out_dir / 'results.json'}")

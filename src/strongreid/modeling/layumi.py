@@ -36,10 +36,15 @@ def layumi_init_kaiming(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+# layumi's weights_init_classifier draws std 0.0001 (model.py); the BNNeck head's 0.001 is the
+# strong baseline's and stays in modeling/heads.py.
+LAYUMI_CLASSIFIER_STD = 1e-4
+
+
 def layumi_init_classifier(m: nn.Module) -> None:
-    """layumi's classifier init: N(0, 0.001^2) weights, zero bias."""
+    """layumi's classifier init: N(0, 0.0001^2) weights, zero bias."""
     if isinstance(m, nn.Linear):
-        nn.init.normal_(m.weight, std=0.001)
+        nn.init.normal_(m.weight, std=LAYUMI_CLASSIFIER_STD)
         nn.init.zeros_(m.bias)
 
 
@@ -120,7 +125,9 @@ class PCBModel(nn.Module):
     Training forward -> ModelOutput([P logits], B x (C*P) stripe features); the ID loss sums over stripes.
     Eval forward -> layumi's test feature: every C-d stripe divided by its norm times sqrt(P)
     (each stripe counts equally and the whole vector has unit norm), flattened channel-major
-    (index c*P + p) like layumi's `ff.view(n, -1)` on its n x C x P tensor.
+    (index c*P + p) like layumi's `ff.view(n, -1)` on its n x C x P tensor. With flip or
+    multi-scale, the raw stripes of all views are summed first and normalised once
+    (`test_view_feature` / `merge_test_views`, used by engine/inference.py: tta_forward).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, parts: int = 6, linear_num: int = 256,
@@ -160,8 +167,17 @@ class PCBModel(nn.Module):
             dropped = self.dropout(parts)
             logits = [getattr(self, f"classifier{i}")(dropped[:, :, i])[0] for i in range(self.parts)]
             return ModelOutput(logits, parts.flatten(1))
-        # Normalise in fp32: the per-stripe norm of a bf16 map loses the small stripes.
-        parts = parts.float()
+        return self.merge_test_views(parts.float().flatten(1))
+
+    def test_view_feature(self, x: torch.Tensor) -> torch.Tensor:
+        """One view's raw stripes, B x (C*P) channel-major in fp32: what test-time augmentation
+        sums over views (image, mirror, scales) before `merge_test_views`, as layumi's test.py."""
+        return self.stripes(x).float().flatten(1)
+
+    def merge_test_views(self, summed: torch.Tensor) -> torch.Tensor:
+        """The test feature of summed raw stripes: each stripe over its norm times sqrt(P)."""
+        # fp32: the per-stripe norm of a bf16 map loses the small stripes.
+        parts = summed.float().view(summed.shape[0], -1, self.parts)
         parts = parts / (parts.norm(p=2, dim=1, keepdim=True).clamp_min(1e-12) * math.sqrt(self.parts))
         return parts.flatten(1)
 

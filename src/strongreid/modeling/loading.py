@@ -42,12 +42,13 @@ def config_for(config: Any, info: dict[str, Any] | None) -> CfgNode:
 
 class LoadedModel(NamedTuple):
     """An eval-mode CPU model, the config that built it (the caller's plus what a foreign
-    checkpoint implies: input size, pixel statistics...; use it for the transforms), and the
-    checkpoint's format."""
+    checkpoint implies: input size, pixel statistics, resize filter...; use it for the
+    transforms), the checkpoint's format, and what the file could not tell (already logged)."""
 
     model: nn.Module
     cfg: CfgNode
     format: str
+    warnings: tuple[str, ...] = ()
 
 
 def checkpoint_format(cfg: CfgNode, path: Path) -> tuple[str, dict[str, Any] | None]:
@@ -121,14 +122,20 @@ def _load_native(cfg: CfgNode, path: Path, info: dict[str, Any] | None) -> nn.Mo
 
 
 def _load_foreign(cfg: CfgNode, path: Path, fmt: str, raw: dict[str, Any] | None) -> LoadedModel:
-    from strongreid.config.loader import with_overrides
+    from strongreid.config.loader import explicit_keys, with_overrides
     from strongreid.modeling import build_model
     from strongreid.modeling.formats import CHECKPOINT_FORMATS
 
     if raw is None:
         raw = read_checkpoint(path)
     converted = CHECKPOINT_FORMATS.get(fmt)().convert(raw, path)
-    overrides = {**converted.overrides, "MODEL.CHECKPOINT_FORMAT": fmt}
+    # The format's guesses give way to keys the user set; its warnings then no longer apply.
+    user = explicit_keys(cfg)
+    guessed = {k: v for k, v in converted.defaults.items() if k not in user}
+    overrides = {**guessed, **converted.overrides, "MODEL.CHECKPOINT_FORMAT": fmt}
+    warnings = tuple(converted.warnings[k] for k in guessed if k in converted.warnings)
+    for message in warnings:
+        logger.warning("%s", message)
     build_cfg = with_overrides(_no_pretrain(cfg), overrides, f"for the {converted.source} checkpoint {path}")
     model = build_model(build_cfg, converted.num_classes)
     to_load, report = match_state(model.state_dict(), converted.state)
@@ -143,4 +150,4 @@ def _load_foreign(cfg: CfgNode, path: Path, fmt: str, raw: dict[str, Any] | None
     model.load_state_dict(to_load, strict=False)
     logger.info("%s: %s checkpoint loaded as %s (%s)", path, converted.source, build_cfg.MODEL.NAME,
                 report.summary())
-    return LoadedModel(model.eval(), build_cfg, fmt)
+    return LoadedModel(model.eval(), build_cfg, fmt, warnings)

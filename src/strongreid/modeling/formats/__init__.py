@@ -3,7 +3,8 @@
 People start from published files: fast-reid's and torchreid's model zoos, layumi's
 `net_last.pth`, reid-strong-baseline's releases. Each such format is one registered class that
 recognises its files by their keys and renames their tensors into a ReIDModel state dict, and says
-which config values (backbone, head, input size, pixel statistics...) that model needs:
+which config values (backbone, head, input size, pixel statistics, resize filter...) that model
+needs:
 
     @CHECKPOINT_FORMATS.register("myproject")
     class MyProject:
@@ -17,8 +18,11 @@ MODEL.CHECKPOINT_FORMAT 'auto' the formats are asked in registration order and t
 `detect` is true converts the file; a file no format claims is read as a strongreid checkpoint
 (or a bare ReIDModel / reid-strong-baseline state dict). `convert` raises CheckpointError, naming
 the file, for a file of its project that it cannot map (an architecture it does not know).
-The loader then builds the model with `overrides`, loads `state` strictly and reports any tensor
-of the model left unfilled, so a converter cannot silently drop weights.
+The loader then builds the model with `overrides` (and `defaults`, where the user's config file
+or command line did not set the key), loads `state` strictly and reports any tensor of the model
+left unfilled, so a converter cannot silently drop weights. `warnings` say, for a guessed key, what
+a wrong guess costs; the loader logs those whose guess it used (`strongreid test` also writes them
+to results.json).
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ class Converted:
     source: str  # what the file is, for logs and messages: "fast-reid BoT R50"
     # Tensors of the file deliberately not used (e.g. an ImageNet fc), so a report can list them.
     ignored: list[str] = field(default_factory=list)
+    # Guesses the file cannot confirm: used unless the user's config sets the key.
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # Per guessed key, what goes wrong if the guess is wrong and how to set it (logged when used).
+    warnings: dict[str, str] = field(default_factory=dict)
 
 
 class CheckpointFormat(Protocol):

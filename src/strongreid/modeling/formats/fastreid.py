@@ -19,8 +19,8 @@ What the keys say, and what it becomes here:
     (absent)                       fast-reid's defaults       -> ImageNet mean / std
 
 LAST_STRIDE is 1 (every fast-reid ReID config). The files do not record the input size: it is
-the recipe's, 384x128 for SBS and 256x128 for BoT and AGW. fast-reid resizes bicubically and
-strongreid bilinearly, the one difference left between the two test features.
+the recipe's, 384x128 for SBS and 256x128 for BoT and AGW. The test transform is fast-reid's
+(data/transforms/build.py): bicubic resize (`interpolation=3`), no crop, no flip.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class FastReIDFormat:
             "MODEL.LAST_STRIDE": 1, "MODEL.HEAD": "baseline", "MODEL.NECK": "bnneck",
             "TEST.NECK_FEAT": "after", "MODEL.POOLING": "gem" if nl else "avg",
             "INPUT.SIZE_TEST": [384, 128] if recipe == "SBS" else [256, 128],
-            **imagenet_pixels(),
+            "INPUT.INTERPOLATION": "bicubic", **imagenet_pixels(),
         }
         if learned_p:
             overrides["MODEL.GEM_P"] = float(state["heads.pool_layer.p"].reshape(-1)[0])

@@ -13,8 +13,9 @@ Key names (layumi model.py at 82ff40f):
 
 What the state dict cannot tell - the stride of the last stage - comes from the `opts.yaml`
 layumi writes beside the file (`stride`); without it layumi's default `--stride 2` is assumed
-(PCB always runs layer4 at stride 1). The test input size is layumi's test.py's: 256 x 128,
-384 x 192 for PCB.
+unless the user's config sets MODEL.LAST_STRIDE, and a warning names that key (PCB always runs
+layer4 at stride 1). The test transform is layumi test.py's: bicubic resize (`interpolation=3`)
+to 256 x 128 (384 x 192 for PCB), ImageNet mean / std.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ class LayumiCheckpoint:
                 converted[key] = tensor
         overrides: dict[str, Any] = {"MODEL.NAME": arch, "MODEL.POOLING": "avg",
                                      "INPUT.PIXEL_MEAN": [0.485, 0.456, 0.406],
-                                     "INPUT.PIXEL_STD": [0.229, 0.224, 0.225]}
+                                     "INPUT.PIXEL_STD": [0.229, 0.224, 0.225],
+                                     "INPUT.INTERPOLATION": "bicubic"}
+        defaults: dict[str, Any] = {}
+        warnings: dict[str, str] = {}
         if parts:
             if parts != list(range(len(parts))):
                 raise CheckpointError(f"{path}: PCB part classifiers {parts} are not 0..{len(parts) - 1}")
@@ -113,10 +117,18 @@ class LayumiCheckpoint:
         else:
             head = "classifier"
             overrides.update({"MODEL.HEAD": "layumi", "INPUT.SIZE_TEST": [256, 128]})
-            stride = opts.get("stride", 2)
-            if "stride" not in opts:
-                logger.warning("%s: no opts.yaml beside it, assuming layumi's default --stride 2", path)
-            overrides["MODEL.LAST_STRIDE"] = int(stride)
+            if "stride" in opts:
+                overrides["MODEL.LAST_STRIDE"] = int(opts["stride"])
+            else:
+                defaults["MODEL.LAST_STRIDE"] = 2
+                warnings["MODEL.LAST_STRIDE"] = (
+                    f"{path}: no opts.yaml with `stride` beside it, and the weights are the same "
+                    "at either stride, so the model is built with layumi's default --stride 2. "
+                    "If it was trained with --stride 1, set MODEL.LAST_STRIDE 1 (or put its "
+                    "opts.yaml beside it): at the wrong stride layer4 pools a map of another "
+                    "size, so the features are not the ones layumi's test.py gives and the mAP "
+                    "is lower."
+                )
         first = state.get(f"{head}.add_block.0.weight")
         if first is None:
             raise CheckpointError(f"{path}: no {head}.add_block.0.weight; expected {_EXPECTED}")
@@ -129,4 +141,4 @@ class LayumiCheckpoint:
         if "droprate" in opts:
             overrides["MODEL.DROPRATE"] = float(opts["droprate"])
         return Converted(state=converted, overrides=overrides, num_classes=int(classes.shape[0]),
-                         source=source, ignored=ignored)
+                         source=source, ignored=ignored, defaults=defaults, warnings=warnings)

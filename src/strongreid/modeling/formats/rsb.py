@@ -69,8 +69,10 @@ class RSBFormat:
                 unused.append(key)
         if unused:
             raise unused_error(path, "reid-strong-baseline", arch, unused)
+        # Its test transform: T.Resize(SIZE_TEST) with torchvision's default filter, bilinear.
         overrides = {"MODEL.NAME": f"rsb_resnet{depth}", "MODEL.NECK": neck, "MODEL.HEAD": "baseline",
-                     "MODEL.POOLING": "avg", "INPUT.SIZE_TEST": [256, 128], **imagenet_pixels()}
+                     "MODEL.POOLING": "avg", "INPUT.SIZE_TEST": [256, 128],
+                     "INPUT.INTERPOLATION": "bilinear", **imagenet_pixels()}
         return Converted(state=out, overrides=overrides,
                          num_classes=int(state["classifier.weight"].shape[0]),
                          source=f"reid-strong-baseline {arch}",

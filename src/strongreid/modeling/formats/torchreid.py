@@ -100,7 +100,8 @@ class TorchreidFormat:
         overrides = {
             "MODEL.NAME": name, "MODEL.LAST_STRIDE": last_stride, "MODEL.HEAD": "torchreid",
             "MODEL.LINEAR_NUM": fc_dim, "MODEL.POOLING": "avg", "INPUT.SIZE_TEST": [256, 128],
-            **imagenet_pixels(),
+            # torchreid's test transform: Resize((h, w)) with torchvision's default, bilinear.
+            "INPUT.INTERPOLATION": "bilinear", **imagenet_pixels(),
         }
         return Converted(state=out, overrides=overrides,
                          num_classes=int(state["classifier.weight"].shape[0]),
