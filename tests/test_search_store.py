@@ -90,6 +90,8 @@ def test_new_galleries_are_embedded_and_milvus_lite_ones_still_open(tmp_path) ->
     again = open_store(str(tmp_path / "lite.db"), create=False)
     assert isinstance(again, MilvusStore) and again.count() == 8
     again.close()
+    with pytest.raises(StoreError, match="is a Milvus Lite gallery: .*gallery migrate"):
+        FaissStore(str(tmp_path / "lite.db"))
     with pytest.raises(StoreError, match="does not exist"):
         open_store(str(tmp_path / "missing.db"), create=False)
 

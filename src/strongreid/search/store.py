@@ -33,15 +33,15 @@ from strongreid.registry import Registry
 COLLECTION = "gallery"
 KEY_LENGTH = 40  # hex sha1
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW")
-# IVF_FLAT by default: exact (flat) until a gallery has rows enough to train its cells, then
-# fast at a million rows with recall@10 ~1 (docs/search.md, benchmarks/search_store.py).
-DEFAULT_INDEX = "IVF_FLAT"
+# HNSW by default: the one index that held recall@10 >= 0.95 at 1M rows within a few ms
+# (docs/search.md, benchmarks/search_store.py); IVF_FLAT lost recall there, FLAT took 80+ ms.
+DEFAULT_INDEX = "HNSW"
 # Build and search parameters per index type (Milvus and faiss use the same names).
 DEFAULT_INDEX_PARAMS: dict[str, dict[str, int]] = {
     "FLAT": {}, "IVF_FLAT": {"nlist": 1024}, "HNSW": {"M": 32, "efConstruction": 80},
 }
 DEFAULT_SEARCH_PARAMS: dict[str, dict[str, int]] = {
-    "FLAT": {}, "IVF_FLAT": {"nprobe": 32}, "HNSW": {"ef": 64},
+    "FLAT": {}, "IVF_FLAT": {"nprobe": 32}, "HNSW": {"ef": 128},
 }
 METRIC = "COSINE"
 _TEXT = 512  # longest camera / video / source text stored
