@@ -28,7 +28,7 @@ demo: $(STAMP) data/synthetic/synthetic.json
 	$(BIN)/strongreid visualize --results $(DEMO_RUN)
 	$(BIN)/strongreid report --results $(DEMO_RUN)
 
-# After `make demo` (needs the search extra): synthetic footage -> Milvus Lite gallery, then
+# After `make demo` (needs the search extra): synthetic footage -> gallery file, then
 # prints the `strongreid serve` command that opens the search page (docs/search.md).
 demo-search: $(STAMP)
 	$(BIN)/strongreid demo search --model runs/demo/best.pt

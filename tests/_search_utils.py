@@ -6,6 +6,11 @@ on two shared cores.
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +63,24 @@ def tiny_model(out: Path, num_classes: int = PEOPLE, seed: int = 0) -> Path:
             "config": dump_config(cfg)}
     torch.save(ckpt, out)
     return out
+
+
+@contextmanager
+def serving(app) -> Iterator[int]:
+    """uvicorn serving `app` on 127.0.0.1 in a thread, on a free port (yielded) until exit."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

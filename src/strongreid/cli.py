@@ -183,6 +183,12 @@ def _cmd_gallery(args: argparse.Namespace) -> int:
     return ingest_command(args)
 
 
+def _cmd_gallery_migrate(args: argparse.Namespace) -> int:
+    from strongreid.search.store import migrate_command
+
+    return migrate_command(args)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from strongreid.search.service import serve_command
 
@@ -206,7 +212,8 @@ def _add_search_parsers(sub) -> None:
 
     def gallery_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--gallery", required=True,
-                       help="Milvus Lite file (gallery.db) or a Milvus server URI (http://host:19530)")
+                       help="gallery file (gallery.db; an existing Milvus Lite gallery also opens) "
+                            "or a Milvus server URI (http://host:19530)")
         p.add_argument("--token", default="", help="Milvus server token (user:password)")
         p.add_argument("--thumbs", default=None,
                        help="thumbnail folder (default: GALLERY.thumbs beside a .db file)")
@@ -237,9 +244,20 @@ def _add_search_parsers(sub) -> None:
     s.add_argument("--min-score", type=float, default=0.0, help="skip weaker detections")
     s.add_argument("--start-time", default=None, help="time of frame 1 (default: seqinfo.ini)")
     s.add_argument("--batch", type=int, default=256, help="crops embedded per batch")
-    s.add_argument("--index", choices=["FLAT", "IVF_FLAT", "HNSW"], default="FLAT",
-                   help="vector index of a new gallery")
+    s.add_argument("--index", choices=["FLAT", "IVF_FLAT", "HNSW"], default="HNSW",
+                   help="vector index of a new gallery (FLAT: exact; IVF_FLAT: exact until it "
+                        "has 40 960 rows to train on)")
     s.set_defaults(func=_cmd_gallery)
+    s = gsub.add_parser("migrate", help="copy a gallery into a new one (Milvus Lite -> gallery.db)")
+    s.add_argument("--from", dest="source", required=True, help="the gallery to copy")
+    s.add_argument("--to", dest="target", required=True, help="the new gallery (file or URI)")
+    s.add_argument("--token", default="", help="Milvus server token of --from")
+    s.add_argument("--target-token", default="", help="Milvus server token of --to")
+    s.add_argument("--thumbs-from", default=None, help="thumbnails of --from (default beside it)")
+    s.add_argument("--thumbs-to", default=None, help="thumbnails of --to (default beside it)")
+    s.add_argument("--index", choices=["FLAT", "IVF_FLAT", "HNSW"], default="HNSW",
+                   help="vector index of the new gallery")
+    s.set_defaults(func=_cmd_gallery_migrate)
 
     p = sub.add_parser("serve", help="the person-search page and JSON API on a gallery")
     gallery_args(p)

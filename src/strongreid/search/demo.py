@@ -18,7 +18,7 @@ def demo_search_command(args: Any) -> int:
     from strongreid.data.synthetic_video import generate_footage
     from strongreid.deploy.extractor import FeatureExtractor
     from strongreid.search.ingest import ingest
-    from strongreid.search.store import MilvusStore, thumbs_dir_for
+    from strongreid.search.store import open_store, thumbs_dir_for
 
     model = Path(args.model)
     if not model.is_file():
@@ -31,7 +31,7 @@ def demo_search_command(args: Any) -> int:
         print(f"footage written to {footage}", file=sys.stderr)
     gallery = Path(args.gallery)
     extractor = FeatureExtractor(None, model, device=args.device)
-    store = MilvusStore(str(gallery))
+    store = open_store(str(gallery))
     try:
         stats = ingest(store, extractor, thumbs_dir_for(str(gallery)), videos=[str(footage)],
                        detections="det", frame_step=args.frame_step)

@@ -400,14 +400,14 @@ def ingest(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumb
 def ingest_command(args: Any) -> int:
     """`strongreid gallery ingest --gallery gallery.db --model best.pt --crops DIR --videos DIR`."""
     from strongreid.deploy.extractor import FeatureExtractor
-    from strongreid.search.store import MilvusStore, thumbs_dir_for
+    from strongreid.search.store import open_store, thumbs_dir_for
 
     if not args.crops and not args.videos:
         raise StrongReIDError("nothing to ingest: pass --crops DIR and/or --videos DIR")
     # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     extractor = FeatureExtractor(args.config, args.model, device=args.device)
-    store = MilvusStore(args.gallery, token=args.token or "", index_type=args.index)
+    store = open_store(args.gallery, token=args.token or "", index_type=args.index)
     try:
         stats = ingest(store, extractor, thumbs_dir_for(args.gallery, args.thumbs),
                        crops=args.crops or (), meta_csv=args.meta, videos=args.videos or (),

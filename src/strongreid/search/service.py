@@ -319,11 +319,11 @@ def serve_command(args: Any) -> int:
     import uvicorn
 
     from strongreid.deploy.extractor import FeatureExtractor
-    from strongreid.search.store import MilvusStore, thumbs_dir_for
+    from strongreid.search.store import open_store, thumbs_dir_for
 
     # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    store = MilvusStore(args.gallery, token=args.token or "", create=False)
+    store = open_store(args.gallery, token=args.token or "", create=False)
     extractor = FeatureExtractor(args.config, args.model, device=args.device)
     if store.dim is not None and store.dim != extractor.feat_dim:
         raise StoreError(f"the gallery {args.gallery} holds {store.dim}-dimensional features but "

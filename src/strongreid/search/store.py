@@ -1,8 +1,11 @@
-"""The gallery's vector store: Milvus, embedded (Milvus Lite, one `gallery.db` file) by default.
+"""The gallery's vector store: embedded (one `gallery.db` file) by default, Milvus for a server.
 
-`GalleryStore` is the small interface the ingest and the service use; `MilvusStore` is its
-implementation over `pymilvus.MilvusClient`, so the same code runs against Milvus Lite (a
-local path ending in `.db`) or a Milvus server / cluster (`http://host:19530`, with a token).
+`GalleryStore` is the small interface the ingest and the service use. Backends are registered
+in STORES and chosen by `open_store(uri)` from the URI: a Milvus server or cluster
+(`http://host:19530`, with a token) and an existing Milvus Lite gallery go to `MilvusStore`
+(here, over `pymilvus.MilvusClient`); any other local path is the embedded store,
+`FaissStore` (faiss_store.py: SQLite rows + an in-process faiss index), which is what a new
+`gallery.db` becomes. `strongreid gallery migrate` copies a Milvus Lite gallery into one.
 
 One row is one crop: its embedding and where it came from. The primary key is the crop's
 content key (see ingest.py), so writing a crop twice is an upsert, never a duplicate.
@@ -15,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+import shutil
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,10 +28,21 @@ from typing import Any, Protocol
 import numpy as np
 
 from strongreid.errors import StrongReIDError
+from strongreid.registry import Registry
 
 COLLECTION = "gallery"
 KEY_LENGTH = 40  # hex sha1
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW")
+# HNSW by default: the one index that held recall@10 >= 0.95 at 1M rows within a few ms
+# (docs/search.md, benchmarks/search_store.py); IVF_FLAT lost recall there, FLAT took 80+ ms.
+DEFAULT_INDEX = "HNSW"
+# Build and search parameters per index type (Milvus and faiss use the same names).
+DEFAULT_INDEX_PARAMS: dict[str, dict[str, int]] = {
+    "FLAT": {}, "IVF_FLAT": {"nlist": 1024}, "HNSW": {"M": 32, "efConstruction": 80},
+}
+DEFAULT_SEARCH_PARAMS: dict[str, dict[str, int]] = {
+    "FLAT": {}, "IVF_FLAT": {"nprobe": 32}, "HNSW": {"ef": 128},
+}
 METRIC = "COSINE"
 _TEXT = 512  # longest camera / video / source text stored
 # Metadata fields besides the key and the vector, with their Milvus types.
@@ -36,6 +52,9 @@ FIELDS: dict[str, str] = {
     "height": "INT64", "track": "INT64", "pid": "INT64", "score": "FLOAT",
 }
 KEY_RE = re.compile(r"^[0-9a-f]{40}$")
+_SQLITE_KINDS = {"VARCHAR": "TEXT", "INT64": "INTEGER", "DOUBLE": "REAL", "FLOAT": "REAL"}
+# Gallery store backends by name, asked in registration order whether they claim a URI.
+STORES: Registry[Any] = Registry("gallery store")
 
 
 class StoreError(StrongReIDError):
@@ -115,12 +134,78 @@ class GalleryStore(Protocol):
     def browse(self, limit: int, offset: int = 0, filters: Filters | None = None) -> list[dict]: ...
     def count(self) -> int: ...
     def facets(self) -> dict[str, Any]: ...
+    def rows(self, batch: int = 4096) -> Iterator[list[dict[str, Any]]]: ...
     def close(self) -> None: ...
 
 
 def is_local(uri: str) -> bool:
-    """A Milvus Lite file (a path) rather than a server URI."""
+    """A gallery file (a path) rather than a server URI."""
     return "://" not in uri
+
+
+def sqlite_kind(kind: str) -> str:
+    """The SQLite column type of a FIELDS type."""
+    return _SQLITE_KINDS[kind]
+
+
+def clean_row(r: dict[str, Any]) -> dict[str, Any]:
+    """A row's key and FIELDS values with their stored types (missing ones get defaults)."""
+    row: dict[str, Any] = {"key": str(r["key"])}
+    for name, kind in FIELDS.items():
+        v = r.get(name)
+        if kind == "VARCHAR":
+            row[name] = str(v if v is not None else "")[:_TEXT]
+        elif kind == "INT64":
+            row[name] = int(v) if v is not None else -1
+        else:
+            row[name] = float(v) if v is not None else 0.0
+    return row
+
+
+def is_milvus_lite(path: str | os.PathLike) -> bool:
+    """An existing Milvus Lite gallery: a folder (Milvus Lite 3) or a SQLite file that is not
+    a strongreid gallery (Milvus Lite 2 keeps its data in SQLite)."""
+    p = Path(path)
+    if p.is_dir():
+        return True
+    if not p.is_file() or p.stat().st_size == 0:
+        return False
+    with open(p, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            return True
+    try:
+        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return False
+    return bool(tables) and not {"info", "crops"} <= tables
+
+
+def query_matrix(vectors: np.ndarray, dim: int | None) -> np.ndarray:
+    """Query vectors as a (Q, dim) float32 matrix, or a StoreError naming both dimensions."""
+    q = np.atleast_2d(np.asarray(vectors, np.float32))
+    if q.shape[1] != dim:
+        raise StoreError(f"query features have dimension {q.shape[1]}, the gallery {dim}")
+    return q
+
+
+def open_store(uri: str, *, token: str = "", index_type: str = DEFAULT_INDEX,
+               index_params: dict[str, Any] | None = None,
+               search_params: dict[str, Any] | None = None, create: bool = True) -> GalleryStore:
+    """The gallery at `uri`, opened by the first registered backend that claims it."""
+    import strongreid.search.faiss_store  # noqa: F401  (registers the embedded store)
+
+    uri = str(uri)
+    for name in STORES.names_in_order():
+        backend = STORES.get(name)
+        if backend.claims(uri):
+            return backend(uri, token=token, index_type=index_type, index_params=index_params,
+                           search_params=search_params, create=create)
+    raise StoreError(f"no gallery store opens {uri!r}: give a file path (gallery.db) or a "
+                     "Milvus server URI (http://host:19530)")
 
 
 def thumbs_dir_for(uri: str, thumbs: str | os.PathLike | None = None) -> Path:
@@ -142,8 +227,14 @@ def _quiet_pymilvus() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+@STORES.register("milvus")
 class MilvusStore:
     """GalleryStore over pymilvus: Milvus Lite for a path, a Milvus server for a URI."""
+
+    @staticmethod
+    def claims(uri: str) -> bool:
+        """A server URI, or a Milvus Lite gallery already on disk."""
+        return not is_local(uri) or is_milvus_lite(uri)
 
     def __init__(self, uri: str, *, token: str = "", collection: str = COLLECTION,
                  index_type: str = "FLAT", index_params: dict[str, Any] | None = None,
@@ -158,8 +249,8 @@ class MilvusStore:
         _quiet_pymilvus()
         self.uri, self.collection = str(uri), collection
         self.index_type = index_type
-        self.index_params = dict(index_params or {})
-        self.search_params = dict(search_params or {})
+        self.index_params = {**DEFAULT_INDEX_PARAMS[index_type], **dict(index_params or {})}
+        self.search_params = {**DEFAULT_SEARCH_PARAMS[index_type], **dict(search_params or {})}
         if is_local(self.uri):
             path = Path(self.uri)
             if not path.exists() and not create:
@@ -200,8 +291,10 @@ class MilvusStore:
             else:
                 schema.add_field(name, getattr(DataType, kind))
         params = self.client.prepare_index_params()
-        params.add_index("vector", index_type=self.index_type, metric_type=METRIC,
-                         params=self.index_params)
+        # pymilvus flattens `params` into the request; a server reads the flat keys, Milvus
+        # Lite only a nested "params" (flat ones are dropped: every HNSW would get its defaults).
+        build = {"params": self.index_params} if is_local(self.uri) else self.index_params
+        params.add_index("vector", index_type=self.index_type, metric_type=METRIC, params=build)
         # Scalar indexes make camera / time filters cheap on a large gallery.
         params.add_index("camera", index_type="INVERTED")
         params.add_index("timestamp", index_type="INVERTED")
@@ -228,31 +321,21 @@ class MilvusStore:
         return found
 
     def upsert(self, rows: list[dict[str, Any]]) -> None:
-        """Writes rows (key, vector and every FIELDS entry); a stored key is replaced."""
+        """Writes rows (key, vector and every FIELDS entry) and flushes them: durable when this
+        returns (unflushed rows are also what makes Milvus Lite's searches slow)."""
         self._need()
         if not rows:
             return
-        clean = []
-        for r in rows:
-            row = {"key": r["key"], "vector": np.asarray(r["vector"], np.float32).tolist()}
-            for name, kind in FIELDS.items():
-                v = r.get(name)
-                if kind == "VARCHAR":
-                    row[name] = str(v if v is not None else "")[:_TEXT]
-                elif kind == "INT64":
-                    row[name] = int(v) if v is not None else -1
-                else:
-                    row[name] = float(v) if v is not None else 0.0
-            clean.append(row)
+        clean = [{**clean_row(r), "vector": np.asarray(r["vector"], np.float32).tolist()}
+                 for r in rows]
         self.client.upsert(self.collection, clean)
+        self.client.flush(self.collection)
 
     def search(self, vectors: np.ndarray, k: int, filters: Filters | None = None,
                with_vectors: bool = False) -> list[list[Hit]]:
         """Top-k rows by cosine similarity for each query vector, within `filters`."""
         self._need()
-        q = np.atleast_2d(np.asarray(vectors, np.float32))
-        if q.shape[1] != self.dim:
-            raise StoreError(f"query features have dimension {q.shape[1]}, the gallery {self.dim}")
+        q = query_matrix(vectors, self.dim)
         expr = (filters or Filters()).expression()
         fields = [*FIELDS, *(["vector"] if with_vectors else [])]
         res = self.client.search(
@@ -271,15 +354,36 @@ class MilvusStore:
         return list(self.client.get(self.collection, ids=list(keys), output_fields=fields))
 
     def browse(self, limit: int, offset: int = 0, filters: Filters | None = None) -> list[dict]:
-        """Rows in time order, for the page's gallery strip."""
+        """Rows in time order (ties by camera, then key): every row once across pages.
+
+        Milvus has no ORDER BY, so the order is computed over the (timestamp, camera, key) of
+        every matching row, streamed; then the page's rows are fetched by key.
+        """
         if self.dim is None:
             return []
-        expr = (filters or Filters()).expression()
-        # A query needs a filter or a limit; the time sort is ours (Milvus returns key order).
-        rows = self.client.query(self.collection, filter=expr,
-                                 output_fields=["key", *FIELDS], limit=int(limit) + int(offset))
-        rows = sorted(rows, key=lambda r: (r["timestamp"], r["camera"], r["key"]))
-        return rows[offset:offset + limit]
+        order = sorted(self._scan((filters or Filters()).expression(),
+                                  ["key", "timestamp", "camera"]),
+                       key=lambda r: (r["timestamp"], r["camera"], r["key"]))
+        page = [r["key"] for r in order[int(offset):int(offset) + int(limit)]]
+        by_key = rows_by_key(self.get(page))
+        return [by_key[k] for k in page if k in by_key]
+
+    def _scan(self, expr: str, fields: list[str]) -> list[dict[str, Any]]:
+        return [r for batch in self._batches(expr, fields, 4096) for r in batch]
+
+    def _batches(self, expr: str, fields: list[str], size: int) -> Iterator[list[dict[str, Any]]]:
+        it = self.client.query_iterator(self.collection, batch_size=size, filter=expr,
+                                        output_fields=fields)
+        try:
+            while batch := it.next():
+                yield batch
+        finally:
+            it.close()
+
+    def rows(self, batch: int = 4096) -> Iterator[list[dict[str, Any]]]:
+        """Every stored row with its vector, `batch` at a time (what a migration copies)."""
+        if self.dim is not None:
+            yield from self._batches("", ["key", *FIELDS, "vector"], batch)
 
     def count(self) -> int:
         """Rows stored."""
@@ -295,20 +399,14 @@ class MilvusStore:
         cams: set[str] = set()
         vids: set[str] = set()
         lo, hi = None, None
-        # query_iterator streams every row's few scalar fields; fine at gallery sizes one
-        # machine serves, and computed once at start-up (the service caches it).
-        it = self.client.query_iterator(self.collection, batch_size=4096, filter="",
-                                        output_fields=["camera", "video", "timestamp"])
-        try:
-            while batch := it.next():
-                for r in batch:
-                    cams.add(r["camera"])
-                    vids.add(r["video"])
-                    t = float(r["timestamp"])
-                    lo = t if lo is None else min(lo, t)
-                    hi = t if hi is None else max(hi, t)
-        finally:
-            it.close()
+        # Streams every row's few scalar fields; fine at gallery sizes one machine serves, and
+        # cached by the service.
+        for r in self._scan("", ["camera", "video", "timestamp"]):
+            cams.add(r["camera"])
+            vids.add(r["video"])
+            t = float(r["timestamp"])
+            lo = t if lo is None else min(lo, t)
+            hi = t if hi is None else max(hi, t)
         return {"cameras": sorted(cams), "videos": sorted(v for v in vids if v),
                 "start": lo, "end": hi}
 
@@ -328,3 +426,48 @@ class MilvusStore:
 def rows_by_key(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """`get()` results keyed by their key."""
     return {r["key"]: r for r in rows}
+
+
+def migrate(src: GalleryStore, dst: GalleryStore, batch: int = 4096) -> int:
+    """Copies every row of `src` into `dst` (keys already there are replaced); rows copied."""
+    if src.dim is None:
+        raise StoreError("the source gallery is empty: nothing to migrate")
+    dst.open(src.dim)
+    copied = 0
+    for rows in src.rows(batch):
+        dst.upsert(rows)
+        copied += len(rows)
+    return copied
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def migrate_command(args: Any) -> int:
+    """`strongreid gallery migrate --from old.db --to new.db`: any gallery into any other
+    (a Milvus Lite file into the embedded store, or the embedded store into a Milvus server);
+    the thumbnails follow (hard links where the file system allows)."""
+    if str(args.source) == str(args.target):
+        raise StoreError("--from and --to name the same gallery")
+    src = open_store(args.source, token=args.token or "", create=False)
+    try:
+        dst = open_store(args.target, token=args.target_token or "", index_type=args.index)
+        try:
+            if dst.count():
+                raise StoreError(f"{args.target} already holds {dst.count()} rows: migrate into "
+                                 "a new gallery")
+            copied = migrate(src, dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    old = thumbs_dir_for(args.source, args.thumbs_from)
+    new = thumbs_dir_for(args.target, args.thumbs_to)
+    if old.is_dir() and old.resolve() != new.resolve():
+        shutil.copytree(old, new, copy_function=_link_or_copy, dirs_exist_ok=True)
+    print(f"{copied} rows copied from {args.source} to {args.target}; thumbnails in {new}")
+    return 0
