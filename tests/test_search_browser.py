@@ -8,9 +8,7 @@ import csv
 import http.client
 import json
 import shutil
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +20,7 @@ pytest.importorskip("uvicorn", reason="the server needs pip install 'strongreid[
 pytest.importorskip("av", reason="video ingest needs PyAV (strongreid[search])")
 httpx = pytest.importorskip("httpx", reason="the load test needs httpx (strongreid[search])")
 
-from _search_utils import footage_crops, make_footage, tiny_model  # noqa: E402
+from _search_utils import footage_crops, make_footage, running, tiny_model  # noqa: E402
 
 from strongreid.deploy.extractor import FeatureExtractor  # noqa: E402
 from strongreid.search.ingest import ingest  # noqa: E402
@@ -37,7 +35,6 @@ LOAD_QUERIES, LOAD_CONCURRENCY = 200, 8
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
 
     root = tmp_path_factory.mktemp("served")
     footage = root / "footage"
@@ -58,26 +55,15 @@ def server(tmp_path_factory):
     ingest(store, extractor, root / "gallery.thumbs", crops=[str(nasty)],
            meta_csv=str(root / "nasty.csv"), progress=False)
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     app = create_app(SearchService(store, extractor, root / "gallery.thumbs", "tiny.pt"))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
     # The query: person 1, the middle crop of their pass through the first camera they visit.
     first = [i for i in range(len(ids)) if ids[i] == ids[0] and cams[i] == cams[0]]
     q = first[len(first) // 2]
     query = root / "query.png"
     crops[q].save(query)
-    yield {"url": f"http://127.0.0.1:{port}", "port": port, "query": query,
-           "query_track": int(ids[q]), "query_camera": cams[q], "store": store}
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with running(app) as port:
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "query": query,
+               "query_track": int(ids[q]), "query_camera": cams[q], "store": store}
     store.close()
 
 
