@@ -31,7 +31,7 @@ import re
 import stat
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import resources
@@ -120,6 +120,27 @@ def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD, max_side: int = QUER
     except (OSError, SyntaxError, ValueError):
         raise BadRequest("the upload is not an image that can be decoded (JPEG, PNG, BMP or "
                          "WebP expected)") from None
+
+
+def _malloc_trim() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def _decode_and_trim(data: bytes, max_bytes: int) -> Image.Image:
+    img = decode_upload(data, max_bytes)
+    if _TRIM is not None and len(data) and img.width * img.height >= (QUERY_SIDE // 2) ** 2:
+        # A big picture was decoded and freed: hand the pages back to the system now rather
+        # than keep the peak for good.
+        _TRIM(0)
+    return img
 
 
 class Batcher:
@@ -241,8 +262,10 @@ class SearchService:
         # torch's CPU kernels are parallel already, and memory stays bounded under load.
         self._model_lock = threading.Lock()
         self.batcher = Batcher(embed, self._model_lock, max_batch, batch_wait_ms)
-        # Full-size pixels exist only inside decode_upload: a few at a time.
-        self._decodes = threading.BoundedSemaphore(max_decodes)
+        # Full-size pixels exist only inside decode_upload, on max_decodes threads of their
+        # own: a queue, not a pile, and the allocator reuses those threads' few arenas
+        # instead of leaving freed 48 MB images scattered over every request thread's.
+        self._decoder = ThreadPoolExecutor(max_decodes, thread_name_prefix="strongreid-decode")
         self._facets: dict[str, Any] | None = None
         self._facets_at = 0.0
         self.jobs: Any = None  # IngestJobs when ingest over HTTP is on
@@ -252,10 +275,12 @@ class SearchService:
         with self._model_lock:
             return np.asarray(self.embed(crops), np.float32)
 
-    def decode(self, data: bytes) -> Image.Image:
-        """decode_upload, at most max_decodes at a time."""
-        with self._decodes:
-            return decode_upload(data, self.max_upload)
+    async def decode(self, data: bytes) -> Image.Image:
+        """decode_upload on the decode threads (at most max_decodes at a time)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decoder, _decode_and_trim, data, self.max_upload)
 
     def forget_facets(self) -> None:
         self._facets = None
@@ -348,6 +373,7 @@ class SearchService:
 
     def close(self) -> None:
         self.batcher.close()
+        self._decoder.shutdown(wait=False)
 
 
 def _filters(cameras: str, videos: str, start: str, end: str) -> Filters:
@@ -474,7 +500,7 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
         img = None
         if image is not None and not key:
             data = await image.read(max_upload + 1)
-            img = await run_in_threadpool(service.decode, data)
+            img = await service.decode(data)
         filters = _filters(cameras, videos, start, end)
         return await run_in_threadpool(service.search, img, key or None, k=k, filters=filters,
                                        exclude_camera=exclude_camera, use_rerank=rerank, pool=pool)
