@@ -550,7 +550,7 @@ def serve_command(args: Any) -> int:
 
     from strongreid.deploy.extractor import FeatureExtractor
     from strongreid.search import security
-    from strongreid.search.store import MilvusStore, thumbs_dir_for
+    from strongreid.search.store import MilvusStore, is_local, thumbs_dir_for
 
     loopback = security.is_loopback(args.host)
     if not loopback and not args.auth_file:
@@ -591,6 +591,10 @@ def serve_command(args: Any) -> int:
     if args.ingest_root:
         print(f"  token holders may ingest footage under {args.ingest_root} (POST /api/ingest)",
               flush=True)
+    if is_local(args.gallery):
+        print("  note: the embedded Milvus Lite also listens on a 127.0.0.1 port of its own, "
+              "without authentication: other users of this machine can read the gallery's "
+              "rows there (docs/search.md, 'The Milvus Lite side port')", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
