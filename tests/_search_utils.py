@@ -19,8 +19,10 @@ import torch
 from strongreid.config import load_config
 from strongreid.config.loader import dump_config
 from strongreid.data.synthetic_video import generate_footage
+from strongreid.deploy.extractor import FeatureExtractor
 from strongreid.modeling import build_model
-from strongreid.search.ingest import decode_crops, find_sequences, video_items
+from strongreid.search.ingest import decode_crops, find_sequences, ingest, video_items
+from strongreid.search.store import open_store
 
 SIZE = (64, 32)
 OPTS = {
@@ -65,13 +67,30 @@ def tiny_model(out: Path, num_classes: int = PEOPLE, seed: int = 0) -> Path:
     return out
 
 
+def ingested_gallery(root: Path) -> dict:
+    """Footage, the tiny model and a gallery of the footage's ground-truth crops under `root`.
+
+    The caller closes `store`.
+    """
+    footage = root / "footage"
+    make_footage(footage)
+    model = tiny_model(root / "tiny.pt")
+    extractor = FeatureExtractor(None, model, device="cpu")
+    store = open_store(str(root / "gallery.db"))
+    stats = ingest(store, extractor, root / "gallery.thumbs", videos=[str(footage)],
+                   detections="gt", progress=False)
+    return {"root": root, "footage": footage, "model": model, "extractor": extractor,
+            "store": store, "thumbs": root / "gallery.thumbs", "stats": stats}
+
+
 @contextmanager
 def serving(app) -> Iterator[int]:
-    """uvicorn serving `app` on 127.0.0.1 in a thread, on a free port (yielded) until exit."""
+    """A real uvicorn server for `app` on 127.0.0.1 (a free port) in a thread: yields the port."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -80,7 +99,7 @@ def serving(app) -> Iterator[int]:
         time.sleep(0.05)
     assert srv.started, "uvicorn did not start"
     try:
-        yield sock.getsockname()[1]
+        yield port
     finally:
         srv.should_exit = True
         thread.join(timeout=30)

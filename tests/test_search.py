@@ -20,12 +20,11 @@ pytest.importorskip("milvus_lite", reason="gallery search needs Milvus Lite (str
 pytest.importorskip("fastapi", reason="the service needs pip install 'strongreid[search]'")
 pytest.importorskip("av", reason="video ingest needs PyAV (strongreid[search])")
 
-from _search_utils import CAMS, FPS, footage_crops, make_footage, tiny_model  # noqa: E402
+from _search_utils import CAMS, FPS, footage_crops, ingested_gallery, make_footage  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from strongreid.cli import main  # noqa: E402
-from strongreid.deploy.extractor import FeatureExtractor  # noqa: E402
 from strongreid.errors import StrongReIDError  # noqa: E402
 from strongreid.search.ingest import find_sequences, ingest, thumb_path  # noqa: E402
 from strongreid.search.service import SearchService, create_app, decode_upload  # noqa: E402
@@ -42,23 +41,17 @@ def png_bytes(img: Image.Image) -> bytes:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
-    footage = root / "footage"
-    make_footage(footage)
-    model = tiny_model(root / "tiny.pt")
-    extractor = FeatureExtractor(None, model, device="cpu")
-    store = MilvusStore(str(root / "gallery.db"))
-    stats = ingest(store, extractor, root / "gallery.thumbs", videos=[str(footage)],
-                   detections="gt", progress=False)
-    yield {"root": root, "footage": footage, "model": model, "extractor": extractor,
-           "store": store, "thumbs": root / "gallery.thumbs", "stats": stats}
-    store.close()
+    world = ingested_gallery(tmp_path_factory.mktemp("search"))
+    yield world
+    world["store"].close()
 
 
 @pytest.fixture(scope="module")
 def client(world):
     service = SearchService(world["store"], world["extractor"], world["thumbs"], "tiny.pt")
-    with TestClient(create_app(service, max_upload=200_000)) as c:
+    # The service answers loopback Host names only (DNS rebinding): TestClient's default
+    # "testserver" would be a 403.
+    with TestClient(create_app(service, max_upload=200_000), base_url="http://127.0.0.1") as c:
         yield c
 
 

@@ -189,6 +189,16 @@ def _cmd_gallery_migrate(args: argparse.Namespace) -> int:
     return migrate_command(args)
 
 
+def _cmd_token(args: argparse.Namespace) -> int:
+    from strongreid.search.security import create_token
+
+    token = create_token(args.auth_file, args.name)
+    print(token)
+    print(f"(its SHA-256 was added to {args.auth_file}; the token itself is shown only now)",
+          file=sys.stderr)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from strongreid.search.service import serve_command
 
@@ -214,7 +224,9 @@ def _add_search_parsers(sub) -> None:
         p.add_argument("--gallery", required=True,
                        help="gallery file (gallery.db; an existing Milvus Lite gallery also opens) "
                             "or a Milvus server URI (http://host:19530)")
-        p.add_argument("--token", default="", help="Milvus server token (user:password)")
+        # --token is the older spelling: it never was the web service's access token.
+        p.add_argument("--milvus-token", "--token", dest="token", default="",
+                       help="Milvus server token (user:password); not the page's access token")
         p.add_argument("--thumbs", default=None,
                        help="thumbnail folder (default: GALLERY.thumbs beside a .db file)")
         p.add_argument("--model", required=True, help="trained checkpoint (best.pt) or .safetensors")
@@ -258,12 +270,30 @@ def _add_search_parsers(sub) -> None:
     s.add_argument("--index", choices=["FLAT", "IVF_FLAT", "HNSW"], default="HNSW",
                    help="vector index of the new gallery")
     s.set_defaults(func=_cmd_gallery_migrate)
+    s = gsub.add_parser("token", help="create an access token for `strongreid serve --auth-file`")
+    s.add_argument("--auth-file", required=True,
+                   help="token file: the new token's SHA-256 is appended (created 0600)")
+    s.add_argument("--name", default="", help="a label for the token (who holds it)")
+    s.set_defaults(func=_cmd_token)
 
     p = sub.add_parser("serve", help="the person-search page and JSON API on a gallery")
     gallery_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload", type=int, default=5 * 1024 * 1024, help="upload limit, bytes")
+    p.add_argument("--auth-file", default=None,
+                   help="token file (strongreid gallery token): clients must present a token; "
+                        "required for a --host other than loopback")
+    p.add_argument("--allowed-host", action="append", default=[],
+                   help="a Host name served besides the loopback names (repeatable; '*' any)")
+    p.add_argument("--ingest-root", default=None,
+                   help="folder whose footage token holders may ingest (POST /api/ingest)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="concurrent upload queries embedded in one forward pass, at most")
+    p.add_argument("--batch-wait-ms", type=float, default=3.0,
+                   help="how long a forward pass waits for more queries to join it")
+    p.add_argument("--max-decodes", type=int, default=2,
+                   help="uploads decoded at once (each may take up to 4096x4096 pixels)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="demos")

@@ -350,11 +350,12 @@ def _store_batch(store: GalleryStore, embed: Callable[[list[Image.Image]], Any],
 def ingest(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumbs: str | os.PathLike,
            *, crops: Sequence[str] = (), meta_csv: str | None = None, videos: Sequence[str] = (),
            detections: str = "auto", frame_step: int = 1, min_score: float = 0.0,
-           start_time: str | None = None, batch_size: int = BATCH, progress: bool | None = None
-           ) -> IngestStats:
+           start_time: str | None = None, batch_size: int = BATCH, progress: bool | None = None,
+           on_progress: Callable[[int, int], None] | None = None) -> IngestStats:
     """Embeds and stores every crop of `crops` folders and `videos` MOT folders not yet stored.
 
-    `embed(list of PIL crops) -> (N, D)` is a FeatureExtractor (or any callable like it).
+    `embed(list of PIL crops) -> (N, D)` is a FeatureExtractor (or any callable like it);
+    `on_progress(done, total)` hears of every batch (the service's ingest jobs).
     """
     from tqdm import tqdm
 
@@ -371,6 +372,16 @@ def ingest(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumb
     total = sum(len(items) for _, items in work)
     bar = tqdm(total=total, desc="ingest", unit="crop", disable=progress is False or None,
                file=sys.stderr)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        bar.update(n)
+        if on_progress is not None:
+            on_progress(done, total)
+
+    advance(0)
     try:
         for video, items in work:
             stats.seen += len(items)
@@ -383,14 +394,14 @@ def ingest(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumb
                 first.setdefault(it.key, it)
             todo = list(first.values())
             stats.skipped += len(items) - len(todo)
-            bar.update(len(items) - len(todo))
+            advance(len(items) - len(todo))
             if not todo:
                 continue
             pairs = decode_crops(video, todo) if video is not None else \
                 ((it, it.load()) for it in todo)
             for batch in _batches(pairs, batch_size):
                 stats.added += _store_batch(store, embed, thumbs, batch)
-                bar.update(len(batch))
+                advance(len(batch))
     finally:
         bar.close()
         stats.seconds = time.perf_counter() - t0

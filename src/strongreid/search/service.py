@@ -1,27 +1,37 @@
 """`strongreid serve`: the gallery behind a FastAPI app, a JSON API and one page.
 
     GET  /                 the search page (static HTML + app.js; every value is set as text)
-    GET  /api/info         gallery size, cameras, videos, time range, model
+    POST /api/login        a token typed into the page -> a session cookie (security.py)
+    GET  /api/info         gallery size, cameras, videos, time range, model, limits
     GET  /api/gallery      stored crops in time order (limit, offset, camera): thumbnails to click
     GET  /api/items/{key}  one stored crop's metadata
     POST /api/search       multipart: `image` (an uploaded crop) or `key` (a stored crop), and
                            k, cameras (comma-separated), start / end (seconds or ISO-8601),
                            rerank (k-reciprocal over the top `pool`), exclude_camera
+    POST /api/ingest       footage under --ingest-root, added while serving -> a job id
+    GET  /api/ingest/{id}  that job's progress
     GET  /thumbs/{key}.jpg a thumbnail; any other name (../, absolute, %2e%2e) is a 404
-    GET  /docs, /openapi.json   the API, documented by FastAPI
+    GET  /openapi.json     the API, described by FastAPI (no /docs: Swagger UI would come
+                           from a CDN, which the page's Content-Security-Policy forbids)
 
-Uploads: at most `max_upload` bytes (413 beyond), decoded by Pillow only as JPEG / PNG / BMP /
-WebP of at most MAX_PIXELS pixels; anything else is a 400 with a message. Thumbnails are
-served by key only: the path is built from a 40-hex-digit key, never from the request.
+Every request passes security.Guard first (Host allow-list, tokens, body limit). Uploads: at
+most `max_upload` bytes (413 beyond, counted while a chunked body arrives), decoded by Pillow
+only as JPEG / MPO / PNG / BMP / WebP of at most MAX_PIXELS pixels, a few at a time
+(max_decodes), shrunk to QUERY_SIDE and turned upright by their EXIF orientation at once, so
+that what waits for the model is small. Concurrent uploads share forward passes (Batcher).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import queue
 import re
+import stat
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import resources
@@ -31,24 +41,33 @@ from typing import Annotated, Any
 import numpy as np
 
 # At module level: FastAPI resolves the endpoints' (string) annotations in these globals.
-from fastapi import File, Form, UploadFile
+from fastapi import Body, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from strongreid.errors import StrongReIDError
 from strongreid.search.ingest import parse_time, thumb_path
-from strongreid.search.store import KEY_RE, Filters, GalleryStore, Hit, StoreError
+from strongreid.search.store import Filters, GalleryStore, Hit, StoreError
 
 logger = logging.getLogger("strongreid")
 
 MAX_UPLOAD = 5 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
+QUERY_SIDE = 768  # longest side of a decoded query: ReID models see 256 or 384 pixels at most
+MAX_THUMB_BYTES = 4 * 1024 * 1024
 MAX_K = 200
 RERANK_POOL = 100
-IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
-_THUMB_NAME = re.compile(r"^([0-9a-f]{40})\.jpg$")
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP")
+# fullmatch only: `$` would also accept a trailing newline.
+KEY = re.compile(r"[0-9a-f]{40}")
+_THUMB_NAME = re.compile(r"([0-9a-f]{40})\.jpg")
 _STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
-       "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+# EXIF orientation -> the transpose that makes the picture upright (what ImageOps.exif_transpose
+# does; applied here after shrinking, so the copy it makes is small).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 class BadRequest(StrongReIDError):
@@ -59,8 +78,13 @@ class BadRequest(StrongReIDError):
         self.status = status
 
 
-def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD) -> Image.Image:
-    """An uploaded crop as an RGB image, or BadRequest (413 too large, 400 not an image)."""
+def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD, max_side: int = QUERY_SIDE
+                  ) -> Image.Image:
+    """An uploaded crop as an upright RGB image of at most `max_side` pixels a side.
+
+    BadRequest: 413 too large (bytes, or pixels read from the header before decoding), 400 not
+    an image. A multi-picture JPEG (MPO, what phones save) gives its first picture.
+    """
     if len(data) > max_bytes:
         raise BadRequest(f"the upload is {len(data)} bytes; the limit is {max_bytes}", 413)
     if not data:
@@ -73,8 +97,21 @@ def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD) -> Image.Image:
         w, h = img.size
         if w * h > MAX_PIXELS:
             raise BadRequest(f"the image is {w}x{h}; at most {MAX_PIXELS} pixels are accepted", 413)
+        orientation = img.getexif().get(0x0112, 1)
+        scale = max_side / max(w, h)
+        if scale < 1 and fmt in ("JPEG", "MPO"):
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly: less memory and time.
+            img.draft("RGB", (max(1, int(w * scale + 1)), max(1, int(h * scale + 1))))
         img.load()
-        return img.convert("RGB")
+        if max(img.size) > max_side:
+            factor = max(img.size) // max_side
+            if factor > 1:
+                img = img.reduce(factor)
+            img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+        img = img.convert("RGB")
+        if orientation in _UPRIGHT:
+            img = img.transpose(_UPRIGHT[orientation])
+        return img
     except BadRequest:
         raise
     except Image.DecompressionBombError:
@@ -83,6 +120,83 @@ def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD) -> Image.Image:
     except (OSError, SyntaxError, ValueError):
         raise BadRequest("the upload is not an image that can be decoded (JPEG, PNG, BMP or "
                          "WebP expected)") from None
+
+
+def _malloc_trim() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def _decode_and_trim(data: bytes, max_bytes: int) -> Image.Image:
+    img = decode_upload(data, max_bytes)
+    if _TRIM is not None and len(data) and img.width * img.height >= (QUERY_SIDE // 2) ** 2:
+        # A big picture was decoded and freed: hand the pages back to the system now rather
+        # than keep the peak for good.
+        _TRIM(0)
+    return img
+
+
+class Batcher:
+    """Forward passes shared by concurrent queries: dynamic batching.
+
+    A query puts its image in a queue and waits; one worker takes the first waiting image,
+    collects what else arrives within `wait_ms` (up to `max_batch`) and embeds them in one
+    forward pass under `lock` (which ingest shares, so one pass runs at a time and memory
+    stays bounded). Under load the queue fills while a pass runs, so batches grow on their
+    own; alone, a query waits `wait_ms` at most.
+    """
+
+    def __init__(self, embed: Any, lock: threading.Lock, max_batch: int = 16,
+                 wait_ms: float = 3.0) -> None:
+        if max_batch < 1 or wait_ms < 0:
+            raise StrongReIDError(f"--max-batch ({max_batch}) must be >= 1 and --batch-wait-ms "
+                                  f"({wait_ms}) >= 0")
+        self.embed, self.lock = embed, lock
+        self.max_batch, self.wait = max_batch, wait_ms / 1000
+        self.batches = 0
+        self.images = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="strongreid-batcher", daemon=True)
+        self._thread.start()
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        future: Future = Future()
+        self._queue.put((image, future))
+        return future.result()
+
+    def _run(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            deadline = time.monotonic() + self.wait
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            try:
+                with self.lock:
+                    feats = np.asarray(self.embed([img for img, _ in batch]), np.float32)
+                self.batches += 1
+                self.images += len(batch)
+                for (_, future), f in zip(batch, feats):
+                    future.set_result(f)
+            except BaseException as exc:  # handed to every waiting query
+                for _, future in batch:
+                    future.set_exception(exc)
+
+    def close(self) -> None:
+        self._queue.put(None)
 
 
 def iso(t: float) -> str:
@@ -135,14 +249,41 @@ class SearchService:
     """The gallery, the model and the thumbnails behind the app (usable without HTTP)."""
 
     def __init__(self, store: GalleryStore, embed: Any, thumbs: str | Path,
-                 model_name: str = "") -> None:
+                 model_name: str = "", *, max_upload: int = MAX_UPLOAD, max_batch: int = 16,
+                 batch_wait_ms: float = 3.0, max_decodes: int = 2) -> None:
+        if max_decodes < 1:
+            raise StrongReIDError(f"--max-decodes must be >= 1, got {max_decodes}")
         self.store, self.embed, self.thumbs = store, embed, Path(thumbs)
-        self.model_name = model_name
-        # One forward pass at a time: torch's CPU kernels are parallel already, and a queue
-        # bounds memory under load; the store's client is thread-safe.
+        self._thumbs_root = self.thumbs.resolve()
+        # The name only: the model's path on disk is nobody's business over HTTP.
+        self.model_name = Path(model_name).name if model_name else ""
+        self.max_upload = max_upload
+        # One forward pass at a time (queries' batches and ingest batches share the lock):
+        # torch's CPU kernels are parallel already, and memory stays bounded under load.
         self._model_lock = threading.Lock()
+        self.batcher = Batcher(embed, self._model_lock, max_batch, batch_wait_ms)
+        # Full-size pixels exist only inside decode_upload, on max_decodes threads of their
+        # own: a queue, not a pile, and the allocator reuses those threads' few arenas
+        # instead of leaving freed 48 MB images scattered over every request thread's.
+        self._decoder = ThreadPoolExecutor(max_decodes, thread_name_prefix="strongreid-decode")
         self._facets: dict[str, Any] | None = None
         self._facets_at = 0.0
+        self.jobs: Any = None  # IngestJobs when ingest over HTTP is on
+
+    def embed_locked(self, crops: list[Image.Image]) -> np.ndarray:
+        """A batch embedded under the model lock (what ingest jobs call)."""
+        with self._model_lock:
+            return np.asarray(self.embed(crops), np.float32)
+
+    async def decode(self, data: bytes) -> Image.Image:
+        """decode_upload on the decode threads (at most max_decodes at a time)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decoder, _decode_and_trim, data, self.max_upload)
+
+    def forget_facets(self) -> None:
+        self._facets = None
 
     def facets(self) -> dict[str, Any]:
         """Cameras / videos / time range, recomputed at most every 10 s (an ingest may run)."""
@@ -154,12 +295,36 @@ class SearchService:
         f = self.facets()
         return {"count": self.store.count(), "dim": self.store.dim, "model": self.model_name,
                 "cameras": f["cameras"], "videos": f["videos"], "start": f["start"],
-                "end": f["end"], "max_upload": MAX_UPLOAD, "max_k": MAX_K}
+                "end": f["end"], "max_upload": self.max_upload, "max_k": MAX_K,
+                "ingest": self.jobs is not None}
+
+    def thumbnail(self, key: str) -> bytes | None:
+        """A thumbnail's bytes, only from a regular file inside the folder (no symlink)."""
+        if not KEY.fullmatch(key):
+            return None
+        path = thumb_path(self._thumbs_root, key)
+        try:
+            if not stat.S_ISDIR(os.lstat(path.parent).st_mode):  # a symlinked fan-out folder
+                return None
+            if not path.resolve().is_relative_to(self._thumbs_root):
+                return None
+            # O_NOFOLLOW: a symlink fails to open; O_NONBLOCK: a FIFO does not hang the open.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_THUMB_BYTES:
+                return None
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return f.read(MAX_THUMB_BYTES)
+        finally:
+            os.close(fd)
 
     def query_vector(self, image: Image.Image | None, key: str | None) -> tuple[np.ndarray, dict]:
         """The query's feature and what it is (an upload or a stored crop)."""
         if key:
-            if not KEY_RE.match(key):
+            if not KEY.fullmatch(key):
                 raise BadRequest("key must be a gallery key (40 hexadecimal digits)", 404)
             rows = self.store.get([key], with_vectors=True)
             if not rows:
@@ -168,9 +333,7 @@ class SearchService:
             return np.asarray(row["vector"], np.float32), {"kind": "key", **hit_json(key, row)}
         if image is None:
             raise BadRequest("send an image (multipart field 'image') or a stored crop's 'key'")
-        with self._model_lock:
-            feat = np.asarray(self.embed([image]), np.float32)[0]
-        return feat, {"kind": "upload", "size": list(image.size)}
+        return self.batcher(image), {"kind": "upload", "size": list(image.size)}
 
     def search(self, image: Image.Image | None = None, key: str | None = None, *, k: int = 20,
                filters: Filters | None = None, exclude_camera: bool = False,
@@ -208,6 +371,10 @@ class SearchService:
                 "filters": {k: v for k, v in asdict(filters).items() if k != "exclude_keys"},
                 "reranked": reranked, "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
+    def close(self) -> None:
+        self.batcher.close()
+        self._decoder.shutdown(wait=False)
+
 
 def _filters(cameras: str, videos: str, start: str, end: str) -> Filters:
     def split(s: str) -> list[str]:
@@ -221,12 +388,32 @@ def _filters(cameras: str, videos: str, start: str, end: str) -> Filters:
         raise BadRequest(str(exc)) from None
 
 
-def create_app(service: SearchService, max_upload: int = MAX_UPLOAD) -> Any:
-    """The FastAPI app over `service`."""
-    from fastapi import FastAPI, Query, Request
-    from fastapi.responses import FileResponse, JSONResponse, Response
+def create_app(service: SearchService, max_upload: int | None = None, *,
+               auth: Any = None, allowed_hosts: Any = None,
+               ingest_root: str | Path | None = None) -> Any:
+    """The FastAPI app over `service`, behind security.Guard (an ASGI app).
 
-    app = FastAPI(title="strongreid gallery search", version="1",
+    `auth`: a security.TokenAuth (None: no tokens, for loopback only); `allowed_hosts`: Host
+    names served (default: loopback names); `ingest_root`: the folder POST /api/ingest may read
+    (needs `auth`).
+    """
+    from fastapi import FastAPI, Query
+
+    from strongreid.search import security
+    from strongreid.search.jobs import IngestJobs, JobError, ingest_runner
+
+    if max_upload is not None:
+        service.max_upload = max_upload
+    max_upload = service.max_upload
+    if ingest_root is not None:
+        if auth is None:
+            raise StrongReIDError("--ingest-root lets clients add footage: it needs --auth-file")
+        service.jobs = IngestJobs(ingest_root, ingest_runner(service.store, service.embed_locked,
+                                                             service.thumbs),
+                                  on_done=service.forget_facets)
+    # No /docs or /redoc: their Swagger UI / ReDoc assets come from a CDN, which the CSP
+    # forbids (and this service never fetches from elsewhere); /openapi.json stays.
+    app = FastAPI(title="strongreid gallery search", version="1", docs_url=None, redoc_url=None,
                   description="Search a gallery of person crops across cameras.")
     page = resources.files("strongreid.search").joinpath("static")
 
@@ -238,22 +425,14 @@ def create_app(service: SearchService, max_upload: int = MAX_UPLOAD) -> Any:
     async def _store(_request: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        # Refuse an oversized body before the multipart parser spools it to disk.
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_upload + 65536):
-            return JSONResponse({"detail": f"the request is larger than the {max_upload}-byte "
-                                 "upload limit"}, status_code=413)
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        return response
+    @app.exception_handler(JobError)
+    async def _job(_request: Request, exc: JobError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
 
     @app.get("/", include_in_schema=False)
     def index() -> Response:
-        return Response(page.joinpath("index.html").read_bytes(), media_type="text/html")
+        return Response(page.joinpath("index.html").read_bytes(), media_type="text/html",
+                        headers={"Cache-Control": "no-store"})
 
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> Response:
@@ -261,10 +440,34 @@ def create_app(service: SearchService, max_upload: int = MAX_UPLOAD) -> Any:
             return JSONResponse({"detail": "not found"}, status_code=404)
         return Response(page.joinpath(name).read_bytes(), media_type=_STATIC[name])
 
+    @app.post("/api/login")
+    def login(request: Request, token: Annotated[str, Form(max_length=200)] = "") -> Response:
+        """A token typed into the page: sets the session cookie (HttpOnly, SameSite=Strict)."""
+        if auth is None:
+            return JSONResponse({"ok": True, "auth": False})
+        status, headers, body = security.login_response(auth, token,
+                                                        request.url.scheme == "https")
+        response = JSONResponse(body, status_code=status)
+        for name, value in headers:
+            response.headers.append(name.decode(), value.decode())
+        return response
+
+    @app.post("/api/logout")
+    def logout(request: Request) -> Response:
+        """Ends the page's session."""
+        if auth is not None:
+            sid = request.cookies.get(security.COOKIE, "")
+            if sid:
+                auth.end_session(sid)
+        response = JSONResponse({"ok": True})
+        name, value = security.cookie_header("", request.url.scheme == "https", max_age=0)
+        response.headers.append(name.decode(), value.decode())
+        return response
+
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         """Gallery size, cameras, videos, time range and the limits."""
-        return service.info()
+        return {**service.info(), "auth": auth is not None}
 
     @app.get("/api/gallery")
     def gallery(limit: int = Query(60, ge=1, le=500), offset: int = Query(0, ge=0, le=100_000),
@@ -276,7 +479,7 @@ def create_app(service: SearchService, max_upload: int = MAX_UPLOAD) -> Any:
     @app.get("/api/items/{key}")
     def item(key: str) -> dict[str, Any]:
         """One stored crop's metadata."""
-        if not KEY_RE.match(key):
+        if not KEY.fullmatch(key):
             raise BadRequest("not a gallery key", 404)
         rows = service.store.get([key])
         if not rows:
@@ -297,21 +500,48 @@ def create_app(service: SearchService, max_upload: int = MAX_UPLOAD) -> Any:
         img = None
         if image is not None and not key:
             data = await image.read(max_upload + 1)
-            img = decode_upload(data, max_upload)
+            img = await service.decode(data)
         filters = _filters(cameras, videos, start, end)
         return await run_in_threadpool(service.search, img, key or None, k=k, filters=filters,
                                        exclude_camera=exclude_camera, use_rerank=rerank, pool=pool)
 
-    @app.get("/thumbs/{name:path}", include_in_schema=False)
-    def thumb(name: str) -> Response:
-        m = _THUMB_NAME.match(name)
-        path = thumb_path(service.thumbs, m.group(1)) if m else None
-        if path is None or not path.is_file():
-            return JSONResponse({"detail": "not found"}, status_code=404)
-        return FileResponse(path, media_type="image/jpeg",
-                            headers={"Cache-Control": "public, max-age=86400, immutable"})
+    def _jobs() -> Any:
+        if service.jobs is None:
+            raise BadRequest("ingest over HTTP is off: start the server with --ingest-root DIR "
+                             "(and --auth-file)", 404)
+        return service.jobs
 
-    return app
+    @app.post("/api/ingest", status_code=202)
+    def ingest_start(request: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        """Queues footage under the ingest root: {videos: [...], crops: [...], meta,
+        detections, frame_step}, folders relative to the root. Returns the job (its id)."""
+        return _jobs().submit(request).as_json()
+
+    @app.get("/api/ingest")
+    def ingest_list() -> dict[str, Any]:
+        """Recent ingest jobs, newest first."""
+        return {"jobs": [j.as_json() for j in _jobs().list()]}
+
+    @app.get("/api/ingest/{job_id}")
+    def ingest_status(job_id: str) -> dict[str, Any]:
+        """One job's progress: state, done / total crops, added, skipped, error."""
+        job = _jobs().get(job_id)
+        if job is None:
+            raise BadRequest(f"no ingest job {job_id}", 404)
+        return job.as_json()
+
+    @app.get("/thumbs/{name:path}", include_in_schema=False)
+    def thumb(name: str, request: Request) -> Response:
+        # Starlette's route pattern ends in `$`, which lets `<name>\n` through as `<name>`.
+        m = _THUMB_NAME.fullmatch(name) if request.scope["path"] == f"/thumbs/{name}" else None
+        data = service.thumbnail(m.group(1)) if m else None
+        if data is None:
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=86400, immutable"})
+
+    hosts = allowed_hosts if allowed_hosts is not None else security.allowed_hosts()
+    return security.Guard(app, auth=auth, hosts=frozenset(hosts), max_body=max_upload + 65536)
 
 
 def serve_command(args: Any) -> int:
@@ -319,8 +549,18 @@ def serve_command(args: Any) -> int:
     import uvicorn
 
     from strongreid.deploy.extractor import FeatureExtractor
-    from strongreid.search.store import open_store, thumbs_dir_for
+    from strongreid.search import security
+    from strongreid.search.store import MilvusStore, is_local, open_store, thumbs_dir_for
 
+    loopback = security.is_loopback(args.host)
+    if not loopback and not args.auth_file:
+        raise StrongReIDError(
+            f"refusing to serve on {args.host} without authentication: anyone who reaches that "
+            "address would see every crop of the gallery. Create a token with `strongreid "
+            "gallery token --auth-file tokens.txt`, then pass --auth-file tokens.txt "
+            "(or keep --host 127.0.0.1 behind a TLS reverse proxy; see docs/search.md)")
+    auth = security.TokenAuth.from_file(args.auth_file) if args.auth_file else None
+    hosts = security.allowed_hosts(args.allowed_host or (), args.host)
     # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     store = open_store(args.gallery, token=args.token or "", create=False)
@@ -330,12 +570,34 @@ def serve_command(args: Any) -> int:
                          f"{args.model} gives {extractor.feat_dim}: serve it with the model that "
                          "built it")
     service = SearchService(store, extractor, thumbs_dir_for(args.gallery, args.thumbs),
-                            model_name=str(args.model))
-    app = create_app(service, max_upload=args.max_upload)
-    print(f"serving {store.count()} crops of {args.gallery} on http://{args.host}:{args.port}/ "
+                            model_name=str(args.model), max_upload=args.max_upload,
+                            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                            max_decodes=args.max_decodes)
+    app = create_app(service, auth=auth, allowed_hosts=hosts, ingest_root=args.ingest_root)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {store.count()} crops of {args.gallery} on http://{shown}:{args.port}/ "
           "(Ctrl-C stops)", flush=True)
+    print(f"  Host names answered: {', '.join(sorted(hosts))}", flush=True)
+    if auth is not None:
+        print(f"  {len(auth.hashes)} token(s) from {args.auth_file}: open "
+              f"http://{shown}:{args.port}/?token=<token> once, or send 'Authorization: Bearer "
+              "<token>'", flush=True)
+    if not loopback:
+        print(f"WARNING: {args.host}:{args.port} is reachable from other machines over plain "
+              "HTTP: every crop (pictures of people), camera and time of this gallery is served "
+              "to any token holder, and tokens, cookies and pictures cross the network "
+              "unencrypted unless a TLS reverse proxy is the only way in (docs/search.md).",
+              flush=True)
+    if args.ingest_root:
+        print(f"  token holders may ingest footage under {args.ingest_root} (POST /api/ingest)",
+              flush=True)
+    if isinstance(store, MilvusStore) and is_local(args.gallery):
+        print("  note: an old Milvus Lite gallery's embedded server listens on a 127.0.0.1 port of its own, "
+              "without authentication: other users of this machine can read the gallery's "
+              "rows there (docs/search.md, 'The Milvus Lite side port')", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
+        service.close()
         store.close()
     return 0

@@ -24,7 +24,9 @@ async function getJSON(url, options) {
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
   if (!response.ok) {
-    throw new Error((body && body.detail ? String(body.detail) : "request failed") + " (HTTP " + response.status + ")");
+    const error = new Error((body && body.detail ? String(body.detail) : "request failed") + " (HTTP " + response.status + ")");
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
@@ -127,33 +129,72 @@ function searchFile(file) {
   return run(form);
 }
 
+function shortTime(time) {
+  const t = time.indexOf("T");
+  return t >= 0 ? time.slice(t + 1).replace("Z", "") : time;
+}
+
+function select(key) {
+  for (const fig of document.querySelectorAll("#hits figure.hit")) {
+    fig.classList.toggle("selected", fig.dataset.key === key);
+  }
+}
+
 function render(result) {
-  const timeline = $("timeline");
+  // The ranked hits: a grid, one card each (rank, score, camera, time), never overlapping.
+  // The timeline below is a summary: one lane per camera, a numbered marker per hit at its time.
+  const hits = $("hits"), timeline = $("timeline");
+  hits.replaceChildren();
   timeline.replaceChildren();
   $("axis").replaceChildren();
+  $("hits-title").hidden = $("timeline-title").hidden = !result.hits.length;
   if (!result.hits.length) return;
+  let rank = 0;
+  const rankOf = new Map(result.hits.map((h) => [h.key, ++rank]));
+  for (const h of result.hits) {
+    const r = rankOf.get(h.key);
+    const fig = el("figure", { class: "hit", "data-key": h.key, "data-camera": h.camera,
+      "data-track": h.track, "data-rank": r, title: h.time + " " + h.source + " frame " + h.frame });
+    const img = el("img", { src: h.thumb, alt: "#" + r + " " + h.camera + " " + h.time });
+    img.addEventListener("click", () => searchKey(h.key, h.thumb));
+    fig.appendChild(img);
+    const caption = el("figcaption");
+    caption.appendChild(el("span", { class: "rank" }, "#" + r));
+    caption.appendChild(document.createTextNode(" "));
+    caption.appendChild(el("span", { class: "score" }, h.score.toFixed(3)));
+    caption.appendChild(el("span", { class: "camera" }, h.camera));
+    // The time of day fits a card; the full time is the card's tooltip.
+    caption.appendChild(el("span", { class: "time", title: h.time }, shortTime(h.time)));
+    fig.appendChild(caption);
+    const item = el("li");
+    item.appendChild(fig);
+    hits.appendChild(item);
+  }
   const times = result.hits.map((h) => h.timestamp);
   const lo = Math.min(...times), hi = Math.max(...times);
   const span = hi > lo ? hi - lo : 1;
   $("axis").appendChild(el("span", {}, result.hits.find((h) => h.timestamp === lo).time));
   $("axis").appendChild(el("span", {}, result.hits.find((h) => h.timestamp === hi).time));
-  let rank = 0;
-  const rankOf = new Map(result.hits.map((h) => [h.key, ++rank]));
   for (const row of result.timeline) {
     const section = el("div", { class: "camera-row", "data-camera": row.camera });
-    section.appendChild(el("h3", {}, row.camera + " - best " + row.best.toFixed(3) + " - " + row.hits.length + " hits"));
-    const track = el("div", { class: "track" });
-    for (const h of row.hits) {
-      const fig = el("figure", { class: "hit", "data-key": h.key, "data-camera": h.camera,
-        "data-track": h.track, "data-rank": rankOf.get(h.key), title: h.source + " frame " + h.frame });
-      fig.style.left = (4 + 92 * (h.timestamp - lo) / span) + "%";
-      const img = el("img", { src: h.thumb, alt: h.camera + " " + h.time });
-      img.addEventListener("click", () => searchKey(h.key, h.thumb));
-      fig.appendChild(img);
-      fig.appendChild(el("figcaption", {}, "#" + rankOf.get(h.key) + " " + h.score.toFixed(3) + " " + h.time));
-      track.appendChild(fig);
+    section.appendChild(el("h3", { title: row.camera }, row.camera + " - best " + row.best.toFixed(3) + " - " + row.hits.length + " hits"));
+    const lane = el("div", { class: "lane" });
+    // Drawn worst rank first, so the best markers are on top where they crowd.
+    const ordered = row.hits.slice().sort((a, b) => rankOf.get(b.key) - rankOf.get(a.key));
+    for (const h of ordered) {
+      const r = rankOf.get(h.key);
+      const marker = el("button", { type: "button", class: r === 1 ? "marker top" : "marker",
+        "data-key": h.key, "data-rank": r, title: "#" + r + " " + h.score.toFixed(3) + " " + h.time },
+        r <= 99 ? r : "");
+      marker.style.left = (1 + 98 * (h.timestamp - lo) / span) + "%";
+      marker.addEventListener("click", () => {
+        select(h.key);
+        const fig = document.querySelector("#hits figure.hit[data-rank='" + r + "']");
+        if (fig) fig.scrollIntoView({ block: "nearest" });
+      });
+      lane.appendChild(marker);
     }
-    section.appendChild(track);
+    section.appendChild(lane);
     timeline.appendChild(section);
   }
 }
@@ -167,16 +208,90 @@ function rerun() {
   return null;
 }
 
-window.addEventListener("DOMContentLoaded", async () => {
-  $("image").addEventListener("change", (e) => { if (e.target.files.length) searchFile(e.target.files[0]); });
-  $("search-form").addEventListener("submit", (e) => { e.preventDefault(); rerun(); });
-  $("cameras").addEventListener("change", rerun);
-  $("more").addEventListener("click", loadGallery);
+async function login(event) {
+  event.preventDefault();
+  const form = new FormData();
+  form.append("token", $("token").value);
+  try {
+    await getJSON("/api/login", { method: "POST", body: form });
+  } catch (e) {
+    status(e.message, true);
+    return;
+  }
+  $("token").value = "";
+  $("login").hidden = true;
+  status("");
+  await start();
+}
+
+async function logout() {
+  await fetch("/api/logout", { method: "POST" });
+  window.location.reload();
+}
+
+async function ingest(event) {
+  event.preventDefault();
+  const request = { detections: $("ingest-detections").value };
+  request[$("ingest-kind").value] = [$("ingest-folder").value];
+  const bar = $("ingest-progress"), text = $("ingest-status");
+  let job;
+  try {
+    job = await getJSON("/api/ingest", { method: "POST", body: JSON.stringify(request),
+      headers: { "Content-Type": "application/json" } });
+  } catch (e) {
+    text.textContent = e.message;
+    return;
+  }
+  bar.hidden = false;
+  for (;;) {
+    bar.max = Math.max(1, job.total);
+    bar.value = job.done;
+    text.textContent = job.state + ": " + job.done + " / " + job.total + " crops, " + job.added + " added" +
+      (job.error ? " - " + job.error : "");
+    text.dataset.state = job.state;
+    if (job.state === "done" || job.state === "failed") break;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    job = await getJSON("/api/ingest/" + encodeURIComponent(job.id));
+  }
+  if (job.state === "done") {
+    $("cameras").replaceChildren(el("legend", {}, "Cameras"));
+    $("gallery").replaceChildren();
+    state.offset = 0;
+    await loadInfo();
+    await loadGallery();
+  }
+}
+
+async function start() {
   try {
     await loadInfo();
+  } catch (e) {
+    if (e.status === 401) {
+      $("login").hidden = false;
+      $("token").focus();
+      status("sign in with your access token");
+      return;
+    }
+    status(e.message, true);
+    return;
+  }
+  $("logout").hidden = !state.info.auth;
+  $("ingest").hidden = !state.info.ingest;
+  try {
     await loadGallery();
     document.body.setAttribute("data-ready", "1");
   } catch (e) {
     status(e.message, true);
   }
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  $("image").addEventListener("change", (e) => { if (e.target.files.length) searchFile(e.target.files[0]); });
+  $("search-form").addEventListener("submit", (e) => { e.preventDefault(); rerun(); });
+  $("cameras").addEventListener("change", rerun);
+  $("more").addEventListener("click", loadGallery);
+  $("login").addEventListener("submit", login);
+  $("logout").addEventListener("click", logout);
+  $("ingest").addEventListener("submit", ingest);
+  return start();
 });

@@ -1,0 +1,200 @@
+"""`strongreid serve` under load: upload latency with dynamic batching, and memory under big uploads.
+
+    PYTHONPATH=src python benchmarks/search_service.py --out runs/bench/search_service.json
+    # the same measurements against another checkout's code (e.g. before a change):
+    PYTHONPATH=src python benchmarks/search_service.py --server-src /path/to/other/src
+
+The server is a real `python -m strongreid serve` subprocess on 127.0.0.1 (a free port) over a
+Milvus Lite gallery of the synthetic test footage, embedded by a random-weight ResNet-18 at
+64x32 (tests/_search_utils.py); the clients are httpx threads in this process.
+
+1. Latency: `--single` upload queries one at a time on the idle server (p50 / p95), then
+   `--clients` concurrent clients sending `--per-client` uploads each (p50 / p95); the figure
+   of merit is p95 at 16 clients / p50 of one query alone.
+2. Memory: the server's RSS (VmRSS sampled every 20 ms from /proc) while `--big` concurrent
+   clients upload one 4096 x 4096 PNG each (a few KB: one colour), its peak (VmHWM) and its
+   RSS 3 s after the last answer.
+Both are bounded in count; nothing leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def build(work: Path) -> tuple[Path, Path, list[bytes]]:
+    """A gallery of the test footage, its model, and PNG uploads of some of its crops."""
+    from _search_utils import footage_crops, ingested_gallery
+    from milvus_lite.server_manager import server_manager_instance
+
+    world = ingested_gallery(work)
+    world["store"].close()
+    # Milvus Lite keeps the file's in-process server after the client closes: the server
+    # subprocess could not open the file while it runs.
+    server_manager_instance.release_server(str(work / "gallery.db"))
+    crops = footage_crops(world["footage"])[0]
+    uploads = []
+    for crop in crops[:: max(1, len(crops) // 32)][:32]:
+        buf = io.BytesIO()
+        crop.save(buf, "PNG")
+        uploads.append(buf.getvalue())
+    return work / "gallery.db", world["model"], uploads
+
+
+def start_server(gallery: Path, model: Path, server_src: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(server_src)}
+    proc = subprocess.Popen([sys.executable, "-m", "strongreid", "serve", "--gallery", str(gallery),
+                             "--model", str(model), "--device", "cpu", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/api/info", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start within 120 s")
+
+
+def upload(client, data: bytes) -> float:
+    t0 = time.perf_counter()
+    r = client.post("/api/search", files={"image": ("q.png", data, "image/png")}, data={"k": "10"})
+    if r.status_code != 200:
+        raise SystemExit(f"upload answered {r.status_code}: {r.text[:200]}")
+    return (time.perf_counter() - t0) * 1000
+
+
+def pct(ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p95_ms": round(float(np.percentile(ms, 95)), 1), "n": len(ms)}
+
+
+def bench_latency(url: str, uploads: list[bytes], single: int, clients: int,
+                  per_client: int) -> dict:
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for data in uploads[:3]:  # warm-up: first forward passes, allocator
+            upload(client, data)
+        alone = [upload(client, uploads[i % len(uploads)]) for i in range(single)]
+
+        def worker(c: int) -> list[float]:
+            return [upload(client, uploads[(c * per_client + i) % len(uploads)])
+                    for i in range(per_client)]
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            loaded = [ms for part in pool.map(worker, range(clients)) for ms in part]
+        wall = time.perf_counter() - t0
+    single_p50 = float(np.percentile(alone, 50))
+    return {"single": pct(alone), f"concurrent_{clients}": pct(loaded),
+            "throughput_qps": round(len(loaded) / wall, 1),
+            "p95_concurrent_over_single_p50": round(float(np.percentile(loaded, 95)) / single_p50, 2)}
+
+
+def bench_memory(url: str, pid: int, big: int) -> dict:
+    import httpx
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (90, 120, 150)).save(buf, "PNG", optimize=True)
+    data = buf.getvalue()
+    before = status_kb(pid, "VmRSS")
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(status_kb(pid, "VmRSS"))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with httpx.Client(base_url=url, timeout=600) as client, ThreadPoolExecutor(big) as pool:
+        ms = list(pool.map(lambda _: upload(client, data), range(big)))
+    done.set()
+    sampler.join()
+    time.sleep(3)
+    mib = 1 / 1024
+    return {"uploads": big, "png_bytes": len(data), "rss_before_mib": round(before * mib),
+            "rss_peak_sampled_mib": round(max(samples) * mib),
+            "vm_hwm_mib": round(status_kb(pid, "VmHWM") * mib),
+            "rss_after_3s_mib": round(status_kb(pid, "VmRSS") * mib), "latency": pct(ms)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--server-src", default=str(ROOT / "src"),
+                    help="the src folder whose strongreid the server runs")
+    ap.add_argument("--single", type=int, default=40, help="uploads one at a time")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--per-client", type=int, default=10)
+    ap.add_argument("--big", type=int, default=32, help="concurrent 4096x4096 uploads")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        gallery, model, uploads = build(Path(tmp))
+        result: dict = {"server_src": args.server_src, "load_before": os.getloadavg()}
+        # Memory first, on a fresh server: its RSS says what the big uploads cost.
+        proc, url = start_server(gallery, model, Path(args.server_src))
+        try:
+            result["memory"] = bench_memory(url, proc.pid, args.big)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        proc, url = start_server(gallery, model, Path(args.server_src))
+        try:
+            result["latency"] = bench_latency(url, uploads, args.single, args.clients,
+                                              args.per_client)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        result["load_after"] = os.getloadavg()
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

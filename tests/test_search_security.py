@@ -1,0 +1,420 @@
+"""The search service as a hostile or careless client meets it: over the wire, against a real
+uvicorn server on 127.0.0.1 serving a gallery of the synthetic footage.
+
+Tokens and sessions, the Host allow-list, exact keys, thumbnails that are not regular files,
+chunked and oversized uploads, phone photos (MPO, EXIF orientation), what /api/info tells,
+batched forward passes, and ingest while serving.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import select
+import socket
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("pymilvus", reason="gallery search needs pip install 'strongreid[search]'")
+pytest.importorskip("milvus_lite", reason="gallery search needs Milvus Lite (strongreid[search])")
+pytest.importorskip("uvicorn", reason="the server needs pip install 'strongreid[search]'")
+pytest.importorskip("av", reason="video ingest needs PyAV (strongreid[search])")
+httpx = pytest.importorskip("httpx", reason="the tests' client is httpx (strongreid[search])")
+
+from _search_utils import footage_crops, ingested_gallery, make_footage, serving  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from strongreid.cli import build_parser, main  # noqa: E402
+from strongreid.errors import StrongReIDError  # noqa: E402
+from strongreid.search.ingest import find_sequences, thumb_path  # noqa: E402
+from strongreid.search.security import (  # noqa: E402
+    COOKIE,
+    TokenAuth,
+    allowed_hosts,
+    create_token,
+    hash_token,
+    host_name,
+    read_auth_file,
+)
+from strongreid.search.service import SearchService, create_app  # noqa: E402
+
+MAX_UPLOAD = 200_000
+
+
+def image_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    world = ingested_gallery(tmp_path_factory.mktemp("secure"))
+    root, footage, store = world["root"], world["footage"], world["store"]
+    crops, ids, cams = footage_crops(footage)
+    drop = root / "drop"  # the ingest root: footage arrives here while the server runs
+    drop.mkdir()
+    auth_file = root / "tokens.txt"
+    token = create_token(auth_file, "tester")
+    # 50 ms of batching window: the concurrency test's queries reliably meet in a batch.
+    service = SearchService(store, world["extractor"], world["thumbs"], str(world["model"]),
+                            max_upload=MAX_UPLOAD, batch_wait_ms=50)
+    app = create_app(service, auth=TokenAuth.from_file(auth_file), ingest_root=drop,
+                     allowed_hosts=allowed_hosts(["gallery.example"]))
+    with serving(app) as port:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=120,
+                          headers={"Authorization": f"Bearer {token}"}) as client:
+            yield {**world, "port": port, "url": url, "token": token, "client": client,
+                   "service": service, "crops": crops, "ids": ids, "cams": cams, "drop": drop}
+    service.close()
+    store.close()
+
+
+def raw(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+        body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A request sent byte for byte (no client-side normalisation, any Host)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    headers = {"Host": f"127.0.0.1:{port}", **(headers or {})}
+    for k, v in headers.items():
+        if v is not None:
+            conn.putheader(k, v)
+    if body is not None:
+        conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
+    r = conn.getresponse()
+    out = r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    conn.close()
+    return out
+
+
+# -- tokens -------------------------------------------------------------------------------------
+
+
+def test_every_gallery_route_needs_a_token(world) -> None:
+    port, token = world["port"], world["token"]
+    key = world["store"].browse(1)[0]["key"]
+    guarded = [("GET", "/api/info"), ("GET", "/api/gallery"), ("GET", f"/api/items/{key}"),
+               ("GET", f"/thumbs/{key}.jpg"), ("GET", "/openapi.json"), ("GET", "/api/ingest"),
+               ("POST", "/api/search")]
+    for method, path in guarded:
+        for auth in (None, "Bearer wrong-token", f"Basic {token}", "Bearer "):
+            status, headers, _ = raw(port, method, path, {"Authorization": auth},
+                                     b"" if method == "POST" else None)
+            assert status == 401, (method, path, auth)
+            assert headers["www-authenticate"].startswith("Bearer")
+        status, _, _ = raw(port, method, path, {"Authorization": f"Bearer {token}"},
+                           b"" if method == "POST" else None)
+        assert status in (200, 400), (method, path)  # 400: the empty search names no query
+    # The page shell, its script and style carry no gallery data: public, so it can log in.
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        assert raw(port, "GET", path)[0] == 200
+
+
+def test_the_token_file_holds_hashes_only(tmp_path) -> None:
+    path = tmp_path / "tokens.txt"
+    first, second = create_token(path, "alice"), create_token(path, "bob")
+    text = path.read_text()
+    assert first not in text and second not in text and len(first) >= 43
+    assert read_auth_file(path) == [("alice", hash_token(first)), ("bob", hash_token(second))]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    auth = TokenAuth.from_file(path)
+    assert (auth.check_token(first), auth.check_token(second), auth.check_token(first + "x")) \
+        == ("alice", "bob", None)
+    path.write_text(f"{first} plain\n")  # a token pasted in clear is refused, not trusted
+    with pytest.raises(StrongReIDError, match="line 1: expected 'sha256:<64 hex digits> name'"):
+        read_auth_file(path)
+    with pytest.raises(StrongReIDError, match="strongreid gallery token --auth-file"):
+        read_auth_file(tmp_path / "missing.txt")
+
+
+def test_the_page_logs_in_once_with_a_cookie(world) -> None:
+    port, token = world["port"], world["token"]
+    status, headers, _ = raw(port, "GET", f"/?token={token}")
+    assert status == 303 and headers["location"] == "/"
+    cookie = headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE}=") and token not in cookie
+    for attr in ("HttpOnly", "SameSite=Strict", "Path=/"):
+        assert attr in cookie
+    session = cookie.split(";")[0]
+    assert raw(port, "GET", "/api/info", {"Cookie": session})[0] == 200
+    assert raw(port, "GET", "/?token=nope")[0] == 401
+    assert raw(port, "GET", "/api/info", {"Cookie": f"{COOKIE}=forged"})[0] == 401
+    # The page's login box: a form post, then the same cookie rules.
+    with httpx.Client(base_url=world["url"]) as browser:
+        assert browser.post("/api/login", data={"token": "wrong"}).status_code == 401
+        r = browser.post("/api/login", data={"token": token})
+        assert r.status_code == 200 and r.json()["token_name"] == "tester"
+        assert browser.get("/api/info").status_code == 200
+        assert browser.post("/api/logout").status_code == 200
+        browser.cookies.clear()
+        assert raw(port, "GET", "/api/info", {"Cookie": session})[0] == 200
+    assert raw(port, "POST", "/api/logout", {"Cookie": session}, b"")[0] == 200
+    assert raw(port, "GET", "/api/info", {"Cookie": session})[0] == 401
+
+
+def test_only_allowed_host_names_are_served(world) -> None:
+    port, bearer = world["port"], {"Authorization": f"Bearer {world['token']}"}
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "gallery.example",
+                 f"GALLERY.example.:{port}"):
+        assert raw(port, "GET", "/api/info", {**bearer, "Host": host})[0] == 200, host
+    # What a DNS-rebinding page sends: its own name, resolved to 127.0.0.1.
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
+                 "localhost.evil.example", "gallery.example.evil"):
+        status, _, body = raw(port, "GET", "/api/info", {**bearer, "Host": host})
+        assert status == 403 and b"--allowed-host" in body, host
+    for host in ("", "a b", "::1", "x@127.0.0.1", "127.0.0.1:80x", "[::1"):
+        assert raw(port, "GET", "/", {"Host": host})[0] == 400, host
+    # A form posted from another site's page is refused even with the session cookie.
+    status, _, _ = raw(port, "POST", "/api/search", {**bearer, "Origin": "http://evil.example"},
+                       b"")
+    assert status == 403
+    assert host_name("[::1]:8000") == "::1" and host_name("Example.COM.") == "example.com"
+
+
+def test_serve_refuses_a_public_address_without_tokens(world, capsys) -> None:
+    args = ["serve", "--gallery", str(world["root"] / "gallery.db"), "--model",
+            str(world["model"]), "--host", "0.0.0.0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "refusing to serve on 0.0.0.0 without authentication" in err
+    assert "strongreid gallery token --auth-file" in err
+    # --token keeps meaning the Milvus server's token; --milvus-token is its clear name.
+    parser = build_parser()
+    for flag in ("--token", "--milvus-token"):
+        ns = parser.parse_args(["serve", "--gallery", "g.db", "--model", "m.pt", flag, "root:Milvus"])
+        assert ns.token == "root:Milvus" and ns.auth_file is None
+    assert main(["gallery", "token", "--auth-file", str(world["root"] / "t2.txt"),
+                 "--name", "cli"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert read_auth_file(world["root"] / "t2.txt") == [("cli", hash_token(printed))]
+
+
+# -- keys and thumbnails ------------------------------------------------------------------------
+
+
+def test_keys_match_exactly(world) -> None:
+    client, port = world["client"], world["port"]
+    key = world["store"].browse(1)[0]["key"]
+    bearer = {"Authorization": f"Bearer {world['token']}"}
+    assert client.get(f"/api/items/{key}").status_code == 200
+    for path in (f"/api/items/{key}%0a", f"/api/items/{key}%0A%0A", f"/api/items/{key}%00",
+                 f"/api/items/{key.upper()}", f"/thumbs/{key}.jpg%0a"):
+        assert raw(port, "GET", path, bearer)[0] == 404, path
+    for bad in (key + "\n", key + "\r\n", " " + key, key[:-1]):
+        r = client.post("/api/search", data={"key": bad, "k": "5"})
+        assert r.status_code == 404 and "40 hexadecimal digits" in r.json()["detail"], repr(bad)
+
+
+def test_thumbnails_are_regular_files_inside_the_folder(world, tmp_path) -> None:
+    client, thumbs = world["client"], world["thumbs"]
+    key = world["store"].browse(1)[0]["key"]
+    assert client.get(f"/thumbs/{key}.jpg").status_code == 200
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"\xff\xd8 not for you")
+    # 1. a symlinked thumbnail; 2. a symlinked fan-out folder; 3. a folder named like a
+    # thumbnail; 4. a FIFO (reading it would hang a worker); 5. a hard-to-see relative link.
+    k1, k2, k3, k4, k5 = ("a1" + "0" * 38, "b2" + "0" * 38, "c3" + "0" * 38, "d4" + "0" * 38,
+                          "e5" + "0" * 38)
+    thumb_path(thumbs, k1).parent.mkdir(parents=True, exist_ok=True)
+    thumb_path(thumbs, k1).symlink_to(secret)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / f"{k2}.jpg").write_bytes(b"\xff\xd8 outside")
+    (thumbs / "b2").symlink_to(outside, target_is_directory=True)
+    thumb_path(thumbs, k3).mkdir(parents=True)
+    thumb_path(thumbs, k4).parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(thumb_path(thumbs, k4))
+    thumb_path(thumbs, k5).parent.mkdir(parents=True, exist_ok=True)
+    thumb_path(thumbs, k5).symlink_to(os.path.relpath(secret, thumb_path(thumbs, k5).parent))
+    for k in (k1, k2, k3, k4, k5):
+        r = client.get(f"/thumbs/{k}.jpg")
+        assert r.status_code == 404 and b"for you" not in r.content and b"outside" not in r.content
+
+
+# -- uploads ------------------------------------------------------------------------------------
+
+
+def test_a_chunked_upload_is_stopped_at_the_limit(world) -> None:
+    """No Content-Length: the server counts while reading and answers 413 at the limit."""
+    port, token = world["port"], world["token"]
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    boundary = "xyz"
+    head = (f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n")
+    sock.sendall(head.encode())
+    chunk = os.urandom(64 * 1024)
+    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    sent, answer = 0, b""
+    budget = 300 * 1024 * 1024  # what the client would send if nobody stopped it
+    sock.setblocking(False)
+    while sent < budget:
+        readable, writable, _ = select.select([sock], [sock], [], 10)
+        if readable:
+            break
+        if writable:
+            try:
+                sent += sock.send(framed)
+            except BlockingIOError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+    sock.setblocking(True)
+    try:
+        while b"\r\n\r\n" not in answer and (part := sock.recv(65536)):
+            answer += part
+    except ConnectionResetError:
+        pass
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    # Stopped long before the 300 MiB the client had: the limit plus socket buffers.
+    assert sent < 32 * 1024 * 1024
+
+
+def test_a_declared_oversized_body_is_refused_before_reading(world) -> None:
+    status, _, body = raw(world["port"], "POST", "/api/search",
+                          {"Authorization": f"Bearer {world['token']}",
+                           "Content-Length": str(10**9), "Content-Type": "multipart/form-data"})
+    assert status == 413 and b"limit" in body
+
+
+def test_huge_pixel_counts_are_decoded_a_few_at_a_time_and_shrunk(world) -> None:
+    """8 concurrent 4096 x 4096 PNGs (a few KB each): all answered, each shrunk to 768 pixels."""
+    data = image_bytes(Image.new("RGB", (4096, 4096), (90, 120, 150)), optimize=True)
+    assert len(data) < MAX_UPLOAD
+
+    def post(_):
+        return world["client"].post("/api/search", files={"image": ("big.png", data, "image/png")},
+                                    data={"k": "3"})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post, range(8)))
+    assert [r.status_code for r in answers] == [200] * 8
+    assert all(r.json()["query"]["size"] == [768, 768] for r in answers)
+
+
+def search_keys(client, data: bytes, name: str, mime: str, k: int = 10) -> list[str]:
+    r = client.post("/api/search", files={"image": (name, data, mime)}, data={"k": str(k)})
+    assert r.status_code == 200, r.text
+    return [h["key"] for h in r.json()["hits"]]
+
+
+def test_a_phone_mpo_is_searched_as_its_first_picture(world) -> None:
+    crops, client = world["crops"], world["client"]
+    first, second = crops[10].resize((64, 128)), crops[40].resize((64, 128))
+    mpo = image_bytes(first, "MPO", save_all=True, append_images=[second], quality=90)
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    as_mpo = search_keys(client, mpo, "phone.jpg", "image/jpeg")
+    assert as_mpo == search_keys(client, image_bytes(first, "JPEG", quality=90), "a.jpg",
+                                 "image/jpeg")
+    assert as_mpo != search_keys(client, image_bytes(second, "JPEG", quality=90), "b.jpg",
+                                 "image/jpeg")
+
+
+def test_exif_orientation_is_applied(world) -> None:
+    """A phone stores a portrait photo sideways with EXIF orientation 6 (rotate 90 clockwise)."""
+    crop, client = world["crops"][10], world["client"]
+    upright = search_keys(client, image_bytes(crop), "up.png", "image/png")
+    sideways = crop.transpose(Image.Transpose.ROTATE_90)  # what the sensor wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged = search_keys(client, image_bytes(sideways, exif=exif.tobytes()), "s.png", "image/png")
+    assert tagged == upright
+    # Without the tag, the sideways picture is another query: the test can tell the difference.
+    assert search_keys(client, image_bytes(sideways), "raw.png", "image/png") != upright
+
+
+# -- what the API says --------------------------------------------------------------------------
+
+
+def test_info_reports_the_limits_and_no_paths(world) -> None:
+    client = world["client"]
+    info = client.get("/api/info")
+    assert info.status_code == 200
+    body = info.json()
+    assert body["max_upload"] == MAX_UPLOAD and body["model"] == "tiny.pt"
+    assert body["auth"] is True and body["ingest"] is True
+    assert str(world["root"]) not in info.text
+    # No Swagger UI: its assets would come from a CDN the CSP blocks. The schema stays.
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 404, path
+    assert "/api/search" in client.get("/openapi.json").json()["paths"]
+
+
+# -- batching -----------------------------------------------------------------------------------
+
+
+def test_concurrent_uploads_share_forward_passes_and_get_their_own_answers(world) -> None:
+    crops, ids, cams, client = world["crops"], world["ids"], world["cams"], world["client"]
+    batcher = world["service"].batcher
+    picks = list(range(0, len(crops), max(1, len(crops) // 16)))[:16]
+    before_batches, before_images = batcher.batches, batcher.images
+
+    def post(i: int) -> dict:
+        r = client.post("/api/search", files={"image": ("q.png", image_bytes(crops[i]), "image/png")},
+                        data={"k": "1"})
+        assert r.status_code == 200, r.text
+        return r.json()["hits"][0]
+
+    with ThreadPoolExecutor(16) as pool:
+        tops = list(pool.map(post, picks))
+    # Each upload is a stored crop's pixels: it finds itself, whatever batch it rode in.
+    for i, top in zip(picks, tops):
+        assert (top["track"], top["camera"]) == (ids[i], cams[i])
+        assert top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert batcher.images - before_images == len(picks)
+    assert batcher.batches - before_batches < len(picks)
+
+
+# -- ingest while serving -----------------------------------------------------------------------
+
+
+def test_footage_is_ingested_while_serving_with_progress(world) -> None:
+    client, store = world["client"], world["store"]
+    make_footage(world["drop"] / "more", seed=5, people=2)
+    expected = sum(len(s.rows) for s in find_sequences(world["drop"] / "more", "gt"))
+    before = store.count()
+    for bad in ({"videos": ["../footage"]}, {"videos": ["/etc"]}, {"videos": []},
+                {"videos": ["more"], "detections": "all"}, {"videos": ["more"], "frame_step": 0},
+                {"videos": ["nowhere"]}):
+        r = client.post("/api/ingest", json=bad)
+        assert r.status_code == 400, bad
+    (world["drop"] / "link").symlink_to(world["footage"], target_is_directory=True)
+    assert client.post("/api/ingest", json={"videos": ["link"]}).status_code == 400
+    assert httpx.post(world["url"] + "/api/ingest", json={"videos": ["more"]}).status_code == 401
+
+    r = client.post("/api/ingest", json={"videos": ["more"], "detections": "gt"})
+    assert r.status_code == 202
+    job = r.json()["id"]
+    seen = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        status = client.get(f"/api/ingest/{job}").json()
+        seen.append(status["done"])
+        if status["state"] in ("done", "failed"):
+            break
+        time.sleep(0.2)
+    assert status["state"] == "done", status
+    assert status["added"] == expected == status["total"] == status["done"]
+    assert seen == sorted(seen)
+    assert store.count() == before + expected
+    assert client.get("/api/ingest").json()["jobs"][0]["id"] == job
+    assert client.get("/api/ingest/0000").status_code == 404
+
+
+def test_ingest_over_http_needs_tokens(world, tmp_path) -> None:
+    service = SearchService(world["store"], world["extractor"], world["thumbs"])
+    with pytest.raises(StrongReIDError, match="--ingest-root .* needs --auth-file"):
+        create_app(service, ingest_root=tmp_path)
+    with serving(create_app(service)) as port:  # loopback, no tokens, no ingest
+        status, _, body = raw(port, "POST", "/api/ingest", {"Content-Type": "application/json"},
+                              b'{"videos": ["x"]}')
+        assert status == 404 and b"--ingest-root" in body
+        assert raw(port, "GET", "/api/info")[0] == 200
+    service.close()
