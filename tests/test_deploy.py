@@ -397,3 +397,96 @@ def test_test_extract_export_and_extractor_compute_one_feature(run) -> None:
     with torch.no_grad():
         plain_mean = F.normalize(tta_forward(lambda x: fe.model(x), batch, True, (1.0, 1.1)), dim=1)
     assert not torch.allclose(plain_mean, by_hand, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# one feature everywhere: test / extract / FeatureExtractor / ONNX; the input contract
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
+    reason="the deploy extra (onnx, onnxruntime) is not installed: pip install '.[deploy]'",
+)
+def test_test_extract_extractor_and_onnx_give_one_feature(tiny_synthetic_root, tmp_path, capsys) -> None:
+    """MODEL.AMP and CHANNELS_LAST stay 'auto' (bf16 + channels_last on an AMX CPU for
+    training): test-time features are fp32 unless TEST.PRECISION amp, so all four agree."""
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    from strongreid.data.datasets import build_dataset
+    from strongreid.evaluation import evaluate_from_config
+
+    base = {**OPTS, "MODEL.AMP": "auto", "MODEL.CHANNELS_LAST": "auto", "INPUT.INTERPOLATION": "bicubic",
+            "TEST.FLIP_AUG": "True", "TEST.MULTI_SCALE": "[1.0,1.5]", "DATASETS.ROOT_DIR": str(tiny_synthetic_root)}
+    cfg = make_cfg(**{k: v for k, v in base.items() if k not in OPTS or OPTS[k] != v})
+    ckpt = save_ckpt(tmp_path / "model.pt", cfg)
+    opts = [x for kv in {**base, "TEST.WEIGHT": str(ckpt)}.items() for x in kv]
+    ds = build_dataset("synthetic", tiny_synthetic_root)
+    records = ds.query + ds.gallery
+    fe = FeatureExtractor(cfg, ckpt)
+    assert fe.amp_dtype is None and not fe.channels_last
+    feats = fe([r.path for r in records])
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(r.path for r in records))
+    assert main(["extract", "--images", str(listing), "--out", str(tmp_path / "f.npz"), *opts]) == 0
+    assert np.array_equal(np.load(tmp_path / "f.npz")["feats"], feats.numpy())
+
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--out", str(out), *opts]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["interpolation"] == "bicubic" and meta["multi_scale"] == "[1.0, 1.5]"
+    assert "with bicubic interpolation" in meta["input"]
+    assert "its horizontal mirror" in meta["views"] and "[1.5]" in meta["views"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    batch = fe.preprocess([r.path for r in records])
+    got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+    assert np.abs(got - feats.numpy()).max() <= PARITY_TOLERANCE
+
+    res_dir = tmp_path / "test"
+    assert main(["test", *opts, "OUTPUT_DIR", str(res_dir)]) == 0
+    res = json.loads((res_dir / "results.json").read_text())
+    assert res["precision"] == "float32" and res["interpolation"] == "bicubic"
+    nq = len(ds.query)
+    pids, cams = np.array([r.pid for r in records]), np.array([r.camid for r in records])
+    want = evaluate_from_config(load_config(None, opts), feats[:nq], feats[nq:], pids[:nq], pids[nq:],
+                                cams[:nq], cams[nq:])["plain"]
+    assert res["mAP"] == pytest.approx(want.mAP, abs=1e-9)
+    capsys.readouterr()
+
+
+def test_precision_amp_is_asked_for_explicitly(run) -> None:
+    fp32 = FeatureExtractor(config=make_cfg(**{"MODEL.AMP": "bf16"}), weights=run["ckpt"])
+    amp = FeatureExtractor(config=make_cfg(**{"MODEL.AMP": "bf16", "TEST.PRECISION": "amp"}),
+                           weights=run["ckpt"])
+    assert fp32.amp_dtype is None and amp.amp_dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="TEST.PRECISION"):
+        make_cfg(**{"TEST.PRECISION": "bf16"})
+
+
+def test_feature_extractor_takes_any_config_key_as_opts(run) -> None:
+    listed = FeatureExtractor(run["cfg"], run["ckpt"], opts=["TEST.FLIP_AUG", "True", "TEST.MULTI_SCALE",
+                                                             "[1.0,1.2]"])
+    mapped = FeatureExtractor(run["cfg"], run["ckpt"], opts={"TEST.FLIP_AUG": True,
+                                                             "TEST.MULTI_SCALE": [1.0, 1.2]})
+    assert listed.flip and listed.scales == (1.0, 1.2) and mapped.flip and mapped.scales == (1.0, 1.2)
+    assert torch.equal(listed(run["paths"]), mapped(run["paths"]))
+    assert not torch.allclose(listed(run["paths"]), FeatureExtractor(run["cfg"], run["ckpt"])(run["paths"]))
+    with pytest.raises(ConfigError, match="TEST.FLIP_AUGG"):
+        FeatureExtractor(run["cfg"], run["ckpt"], opts={"TEST.FLIP_AUGG": True})
+    with pytest.raises(ConfigError, match="a list of KEY VALUE strings"):
+        FeatureExtractor(run["cfg"], run["ckpt"], opts="TEST.FLIP_AUG True")
+
+
+def test_documented_preprocessing_reproduces_the_test_transform(run) -> None:
+    """docs/deploy.md's lines for feeding an exported file: PIL resize with the metadata's
+    interpolation, / 255, (x - mean) / std, NCHW."""
+    cfg = make_cfg(**{"INPUT.INTERPOLATION": "bicubic", "INPUT.PIXEL_MEAN": "[0.5, 0.4, 0.3]"})
+    fe = FeatureExtractor(cfg, run["ckpt"])
+    mean, std = np.array([0.5, 0.4, 0.3]), np.array(cfg.INPUT.PIXEL_STD)
+    for path in run["paths"]:
+        img = Image.open(path).convert("RGB").resize((SIZE[1], SIZE[0]), Image.BICUBIC)
+        x = ((np.asarray(img, np.float32) / 255 - mean) / std).astype(np.float32).transpose(2, 0, 1)
+        assert np.abs(x - fe.preprocess([path])[0].numpy()).max() < 1e-6

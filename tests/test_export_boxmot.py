@@ -130,3 +130,28 @@ def test_same_onnx_file_whether_onnxscript_is_importable_or_not(ckpt, tmp_path, 
     assert "Traceback" not in done.stderr + printed.err + printed.out
     assert done.stdout.replace(str(blocked), "OUT") == printed.out.replace(str(importable), "OUT")
     assert hashlib.sha256(blocked.read_bytes()).digest() == hashlib.sha256(importable.read_bytes()).digest()
+
+
+def test_boxmot_export_measures_boxmots_preprocessing(ckpt, tiny_synthetic_root, tmp_path, capsys) -> None:
+    out = tmp_path / "reid.torchscript"
+    data = {"INPUT.INTERPOLATION": "bicubic", "DATASETS.ROOT_DIR": str(tiny_synthetic_root)}
+    assert main(["export", "--target", "boxmot", "--out", str(out), *_cli_opts(ckpt, data)]) == 0
+    printed = capsys.readouterr().out
+    assert "the model was tested with bicubic (PIL) resizing; BoxMOT resizes crops with cv2 INTER_LINEAR" in printed
+    sidecar = json.loads((tmp_path / "reid.torchscript.metadata.json").read_text())
+    check = sidecar["preprocessing_check"]
+    assert sidecar["interpolation"] == "bicubic" and sidecar["flip_aug"] is False
+    assert f"mAP {100 * check['mAP_strongreid']:.1f} with strongreid's preprocessing" in printed
+    # The strongreid side is `strongreid test`'s number; BoxMOT's resize gives other features.
+    assert main(["test", *_cli_opts(ckpt, data), "OUTPUT_DIR", str(tmp_path / "t")]) == 0
+    tested = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert check["mAP_strongreid"] == pytest.approx(tested["mAP"], abs=1e-9)
+    assert check["cosine_min"] <= check["cosine_mean"] < 0.9999
+    capsys.readouterr()
+    assert main(["export", "--target", "boxmot", "--out", str(out), "--no-preprocessing-check",
+                 *_cli_opts(ckpt, data)]) == 0
+    assert "measured on" not in capsys.readouterr().out
+    assert "preprocessing_check" not in json.loads((tmp_path / "reid.torchscript.metadata.json").read_text())
+    empty = {"DATASETS.ROOT_DIR": str(tmp_path / "nowhere")}
+    assert main(["export", "--target", "boxmot", "--out", str(out), *_cli_opts(ckpt, empty)]) == 0
+    assert "its cost was not measured (" in capsys.readouterr().out

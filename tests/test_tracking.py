@@ -89,6 +89,47 @@ def test_exact_size_crop_parity_with_feature_extractor(exported, suffix, cls) ->
     assert np.abs(got - want.numpy()).max() <= 1e-5
 
 
+def test_strongreids_restatement_of_boxmots_crop_preparation_is_exact() -> None:
+    from boxmot.reid.core.crops import prepare_crop_batch
+    from boxmot.reid.core.preprocessing import get_preprocess_fn
+
+    from strongreid.deploy import boxmot as contract
+
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((128, 64), (50, 21), (64, 32),
+                                                                          (300, 90))]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # BaseModelBackend's arrays
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    theirs = prepare_crop_batch(crops, input_shape=(64, 32), device=torch.device("cpu"), half=False,
+                                preprocess_fn=get_preprocess_fn(None), mean=mean, std=std)
+    assert torch.equal(contract.boxmot_crop_batch(crops, (64, 32)), theirs)
+
+
+def test_printed_preprocessing_cost_is_what_boxmots_backend_gives(exported, tiny_synthetic_root) -> None:
+    """`export --target boxmot` reports the mAP under BoxMOT's preprocessing; BoxMOT's own ONNX
+    backend, fed each whole test image as one box, gives that mAP."""
+    from PIL import Image
+
+    from strongreid.data.datasets import build_dataset
+    from strongreid.evaluation import evaluate_from_config
+
+    path = exported["files"][".onnx"]
+    check = json.loads(Path(str(path) + ".metadata.json").read_text())["preprocessing_check"]
+    backend = _backend(ONNXBackend, path)
+    ds = build_dataset("synthetic", tiny_synthetic_root)
+    records = ds.query + ds.gallery
+    feats = []
+    for r in records:
+        bgr = np.ascontiguousarray(np.asarray(Image.open(r.path).convert("RGB"))[:, :, ::-1])
+        feats.append(backend.get_features(np.array([[0, 0, bgr.shape[1], bgr.shape[0]]]), bgr)[0])
+    f = torch.from_numpy(np.stack(feats))
+    pids, cams = np.array([r.pid for r in records]), np.array([r.camid for r in records])
+    nq = len(ds.query)
+    res = evaluate_from_config(exported["cfg"], f[:nq], f[nq:], pids[:nq], pids[nq:], cams[:nq], cams[nq:])
+    assert check["num_query"] == nq and check["mAP_boxmot"] == pytest.approx(res["plain"].mAP, abs=1e-6)
+    assert check["cosine_min"] <= check["cosine_mean"] < 1.0  # the two resizers differ
+
+
 def _track(exported, video, appearance: bool) -> list[dict[int, int]]:
     """Per frame, person (0/1) -> track id under BoT-SORT, with or without the ReID model."""
     tracker = BotSort(

@@ -140,7 +140,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from strongreid.deploy.export import export_command
 
-    return export_command(_load_cfg(args), args.format, args.out, args.target, args.calib)
+    return export_command(_load_cfg(args), args.format, args.out, args.target, args.calib,
+                          check_preprocessing=not args.no_preprocessing_check)
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="onnx-int8: folder or list file of calibration images")
     p.add_argument("--target", choices=["strongreid", "boxmot"], default="strongreid",
                    help="boxmot: ImageNet-normalised input and NAME.onnx.metadata.json for BoxMOT")
+    p.add_argument("--no-preprocessing-check", action="store_true",
+                   help="boxmot: skip evaluating the model on the test split under BoxMOT's "
+                        "preprocessing (cv2 bilinear resize)")
     _needed(p.add_argument("--out", help="output file"))
     _add_config_args(p)
     p.set_defaults(func=_cmd_export)

@@ -12,7 +12,7 @@ import ast
 import difflib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -589,6 +589,26 @@ def with_overrides(cfg: CfgNode, overrides: dict[str, Any], source: str) -> CfgN
     out.defrost()
     for key, value in overrides.items():
         _set(out, key, value, source)
+    validate(out)
+    out.freeze()
+    return out
+
+
+def with_user_options(cfg: CfgNode, opts: Sequence[str] | Mapping[str, Any]) -> CfgNode:
+    """`cfg` with overrides given as a user gives them: a flat KEY VALUE list (the command line's
+    text form) or a {KEY: value} mapping of Python values; validated, frozen, and counted as set
+    by the user (so a checkpoint format's guesses give way to them)."""
+    out = cfg.clone()
+    out.defrost()
+    if isinstance(opts, Mapping):
+        for key, value in opts.items():
+            _set(out, str(key), value, "in opts")
+            _mark_explicit(out, [str(key)])
+    else:
+        if isinstance(opts, str):
+            raise ConfigError(f"opts must be a list of KEY VALUE strings or a mapping, got the string {opts!r}")
+        merge_opts(out, [str(v) for v in opts])
+    _warn_dead_keys()
     validate(out)
     out.freeze()
     return out

@@ -328,9 +328,27 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
     return out, diff
 
 
+def boxmot_preprocessing_check(cfg: CfgNode) -> tuple[dict[str, Any] | None, str]:
+    """`deploy.boxmot.preprocessing_check` for TEST.WEIGHT with the fp32 PyTorch model and its
+    BoxMOT graph (the exported file matches it to PARITY_TOLERANCE); (None, why) when the test
+    split or OpenCV is not available."""
+    from strongreid.deploy import boxmot
+
+    model, built = build_inference_model(cfg, cfg.TEST.WEIGHT)
+    graph = boxmot.BoxMOTModel(model, boxmot.input_adapter(built)).eval()
+    try:
+        return boxmot.preprocessing_check(built, model, graph), ""
+    except StrongReIDError as exc:
+        return None, str(exc)
+
+
 def export_command(cfg: CfgNode, fmt: str | None, out: str, target: str = "strongreid",
-                   calib: str | None = None) -> int:
-    """`strongreid export --config F TEST.WEIGHT ckpt [--format F] [--target boxmot] --out FILE`."""
+                   calib: str | None = None, check_preprocessing: bool = True) -> int:
+    """`strongreid export --config F TEST.WEIGHT ckpt [--format F] [--target boxmot] --out FILE`.
+
+    With `--target boxmot` (unless `check_preprocessing` is off) the model is also evaluated on
+    the config's test split under BoxMOT's crop preparation, and what that costs is printed and
+    stored in the sidecar."""
     from strongreid.deploy import boxmot
 
     if fmt in QUANTIZED_FORMATS:
@@ -352,6 +370,17 @@ def export_command(cfg: CfgNode, fmt: str | None, out: str, target: str = "stron
         print(f"parity: max |{fmt} - pytorch| = {diff:.3g} on batches of {batches} "
               f"(tolerance {PARITY_TOLERANCE:g})")
     if target == "boxmot":
+        if check_preprocessing:
+            check, why = boxmot_preprocessing_check(cfg)
+            if check is not None:
+                _, built = build_inference_model(cfg, cfg.TEST.WEIGHT)
+                boxmot.write_sidecar(path, built, check)
+                for line in boxmot.describe_check(check):
+                    print(line)
+            else:
+                print(f"preprocessing: BoxMOT resizes crops with {boxmot.BOXMOT_RESIZE}; its cost "
+                      f"was not measured ({why}); set DATASETS.NAMES / DATASETS.ROOT_DIR to a test "
+                      "split to measure it")
         # What was written, not `cfg`: a foreign checkpoint may set its own size and statistics.
         sidecar = boxmot.sidecar_path(path)
         written = json.loads(sidecar.read_text(encoding="utf-8"))

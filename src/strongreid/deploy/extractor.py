@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +97,12 @@ class FeatureExtractor:
     """Test features of images: `FeatureExtractor(config, weights)(images) -> (N, D) float32`.
 
     `config`: a yaml path, a CfgNode, or None for the config stored in the checkpoint (the
-    defaults when it has none). `weights`: a strongreid checkpoint or a .safetensors file from
-    `strongreid export` (default: TEST.WEIGHT). `device`: 'auto', 'cpu', 'cuda[:N]', a
-    torch.device, or None for MODEL.DEVICE. `batch_size`: default TEST.IMS_PER_BATCH.
+    defaults when it has none). `weights`: a strongreid checkpoint, a .safetensors file from
+    `strongreid export`, or a peer's checkpoint (default: TEST.WEIGHT). `device`: 'auto', 'cpu',
+    'cuda[:N]', a torch.device, or None for MODEL.DEVICE. `batch_size`: default
+    TEST.IMS_PER_BATCH. `opts`: any config keys on top of `config`, as on the command line
+    (["TEST.FLIP_AUG", "True", "TEST.MULTI_SCALE", "[1.0,1.1]"]) or as a mapping
+    ({"TEST.FLIP_AUG": True, "MODEL.LAST_STRIDE": 1}).
 
     Accepted images (a list, or one of them alone):
       * file paths;
@@ -120,13 +123,17 @@ class FeatureExtractor:
         weights: str | os.PathLike | None = None,
         device: str | torch.device | None = "auto",
         batch_size: int | None = None,
+        opts: Sequence[str] | Mapping[str, Any] | None = None,
     ) -> None:
         from strongreid.config import flag
+        from strongreid.config.loader import with_user_options
         from strongreid.data import build_transforms
         from strongreid.engine.runtime import feature_channels_last, feature_dtype, select_device
 
         info = read_checkpoint_info(weights) if weights else None
         cfg = config_for(config, info)
+        if opts:
+            cfg = with_user_options(cfg, opts)
         if not weights:
             weights = cfg.TEST.WEIGHT
             if not weights:
