@@ -331,7 +331,7 @@ def _night_panorama(rng: np.random.Generator) -> np.ndarray:
         d.ellipse([x - 40, horizon - 6, x + 40, horizon + 26], fill=_mix(lamp, ground, 0.75))
         d.rectangle([x - 2, 6, x + 2, horizon + 8], fill=(22, 22, 24))
         d.ellipse([x - 7, 0, x + 7, 12], fill=lamp)
-    for k in range(int(rng.integers(2, 6))):  # reflections on the wet road
+    for _ in range(int(rng.integers(2, 6))):  # reflections on the wet road
         y = horizon + 10 + int(rng.integers(0, max(1, _CH - horizon - 10)))
         d.line([0, y, _PANORAMA_W, y], fill=_mix(_pick(rng, _WINDOW_LIGHT), ground, 0.85), width=1)
     arr = np.asarray(img, np.float32)
