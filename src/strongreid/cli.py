@@ -113,10 +113,19 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return stats_command(args.name, args.root, args.json, options)
 
 
+def _domain_arg(p: argparse.ArgumentParser) -> None:
+    from strongreid.data.synthetic_domains import DOMAINS
+
+    p.add_argument("--domain", default="street", choices=DOMAINS.names(),
+                   help="where the people are filmed: street (the default look) or night "
+                        "(sodium lamps, high low-resolution cameras, winter clothes, new people)")
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from strongreid.data.synthetic import synth_command
 
-    return synth_command(args.out, args.ids, args.cams, args.images_per_id, args.seed)
+    return synth_command(args.out, args.ids, args.cams, args.images_per_id, args.seed,
+                         args.domain)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -175,7 +184,7 @@ def _cmd_synth_video(args: argparse.Namespace) -> int:
     from strongreid.data.synthetic_video import synth_video_command
 
     return synth_video_command(args.out, args.people, args.cams, args.frames, args.fps,
-                               args.seed, args.start)
+                               args.seed, args.start, args.domain)
 
 
 def _cmd_gallery(args: argparse.Namespace) -> int:
@@ -242,6 +251,7 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--fps", type=float, default=DEFAULT_FPS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start", default=DEFAULT_START, help="ISO-8601 time of frame 1")
+    _domain_arg(p)
     p.set_defaults(func=_cmd_synth_video)
 
     p = sub.add_parser("gallery", help="gallery tools (person search)")
@@ -346,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cams", type=int, default=None, help="number of cameras")
     p.add_argument("--images-per-id", type=int, default=None, help="images per identity")
     p.add_argument("--seed", type=int, default=0)
+    _domain_arg(p)
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="train a model")

@@ -28,6 +28,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from strongreid.data.synthetic_domains import STREET, Domain, get_domain
 from strongreid.errors import StrongReIDError
 
 T = TypeVar("T")
@@ -138,6 +139,12 @@ class Camera:
     view_probs: tuple[float, float, float]
     scale: float
     occlusion: float
+    # Domain-specific optics; the defaults are the street's (no effect, no random draws).
+    domain: str = "street"
+    foreshorten: float = 0.0
+    resolution: float = 1.0
+    light_pool: float = 0.0
+    pool_centre: tuple[float, float] = (0.5, 0.3)
 
 
 @dataclass(frozen=True)
@@ -169,16 +176,22 @@ def _pick(rng: np.random.Generator, items: Sequence[T], p: Sequence[float] | Non
     return items[int(rng.choice(len(items), p=p))]
 
 
-def make_identity(seed: int, pid: int) -> Identity:
+def _stream(domain: Domain, *keys: int) -> np.random.Generator:
+    """The random stream of `keys`, kept apart per domain (the street keeps the original's)."""
+    return _rng(*keys) if domain.stream is None else _rng(*keys, domain.stream)
+
+
+def make_identity(seed: int, pid: int, domain: Domain = STREET) -> Identity:
     """Identity `pid` of data set `seed`; it does not depend on how many ids are generated."""
-    rng = _rng(seed, _TAG_IDENTITY, pid)
-    top_name = _weighted(rng, TOP_COLOURS)
-    bottom_name = _weighted(rng, BOTTOM_COLOURS)
+    rng = _stream(domain, seed, _TAG_IDENTITY, pid)
+    top_name = _weighted(rng, list(domain.top_colours))
+    bottom_name = _weighted(rng, list(domain.bottom_colours))
     second_top = _pick(rng, [c for c in SECOND_COLOURS if c != top_name])
     second_bottom = _pick(rng, [c for c in SECOND_COLOURS if c != bottom_name])
-    hair_style = _pick(rng, HAIR_STYLES, p=[0.45, 0.35, 0.2])
-    bottom_kind = _pick(rng, BOTTOM_KINDS, p=[0.6, 0.22, 0.18])
-    scarf = _jitter(rng, CLOTH[_pick(rng, SECOND_COLOURS)]) if rng.random() < 0.2 else None
+    hair_style = _pick(rng, HAIR_STYLES, p=list(domain.hair_style_p))
+    bottom_kind = _pick(rng, BOTTOM_KINDS, p=list(domain.bottom_kind_p))
+    scarf = (_jitter(rng, CLOTH[_pick(rng, SECOND_COLOURS)])
+             if rng.random() < domain.scarf_p else None)
     return Identity(
         build=float(rng.uniform(0.82, 1.22)),
         leg_ratio=float(rng.uniform(0.44, 0.52)),
@@ -187,7 +200,7 @@ def make_identity(seed: int, pid: int) -> Identity:
         hair=_jitter(rng, _pick(rng, HAIR, p=[0.45, 0.3, 0.15, 0.1])),
         hair_style=hair_style,
         hat=_jitter(rng, CLOTH[_pick(rng, SECOND_COLOURS)]),
-        top_kind=_pick(rng, TOP_KINDS),
+        top_kind=_pick(rng, TOP_KINDS, p=None if domain.top_kind_p is None else list(domain.top_kind_p)),
         top=_jitter(rng, CLOTH[top_name]),
         top_pattern=_pick(rng, TOP_PATTERNS),
         top_second=_jitter(rng, CLOTH[second_top]),
@@ -204,26 +217,38 @@ def make_identity(seed: int, pid: int) -> Identity:
     )
 
 
-def make_camera(seed: int, cam: int) -> Camera:
-    """Camera `cam` (1-based) of data set `seed`."""
-    rng = _rng(seed, _TAG_CAMERA, cam)
+def make_camera(seed: int, cam: int, domain: Domain = STREET) -> Camera:
+    """Camera `cam` (1-based) of data set `seed` in `domain`."""
+    rng = _stream(domain, seed, _TAG_CAMERA, cam)
     # A colour temperature (red against blue) plus a green tint, as white balance goes wrong.
-    temp, tint = rng.normal(0.0, 0.07), rng.normal(0.0, 0.04)
+    temp, tint = rng.normal(*domain.temperature), rng.normal(0.0, domain.tint_sd)
     gains = (math.exp(temp), math.exp(tint), math.exp(-temp))
-    probs = np.full(3, 0.2)
-    probs[(cam - 1) % 3] = 0.6
-    return Camera(
+    main, other = domain.view_p
+    probs = np.full(3, other)
+    probs[(cam - 1) % 3] = main
+    base = dict(
         index=cam,
         gains=gains,
-        brightness=float(math.exp(rng.uniform(-0.25, 0.15))),
-        gamma=float(rng.uniform(0.9, 1.1)),
-        saturation=float(rng.uniform(0.8, 1.05)),
-        blur=float(rng.uniform(0.0, 0.9)),
-        noise=float(rng.uniform(2.0, 8.0)),
-        quality=int(rng.integers(70, 96)),
+        brightness=float(math.exp(rng.uniform(*domain.log_brightness))),
+        gamma=float(rng.uniform(*domain.gamma)),
+        saturation=float(rng.uniform(*domain.saturation)),
+        blur=float(rng.uniform(*domain.blur)),
+        noise=float(rng.uniform(*domain.noise)),
+        quality=int(rng.integers(*domain.jpeg_quality)),
         view_probs=(float(probs[0]), float(probs[1]), float(probs[2])),
-        scale=float(rng.uniform(0.8, 0.92)),
-        occlusion=float(rng.uniform(0.05, 0.15)),
+        scale=float(rng.uniform(*domain.scale)),
+        occlusion=float(rng.uniform(*domain.occlusion)),
+    )
+    if domain.stream is None:
+        return Camera(**base)
+    # Drawn after everything the street draws, so the street's cameras stay as they were.
+    return Camera(
+        **base,
+        domain=domain.name,
+        foreshorten=float(rng.uniform(*domain.foreshorten)),
+        resolution=float(rng.uniform(*domain.resolution)),
+        light_pool=float(rng.uniform(*domain.light_pool)),
+        pool_centre=(float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.15, 0.45))),
     )
 
 
@@ -235,8 +260,10 @@ def _mix(a: RGB, b: RGB, t: float) -> RGB:
     )
 
 
-def _panorama(seed: int, cam: int) -> np.ndarray:
+def _panorama(seed: int, cam: int, domain: Domain = STREET) -> np.ndarray:
     """The static scene a camera looks at; each image crops a window of it."""
+    if domain.scene == "night":
+        return _night_panorama(_stream(domain, seed, _TAG_CAMERA, cam, 1))
     rng = _rng(seed, _TAG_CAMERA, cam, 1)
     wall = _pick(rng, BACKGROUND)
     img = Image.new("RGB", (_PANORAMA_W, _CH), wall)
@@ -270,10 +297,52 @@ def _panorama(seed: int, cam: int) -> np.ndarray:
     return np.clip(arr + texture, 0, 255).astype(np.uint8)
 
 
+# Night: dark facades, lit shop windows and neon signs, lamp posts, wet asphalt.
+_NIGHT_WALLS: list[RGB] = [(34, 36, 48), (44, 40, 42), (28, 32, 36), (52, 48, 44), (38, 44, 56)]
+_NIGHT_GROUND: list[RGB] = [(40, 40, 44), (48, 46, 44), (34, 36, 40)]
+_WINDOW_LIGHT: list[RGB] = [(255, 214, 150), (250, 236, 200), (206, 224, 255), (255, 190, 120)]
+_NEON: list[RGB] = [(255, 60, 120), (60, 220, 255), (120, 255, 110), (255, 120, 40)]
+
+
+def _night_panorama(rng: np.random.Generator) -> np.ndarray:
+    wall = _jitter(rng, _pick(rng, _NIGHT_WALLS), 4)
+    img = Image.new("RGB", (_PANORAMA_W, _CH), wall)
+    d = ImageDraw.Draw(img)
+    horizon = int(_CH * rng.uniform(0.5, 0.72))
+    ground = _jitter(rng, _pick(rng, _NIGHT_GROUND), 4)
+    d.rectangle([0, horizon, _PANORAMA_W, _CH], fill=ground)
+    for _ in range(int(rng.integers(4, 9))):  # lit windows and shop fronts
+        x0, w = int(rng.integers(0, _PANORAMA_W)), int(rng.integers(14, 60))
+        y0 = int(rng.integers(4, max(6, horizon - 30)))
+        h = int(rng.integers(10, max(12, horizon - y0)))
+        glow = _mix(_pick(rng, _WINDOW_LIGHT), wall, float(rng.uniform(0.0, 0.35)))
+        d.rectangle([x0, y0, x0 + w, y0 + h], fill=_jitter(rng, glow, 6))
+        if rng.random() < 0.6:  # mullions
+            for k in range(1, int(rng.integers(2, 4))):
+                xm = x0 + k * w // 3
+                d.line([xm, y0, xm, y0 + h], fill=wall, width=2)
+    for _ in range(int(rng.integers(1, 4))):  # neon signs
+        x0, y0 = int(rng.integers(0, _PANORAMA_W)), int(rng.integers(4, max(6, horizon // 2)))
+        d.rectangle([x0, y0, x0 + int(rng.integers(16, 44)), y0 + int(rng.integers(4, 9))],
+                    fill=_pick(rng, _NEON))
+    for _ in range(int(rng.integers(1, 3))):  # lamp posts with their glow on the ground
+        x = int(rng.integers(0, _PANORAMA_W))
+        lamp = _pick(rng, _WINDOW_LIGHT[::3])
+        d.ellipse([x - 40, horizon - 6, x + 40, horizon + 26], fill=_mix(lamp, ground, 0.75))
+        d.rectangle([x - 2, 6, x + 2, horizon + 8], fill=(22, 22, 24))
+        d.ellipse([x - 7, 0, x + 7, 12], fill=lamp)
+    for _ in range(int(rng.integers(2, 6))):  # reflections on the wet road
+        y = horizon + 10 + int(rng.integers(0, max(1, _CH - horizon - 10)))
+        d.line([0, y, _PANORAMA_W, y], fill=_mix(_pick(rng, _WINDOW_LIGHT), ground, 0.85), width=1)
+    arr = np.asarray(img, np.float32)
+    texture = rng.normal(0.0, 3.0, (_CH, _PANORAMA_W, 1)).astype(np.float32)
+    return np.clip(arr + texture, 0, 255).astype(np.uint8)
+
+
 @functools.lru_cache(maxsize=18)
-def _cached_panorama(seed: int, cam: int) -> np.ndarray:
+def _cached_panorama(seed: int, cam: int, domain: Domain = STREET) -> np.ndarray:
     # Nine cameras of two seeds: a generation run reuses each scene thousands of times.
-    scene = _panorama(seed, cam)
+    scene = _panorama(seed, cam, domain)
     scene.flags.writeable = False
     return scene
 
@@ -292,13 +361,28 @@ class _Painter:
     `m` mirrors u: a front view shows the person's right on the image left.
     """
 
-    def __init__(self, canvas: Image.Image, cx: float, y0: float, hp: float, m: int) -> None:
+    def __init__(self, canvas: Image.Image, cx: float, y0: float, hp: float, m: int,
+                 foreshorten: float = 0.0) -> None:
         self.canvas = canvas
         self.draw = ImageDraw.Draw(canvas)
         self.cx, self.y0, self.hp, self.m = cx, y0, hp, m
+        self.f = foreshorten
 
     def xy(self, u: float, v: float) -> tuple[float, float]:
-        return (self.cx + self.m * u * self.hp, self.y0 + v * self.hp)
+        if self.f == 0.0:
+            return (self.cx + self.m * u * self.hp, self.y0 + v * self.hp)
+        # Seen from above: v -> v(1+f)/(1+fv) keeps head top and feet where they were but
+        # gives the upper body more of the height, and the shoulders a little more width.
+        f = self.f
+        widen = 1.0 + 0.3 * f * (1.0 - v)
+        return (self.cx + self.m * u * self.hp * widen,
+                self.y0 + self.hp * v * (1.0 + f) / (1.0 + f * v))
+
+    def body_v(self, t: np.ndarray) -> np.ndarray:
+        """Body height coordinate v of normalised pixel heights t (the inverse of xy's map)."""
+        if self.f == 0.0:
+            return t
+        return t / (1.0 + self.f - self.f * t)
 
     def box(self, u0: float, v0: float, u1: float, v1: float) -> tuple[float, ...]:
         """Pixel box of a body-unit box, ordered as PIL wants it whatever the mirroring."""
@@ -339,7 +423,7 @@ class _Painter:
             return
         # The grid of this box alone: the canvas may be a whole video frame (synthetic_video.py).
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        pv = (yy - self.y0) / self.hp - top_v
+        pv = self.body_v((yy - self.y0) / self.hp) - top_v
         pu = (xx - self.cx) / (self.hp * squeeze)
         # Periods near 0.09 body heights stay at least two pixels a stripe at 64x32.
         if pattern == "hstripes":
@@ -566,6 +650,10 @@ def _finish(canvas: Image.Image, cam: Camera, rng: np.random.Generator) -> Image
     """
     width, height = canvas.width // _SS, canvas.height // _SS
     img = canvas.resize((width, height), Image.Resampling.BOX)
+    if cam.resolution < 1.0:
+        # A low-resolution sensor: the detail below its pixel pitch is gone.
+        low = (max(1, round(width * cam.resolution)), max(1, round(height * cam.resolution)))
+        img = img.resize(low, Image.Resampling.BOX).resize((width, height), Image.Resampling.BILINEAR)
     blur = cam.blur + abs(rng.normal(0.0, 0.25))
     if blur > 0.15:
         img = img.filter(ImageFilter.GaussianBlur(blur))
@@ -578,6 +666,13 @@ def _finish(canvas: Image.Image, cam: Camera, rng: np.random.Generator) -> Image
         np.sin(angle) * (np.arange(height) / height - 0.5)
     )[:, None]
     light = (1.0 + rng.uniform(0.0, 0.3) * ramp).astype(np.float32)
+    if cam.light_pool > 0.0:
+        # A lamp's pool of light: bright under it, falling to darkness around.
+        px, py = cam.pool_centre
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        d2 = ((xx / width - px) * width / height) ** 2 + (yy / height - py) ** 2
+        pool = np.exp(-d2 / (2 * 0.35**2)).astype(np.float32)
+        light = light * ((1.0 - cam.light_pool) + 2.0 * cam.light_pool * pool)
     a = a * gains * (bright * light)[..., None]
     a = np.clip(a, 0.0, 1.0) ** cam.gamma
     grey = a.mean(axis=2, keepdims=True)
@@ -586,21 +681,21 @@ def _finish(canvas: Image.Image, cam: Camera, rng: np.random.Generator) -> Image
     return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
 
 
-def _background(seed: int, cam: Camera, rng: np.random.Generator) -> Image.Image:
-    pano = _cached_panorama(seed, cam.index)
+def _background(seed: int, cam: Camera, rng: np.random.Generator, domain: Domain = STREET) -> Image.Image:
+    pano = _cached_panorama(seed, cam.index, domain)
     x = int(rng.integers(0, _PANORAMA_W - _CW))
     # A copy: drawing on the crop must never touch the cached scene.
     return Image.fromarray(np.ascontiguousarray(pano[:, x : x + _CW]).copy())
 
 
-def render(seed: int, shot: Shot) -> Image.Image:
+def render(seed: int, shot: Shot, domain: Domain = STREET) -> Image.Image:
     """The 128x64 RGB image of one shot; a distractor (pid 0) is a bad detection."""
-    cam = make_camera(seed, shot.cam)
+    cam = make_camera(seed, shot.cam, domain)
     if shot.pid == 0:
         rng = _rng(seed, _TAG_DISTRACTOR, shot.index)
     else:
         rng = _rng(seed, _TAG_IMAGE, shot.pid, shot.index)
-    canvas = _background(seed, cam, rng)
+    canvas = _background(seed, cam, rng, domain)
     view = int(rng.choice(3, p=cam.view_probs))
     m = 1 if view == BACK else -1
     if view == SIDE:
@@ -609,17 +704,18 @@ def render(seed: int, shot: Shot) -> Image.Image:
         kind = int(rng.integers(0, 3))
         if kind > 0:
             # Half a person, or a person too close: what a poor detector returns.
-            ident = make_identity(seed, 100_000 + shot.index)
+            ident = make_identity(seed, 100_000 + shot.index, domain)
             hp = _CH * (rng.uniform(1.3, 2.0) if kind == 1 else rng.uniform(0.7, 0.9))
             cx = _CW * (0.5 if kind == 1 else rng.choice([0.0, 1.0]))
             y0 = -hp * rng.uniform(0.0, 0.4) if kind == 1 else (_CH - hp) / 2
-            _draw_person(_Painter(canvas, cx, y0, hp, m), ident, view, rng)
+            _draw_person(_Painter(canvas, cx, y0, hp, m, cam.foreshorten), ident, view, rng)
     else:
-        ident = make_identity(seed, shot.pid)
-        hp = _CH * float(np.clip(cam.scale * math.exp(rng.normal(0.0, 0.05)), 0.72, 0.97))
+        ident = make_identity(seed, shot.pid, domain)
+        low = min(0.72, domain.scale[0] - 0.02)
+        hp = _CH * float(np.clip(cam.scale * math.exp(rng.normal(0.0, 0.05)), low, 0.97))
         y0 = (_CH - hp) * rng.uniform(0.25, 0.75)
         cx = _CW / 2 + rng.normal(0.0, _CW * 0.05)
-        _draw_person(_Painter(canvas, cx, y0, hp, m), ident, view, rng)
+        _draw_person(_Painter(canvas, cx, y0, hp, m, cam.foreshorten), ident, view, rng)
         if rng.random() < cam.occlusion:
             _occlude(ImageDraw.Draw(canvas), rng)
     return _finish(canvas, cam, rng)
@@ -697,13 +793,13 @@ def _check(ids: int, cams: int, images_per_id: int, seed: int) -> None:
         raise StrongReIDError(f"synthetic data: --seed {seed} must be >= 0")
 
 
-def _render_chunk(seed: int, root: str, shots: list[Shot]) -> int:
+def _render_chunk(seed: int, root: str, shots: list[Shot], domain: Domain = STREET) -> int:
     for shot in shots:
-        img = render(seed, shot)
+        img = render(seed, shot, domain)
         img.save(
             os.path.join(root, shot.split, shot.name),
             "JPEG",
-            quality=make_camera(seed, shot.cam).quality,
+            quality=make_camera(seed, shot.cam, domain).quality,
         )
     return len(shots)
 
@@ -742,15 +838,17 @@ def generate(
     images_per_id: int = DEFAULT_IMAGES_PER_ID,
     seed: int = DEFAULT_SEED,
     workers: int | None = None,
+    domain: str | Domain = "street",
 ) -> dict:
     """Writes the data set under `out` and returns its counts (ids and images per split)."""
+    look = domain if isinstance(domain, Domain) else get_domain(domain)
     shots = plan(ids, cams, images_per_id, seed)
     root = Path(out)
     _prepare(root)
     n_workers = _workers(workers, len(shots))
     try:
         if n_workers == 1:
-            _render_chunk(seed, str(root), shots)
+            _render_chunk(seed, str(root), shots, look)
         else:
             chunks = [shots[i : i + _CHUNK] for i in range(0, len(shots), _CHUNK)]
             # fork where it exists: the children need numpy and PIL only, nothing to re-import.
@@ -758,12 +856,15 @@ def generate(
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
                 list(
-                    pool.map(_render_chunk, [seed] * len(chunks), [str(root)] * len(chunks), chunks)
+                    pool.map(_render_chunk, [seed] * len(chunks), [str(root)] * len(chunks),
+                             chunks, [look] * len(chunks))
                 )
     except OSError as exc:
         raise StrongReIDError(f"synthetic data: cannot write under {root}: {exc}") from None
     counts = _counts(shots)
     counts.update(cams=cams, images_per_id=images_per_id, seed=seed)
+    if look.stream is not None:  # the street's synthetic.json stays as it always was
+        counts["domain"] = look.name
     meta = {"generator": "strongreid.data.synthetic", "format": 1, **counts}
     (root / "synthetic.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return counts
@@ -789,7 +890,8 @@ def _counts(shots: list[Shot]) -> dict:
 
 
 def synth_command(
-    out: str, ids: int | None, cams: int | None, images_per_id: int | None, seed: int | None
+    out: str, ids: int | None, cams: int | None, images_per_id: int | None, seed: int | None,
+    domain: str = "street",
 ) -> int:
     """`strongreid synth`: None means the default."""
     start = time.perf_counter()
@@ -799,11 +901,13 @@ def synth_command(
         cams=DEFAULT_CAMS if cams is None else cams,
         images_per_id=DEFAULT_IMAGES_PER_ID if images_per_id is None else images_per_id,
         seed=DEFAULT_SEED if seed is None else seed,
+        domain=domain,
     )
     print(
         f"wrote {counts['images']} images to {out} in {time.perf_counter() - start:.1f}s: "
         f"train {counts['train_ids']} ids / {counts['train_images']} images, "
         f"query {counts['query_images']}, gallery {counts['gallery_images']} "
         f"(incl. {counts['distractors']} distractors), {counts['cams']} cameras"
+        + (f", domain {counts['domain']}" if "domain" in counts else "")
     )
     return 0

@@ -44,6 +44,7 @@ from strongreid.data.synthetic import (
     make_camera,
     make_identity,
 )
+from strongreid.data.synthetic_domains import STREET, Domain, get_domain
 from strongreid.errors import StrongReIDError
 
 FRAME_HEIGHT, FRAME_WIDTH = _CH // _SS, _PANORAMA_W // _SS
@@ -93,7 +94,8 @@ def _min_cross(fps: float) -> int:
     return max(4, int(math.ceil(2.0 * fps)))
 
 
-def plan_passes(people: int, cams: int, frames: int, fps: float, seed: int) -> list[Pass]:
+def plan_passes(people: int, cams: int, frames: int, fps: float, seed: int,
+                domain: Domain = STREET) -> list[Pass]:
     """Routes: each person crosses 2..min(cams, 3) distinct cameras, one after another in time."""
     _check(people, cams, frames, fps)
     out: list[Pass] = []
@@ -103,14 +105,15 @@ def plan_passes(people: int, cams: int, frames: int, fps: float, seed: int) -> l
         route = [int(c) for c in rng.choice(np.arange(1, cams + 1), n, replace=False)]
         slot = frames // n
         for j, cam in enumerate(route):
-            camera = make_camera(seed, cam)
+            camera = make_camera(seed, cam, domain)
             length = int(min(slot, rng.integers(_min_cross(fps), 2 * _min_cross(fps) + 1)))
             start = j * slot + int(rng.integers(0, slot - length + 1))
             view = int(rng.choice(3, p=camera.view_probs))
             direction = 1 if rng.random() < 0.5 else -1
             # A side view faces the way the person walks; front and back mirror as render() does.
             mirror = direction if view == SIDE else (1 if view == BACK else -1)
-            height = _CH * float(np.clip(camera.scale * math.exp(rng.normal(0.0, 0.05)), 0.7, 0.95))
+            low = min(0.7, domain.scale[0] - 0.02)
+            height = _CH * float(np.clip(camera.scale * math.exp(rng.normal(0.0, 0.05)), low, 0.95))
             top = (_CH - height / BOX_FILL) / 2 + (height / BOX_FILL - height) / 2
             top += float(rng.normal(0.0, 0.02 * _CH))
             out.append(Pass(mot_id, cam, start, length, direction, view, mirror, height, top))
@@ -138,17 +141,18 @@ def box_of(p: Pass, frame: int) -> tuple[float, float, float, float, float]:
     return left, top, w, h, (inside_w * inside_h) / (w * h)
 
 
-def render_frame(seed: int, cam: int, frame: int, passes: list[Pass]) -> Image.Image:
+def render_frame(seed: int, cam: int, frame: int, passes: list[Pass],
+                 domain: Domain = STREET) -> Image.Image:
     """Frame `frame` (0-based) of camera `cam`: the scene, then the people far to near."""
-    camera = make_camera(seed, cam)
-    canvas = Image.fromarray(np.array(_cached_panorama(seed, cam)))
+    camera = make_camera(seed, cam, domain)
+    canvas = Image.fromarray(np.array(_cached_panorama(seed, cam, domain)))
     here = [p for p in passes if p.cam == cam and p.start <= frame < p.start + p.frames]
     for p in sorted(here, key=lambda q: (q.height, q.mot_id)):
-        ident = make_identity(seed, IDENTITY_OFFSET + p.mot_id)
+        ident = make_identity(seed, IDENTITY_OFFSET + p.mot_id, domain)
         # The limbs' pose comes from a per-frame stream: the walk animates.
         rng = _rng(seed, _TAG_FRAME, p.mot_id, cam, frame)
-        _draw_person(_Painter(canvas, _centre_x(p, frame), p.top, p.height, p.mirror),
-                     ident, p.view, rng)
+        _draw_person(_Painter(canvas, _centre_x(p, frame), p.top, p.height, p.mirror,
+                              camera.foreshorten), ident, p.view, rng)
     return _finish(canvas, camera, _rng(seed, _TAG_FRAME, 0, cam, frame))
 
 
@@ -229,10 +233,12 @@ def generate_footage(
     fps: float = DEFAULT_FPS,
     seed: int = 0,
     start: str = DEFAULT_START,
+    domain: str | Domain = "street",
 ) -> dict:
     """Writes the footage under `out` (see the module docstring) and returns footage.json."""
+    look = domain if isinstance(domain, Domain) else get_domain(domain)
     t0 = parse_start(start)
-    passes = plan_passes(people, cams, frames, fps, seed)
+    passes = plan_passes(people, cams, frames, fps, seed, look)
     root = Path(out)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise StrongReIDError(f"synthetic video: {root} exists and is not an empty folder; "
@@ -254,11 +260,13 @@ def generate_footage(
             f"seqLength={frames}", f"imWidth={FRAME_WIDTH}", f"imHeight={FRAME_HEIGHT}",
             "imExt=.jpg", f"startTime={stamp}"])
         codec = write_video(seq / "video.mp4",
-                            (render_frame(seed, cam, f, passes) for f in range(frames)), fps)
+                            (render_frame(seed, cam, f, passes, look) for f in range(frames)), fps)
     manifest = {
         "seed": seed, "people": people, "cams": cams, "frames": frames, "fps": fps,
         "start": stamp, "frame_size": [FRAME_HEIGHT, FRAME_WIDTH], "codec": codec,
         "identity_offset": IDENTITY_OFFSET,
+        # the street's footage.json stays as it always was
+        **({"domain": look.name} if look.stream is not None else {}),
         "passes": [
             {**asdict(p), "camera": f"cam{p.cam}", "view": VIEW_NAMES[p.view],
              "start_time": (t0 + timedelta(seconds=p.start / fps)).isoformat().replace("+00:00", "Z")}
@@ -270,9 +278,9 @@ def generate_footage(
 
 
 def synth_video_command(out: str, people: int, cams: int, frames: int, fps: float, seed: int,
-                        start: str) -> int:
+                        start: str, domain: str = "street") -> int:
     """`strongreid synth-video --out data/footage`: the footage and its ground truth."""
-    m = generate_footage(out, people, cams, frames, fps, seed, start)
+    m = generate_footage(out, people, cams, frames, fps, seed, start, domain)
     crossings = len(m["passes"])
     print(f"{m['cams']} cameras x {m['frames']} frames at {m['fps']:g} fps ({m['codec']}): "
           f"{m['people']} people, {crossings} camera crossings, written to {out}")

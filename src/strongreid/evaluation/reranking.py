@@ -32,7 +32,9 @@ import torch
 
 from strongreid.errors import StrongReIDError
 from strongreid.evaluation.distance import (
+    as_features,
     feature_pair,
+    resolve_device,
     serial_cpu,
     squared_norms,
 )
@@ -239,6 +241,24 @@ def _pair_distances(
     return out
 
 
+def _inverted_index(vq: sp.csr_matrix, vg: sp.csr_matrix) -> tuple[torch.Tensor, ...]:
+    """CSC arrays of the gallery rows (col_ptr, col_rows, col_vals, col_len), CSR arrays of the
+    query rows (ptr, cols, vals, row of each entry) and the cumulative count of the (query,
+    gallery, shared column) triples each query row expands to."""
+    vc = vg.tocsc()
+    col_ptr = torch.from_numpy(vc.indptr.astype(np.int64))
+    col_rows = torch.from_numpy(vc.indices.astype(np.int64))
+    col_vals = torch.from_numpy(vc.data.astype(np.float32))
+    col_len = col_ptr[1:] - col_ptr[:-1]
+    q_ptr = torch.from_numpy(vq.indptr.astype(np.int64))
+    q_cols = torch.from_numpy(vq.indices.astype(np.int64))
+    q_vals = torch.from_numpy(vq.data.astype(np.float32))
+    num_q = vq.shape[0]
+    q_row = torch.repeat_interleave(torch.arange(num_q), q_ptr[1:] - q_ptr[:-1])
+    work = torch.zeros(num_q, dtype=torch.int64).index_add_(0, q_row, col_len[q_cols])
+    return col_ptr, col_rows, col_vals, col_len, q_ptr, q_cols, q_vals, q_row, torch.cumsum(work, 0)
+
+
 def _jaccard_blend(
     v: sp.csr_matrix, num_q: int, dist: torch.Tensor, scale: torch.Tensor, lambda_value: float
 ) -> None:
@@ -249,18 +269,8 @@ def _jaccard_blend(
     a column of V get the correction -(1 - lambda) * s/(2 - s).
     """
     num_g = dist.shape[1]
-    vq = v[:num_q]
-    vg = v[num_q:].tocsc()
-    col_ptr = torch.from_numpy(vg.indptr.astype(np.int64))
-    col_rows = torch.from_numpy(vg.indices.astype(np.int64))
-    col_vals = torch.from_numpy(vg.data.astype(np.float32))
-    col_len = col_ptr[1:] - col_ptr[:-1]
-    q_ptr = torch.from_numpy(vq.indptr.astype(np.int64))
-    q_cols = torch.from_numpy(vq.indices.astype(np.int64))
-    q_vals = torch.from_numpy(vq.data.astype(np.float32))
-    q_row = torch.repeat_interleave(torch.arange(num_q), q_ptr[1:] - q_ptr[:-1])
-    work = torch.zeros(num_q, dtype=torch.int64).index_add_(0, q_row, col_len[q_cols])
-    cum = torch.cumsum(work, 0)
+    col_ptr, col_rows, col_vals, col_len, q_ptr, q_cols, q_vals, q_row, cum = _inverted_index(
+        v[:num_q], v[num_q:])
     dist.mul_((lambda_value / scale)[:, None]).add_(1.0 - lambda_value)
     flat = dist.view(-1)
     rows_cap = max(1, _SCRATCH_CELLS // num_g)
@@ -334,7 +344,6 @@ def _encode_and_blend(
     qg: torch.Tensor,
 ) -> np.ndarray:
     """Steps 2-5 of the module docstring, from the neighbour lists of step 1."""
-    n = x.shape[0]
     # Rows whose maximum is not positive (all features identical) are left unscaled.
     scale = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
     # Order each list by the normalised value as the original's argsort does (the division
@@ -344,12 +353,30 @@ def _encode_and_blend(
     index, raw = torch.gather(index, 1, order).cpu(), torch.gather(raw, 1, order).cpu()
 
     x_cpu, scale_cpu = x.cpu(), scale.cpu()
-    sq = squared_norms(x_cpu)
     del x, normed
+    v = _k_reciprocal_vectors(x_cpu, index, raw, scale_cpu, k1, k2, kk, kq)
+    _jaccard_blend(v, num_q, qg, scale_cpu[:num_q], lambda_value)
+    return qg.numpy()
+
+
+def _k_reciprocal_vectors(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    raw: torch.Tensor,
+    scale: torch.Tensor,
+    k1: int,
+    k2: int,
+    kk: int,
+    kq: int,
+) -> sp.csr_matrix:
+    """Steps 2-3 of the module docstring: the rows V_i (CPU tensors in, CSR out), from neighbour
+    lists sorted nearest first."""
+    n = x.shape[0]
+    sq = squared_norms(x)
     fwd = index[:, :kk]
     pair_keys = _expansion_pairs(fwd, _reciprocal(fwd), k1)
     rows, cols = pair_keys // n, pair_keys % n
-    weight = torch.exp(-_pair_distances(x_cpu, sq, pair_keys, index, raw) / scale_cpu[rows])
+    weight = torch.exp(-_pair_distances(x, sq, pair_keys, index, raw) / scale[rows])
     total = torch.zeros(n, dtype=torch.float32).index_add_(0, rows, weight)
     weight /= total[rows]
     counts = torch.bincount(rows, minlength=n)
@@ -363,5 +390,65 @@ def _encode_and_blend(
         )
         v = (mean_op @ v).tocsr()
         v.sort_indices()
-    _jaccard_blend(v, num_q, qg, scale_cpu[:num_q], lambda_value)
-    return qg.numpy()
+    return v
+
+
+def jaccard_graph(
+    feats: Any,
+    *,
+    k1: int = 30,
+    k2: int = 6,
+    block_size: int | None = None,
+    device: Any = None,
+) -> sp.csr_matrix:
+    """k-reciprocal Jaccard distances among all rows of `feats`, as a sparse N x N matrix.
+
+    The distance clustering-based unsupervised ReID feeds to DBSCAN (cluster-contrast's
+    `compute_jaccard_distance`): neighbours by squared Euclidean distance (2 - 2 cos for
+    normalised features), V weights exp(-d) over the expanded k-reciprocal set with no
+    per-row scaling, query expansion over the k2 nearest, 1 - s/(2 - s). Only pairs whose
+    supports share a column are stored (the diagonal always, at 0); every other pair is at
+    distance 1. Memory is O(N * k1^2 + stored pairs), never O(N^2).
+    """
+    _check_params(k1, k2, 0.0)
+    x = as_features(feats, "feats", resolve_device(device, feats))
+    n = x.shape[0]
+    k1, k2 = int(k1), int(k2)
+    # cluster-contrast searches k1 neighbours (self included), not k1 + 1 as re-ranking does.
+    kk, kq = min(k1, n), min(k2, n)
+    block = int(block_size) if block_size else _BLOCK
+    index, raw, _, _ = _neighbours(x, 0, min(n, max(kk, kq) + kk // 2), block)
+    with serial_cpu(torch.device("cpu")):
+        order = torch.sort(value_index_keys(raw, index), dim=1).indices
+        index, raw = torch.gather(index, 1, order).cpu(), torch.gather(raw, 1, order).cpu()
+        # Duplicated features give distances of -1e-7 or so: the exponent must not exceed 0.
+        raw.clamp_(min=0.0)
+        v = _k_reciprocal_vectors(x.cpu(), index, raw, torch.ones(n), k1, k2, kk, kq)
+        return _jaccard_pairs(v)
+
+
+def _jaccard_pairs(v: sp.csr_matrix) -> sp.csr_matrix:
+    """1 - s/(2 - s), s_ij = sum_c min(V_ic, V_jc), for every pair sharing a column of V."""
+    n = v.shape[0]
+    col_ptr, col_rows, col_vals, col_len, r_ptr, r_cols, r_vals, r_row, cum = _inverted_index(v, v)
+    keys_out, vals_out = [], []
+    start = 0
+    while start < n:
+        limit = (int(cum[start - 1]) if start else 0) + _TRIPLE_BUDGET
+        stop = min(n, max(start + 1, int(torch.searchsorted(cum, limit, right=True))))
+        p0, p1 = int(r_ptr[start]), int(r_ptr[stop])
+        j, a = r_cols[p0:p1], r_vals[p0:p1]
+        reps = col_len[j]
+        which = torch.repeat_interleave(torch.arange(j.shape[0]), reps)
+        at = torch.repeat_interleave(col_ptr[j], reps) + ragged_arange(reps)
+        keys = r_row[p0:p1][which] * n + col_rows[at]
+        pairs, inverse = torch.unique(keys, return_inverse=True)
+        shared = torch.zeros(pairs.shape[0]).index_add_(0, inverse, torch.minimum(a[which], col_vals[at]))
+        keys_out.append(pairs)
+        vals_out.append((1.0 - shared / (2.0 - shared)).clamp_(min=0.0))
+        start = stop
+    keys = torch.cat(keys_out)
+    rows, cols = (keys // n).numpy(), (keys % n).numpy()
+    counts = np.bincount(rows, minlength=n)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    return sp.csr_matrix((torch.cat(vals_out).numpy(), cols, indptr), shape=(n, n))
