@@ -1,8 +1,9 @@
 """Models: backbones, the BNNeck head, ReIDModel, and weight loading."""
 
+from strongreid.modeling import layumi, torchreid_head  # noqa: F401  (register their heads)
 from strongreid.modeling.backbones import BACKBONES, create_backbone
 from strongreid.modeling.baseline import ReIDModel, build_model
-from strongreid.modeling.heads import GeM, GlobalAvgPool, build_pooling
+from strongreid.modeling.heads import HEADS, GeM, GlobalAvgPool, build_pooling
 from strongreid.modeling.weights import (
     LoadReport,
     load_backbone_file,
@@ -13,6 +14,7 @@ from strongreid.modeling.weights import (
 
 __all__ = [
     "BACKBONES",
+    "HEADS",
     "GeM",
     "GlobalAvgPool",
     "LoadReport",
