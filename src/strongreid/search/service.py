@@ -34,9 +34,19 @@ import numpy as np
 from fastapi import File, Form, UploadFile
 from PIL import Image
 
+from strongreid.deploy.extractor import FeatureExtractor
 from strongreid.errors import StrongReIDError
+from strongreid.evaluation.reranking import re_ranking
 from strongreid.search.ingest import parse_time, thumb_path
-from strongreid.search.store import KEY_RE, Filters, GalleryStore, Hit, StoreError
+from strongreid.search.store import (
+    KEY_RE,
+    Filters,
+    GalleryStore,
+    Hit,
+    MilvusStore,
+    StoreError,
+    thumbs_dir_for,
+)
 
 logger = logging.getLogger("strongreid")
 
@@ -120,7 +130,6 @@ def group_by_camera(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def rerank(query: np.ndarray, hits: list[Hit]) -> list[tuple[Hit, float]]:
     """k-reciprocal re-ranking (Zhong et al.) of the candidates: (hit, re-ranked distance)."""
-    from strongreid.evaluation.reranking import re_ranking
 
     g = np.stack([np.asarray(h.meta["vector"], np.float32) for h in hits])
     n = len(hits)
@@ -314,28 +323,26 @@ def create_app(service: SearchService, max_upload: int = MAX_UPLOAD) -> Any:
     return app
 
 
-def serve_command(args: Any) -> int:
+def serve_command(gallery: str, model: str, config: str | None = None, device: str = "auto",
+                  token: str = "", thumbs: str | None = None, host: str = "127.0.0.1",
+                  port: int = 8000, max_upload: int = 5 * 1024 * 1024) -> int:
     """`strongreid serve --gallery gallery.db --model best.pt` (127.0.0.1:8000 by default)."""
     import uvicorn
 
-    from strongreid.deploy.extractor import FeatureExtractor
-    from strongreid.search.store import MilvusStore, thumbs_dir_for
-
     # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    store = MilvusStore(args.gallery, token=args.token or "", create=False)
-    extractor = FeatureExtractor(args.config, args.model, device=args.device)
+    store = MilvusStore(gallery, token=token or "", create=False)
+    extractor = FeatureExtractor(config, model, device=device)
     if store.dim is not None and store.dim != extractor.feat_dim:
-        raise StoreError(f"the gallery {args.gallery} holds {store.dim}-dimensional features but "
-                         f"{args.model} gives {extractor.feat_dim}: serve it with the model that "
+        raise StoreError(f"the gallery {gallery} holds {store.dim}-dimensional features but "
+                         f"{model} gives {extractor.feat_dim}: serve it with the model that "
                          "built it")
-    service = SearchService(store, extractor, thumbs_dir_for(args.gallery, args.thumbs),
-                            model_name=str(args.model))
-    app = create_app(service, max_upload=args.max_upload)
-    print(f"serving {store.count()} crops of {args.gallery} on http://{args.host}:{args.port}/ "
+    service = SearchService(store, extractor, thumbs_dir_for(gallery, thumbs), model_name=str(model))
+    app = create_app(service, max_upload=max_upload)
+    print(f"serving {store.count()} crops of {gallery} on http://{host}:{port}/ "
           "(Ctrl-C stops)", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         store.close()
     return 0
