@@ -38,7 +38,7 @@ data/synthetic/synthetic.json: | $(STAMP)
 	$(BIN)/strongreid synth --out data/synthetic
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/lint-imports && $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf data/synthetic runs/demo

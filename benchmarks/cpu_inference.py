@@ -26,8 +26,9 @@ import torch
 from strongreid.config import load_config
 from strongreid.data.splits import load_splits
 from strongreid.deploy import FeatureExtractor
-from strongreid.deploy.export import _run_onnx, build_inference_model, export_model
-from strongreid.deploy.quantize import cosine_rows, export_int8, run_openvino
+from strongreid.deploy.export import build_inference_model, export_model
+from strongreid.deploy.quantize import cosine_rows, export_int8
+from strongreid.deploy.runtimes import run_onnx, run_openvino
 from strongreid.evaluation import evaluate_features
 
 
@@ -82,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.onnx"
         export_model(cfg, "onnx", fp32, weights=args.weights)
-        runners["onnxruntime fp32"] = _run_onnx(fp32, args.threads)
+        runners["onnxruntime fp32"] = run_onnx(fp32, args.threads)
         int8, report = export_int8(cfg, Path(tmp) / "model_int8.onnx", calib_dir / "list.txt",
                                    weights=args.weights)
-        runners["onnxruntime int8"] = _run_onnx(int8, args.threads)
+        runners["onnxruntime int8"] = run_onnx(int8, args.threads)
         notes["onnxruntime int8"] = f"calibration cosine {report['mean_cosine']:.5f} on {report['images']} images"
         try:
             xml = Path(tmp) / "model.xml"

@@ -494,3 +494,20 @@ def test_documented_preprocessing_reproduces_the_test_transform(run) -> None:
         img = Image.open(path).convert("RGB").resize((SIZE[1], SIZE[0]), Image.BICUBIC)
         x = ((np.asarray(img, np.float32) / 255 - mean) / std).astype(np.float32).transpose(2, 0, 1)
         assert np.abs(x - fe.preprocess([path])[0].numpy()).max() < 1e-6
+
+
+def test_non_finite_mixed_precision_features_are_recomputed_in_fp32(caplog) -> None:
+    from strongreid.engine.inference import test_feature
+
+    class NaNUnderAutocast(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = x.flatten(1)[:, :4].float()
+            return out * float("nan") if torch.is_autocast_enabled("cpu") else out
+
+    images = torch.rand(2, 3, 8, 4)
+    with caplog.at_level("WARNING", logger="strongreid"):
+        feats = test_feature(NaNUnderAutocast(), images, amp_dtype=torch.bfloat16)
+    assert torch.equal(feats, images.flatten(1)[:, :4])
+    assert "recomputed in fp32" in caplog.text
+    # fp32 never takes the second pass (the exported graphs hold no such branch).
+    assert torch.isnan(test_feature(lambda x: x.flatten(1) * float("nan"), images)).all()

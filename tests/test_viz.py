@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -260,8 +259,7 @@ def test_visualize_command_writes_every_picture(tmp_path: Path, monkeypatch, cap
         return real_plot_cmc(curves, out_png, **kwargs)
 
     monkeypatch.setattr(ranked_mod, "plot_cmc", spy)
-    args = argparse.Namespace(results=str(run), queries=2, topk=3, out=None, seed=1)
-    assert visualize_command(args) == 0
+    assert visualize_command(str(run), queries=2, topk=3, out=None, seed=1) == 0
     names = {"ranked_worst.png", "ranked_best.png", "ranked_random.png", "cmc.png", "training.png"}
     assert {p.name for p in (run / "viz").iterdir()} == names
     assert set(capsys.readouterr().out.split()) == {str(run / "viz" / n) for n in names}
@@ -273,12 +271,11 @@ def test_visualize_command_writes_every_picture(tmp_path: Path, monkeypatch, cap
 
 def test_visualize_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(StrongReIDError, match="does not exist"):
-        visualize_command(argparse.Namespace(results=str(tmp_path / "x"), queries=2, topk=3,
-                                             out=None, seed=0))
+        visualize_command(str(tmp_path / "x"), queries=2, topk=3, out=None, seed=0)
     with pytest.raises(StrongReIDError, match="nothing to draw"):
-        visualize_command(argparse.Namespace(results=str(tmp_path), queries=2, topk=3, out=None, seed=0))
+        visualize_command(str(tmp_path), queries=2, topk=3, out=None, seed=0)
     with pytest.raises(StrongReIDError, match="at least 1"):
-        visualize_command(argparse.Namespace(results=str(tmp_path), queries=0, topk=3, out=None, seed=0))
+        visualize_command(str(tmp_path), queries=0, topk=3, out=None, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +321,7 @@ def test_format_percent() -> None:
 
 def test_report_is_self_contained_and_shows_the_numbers(tmp_path: Path, capsys) -> None:
     run = write_synthetic_run(tmp_path / "run")
-    assert report_command(argparse.Namespace(results=str(run), out=None)) == 0
+    assert report_command(str(run), out=None) == 0
     page = run / "report" / "index.html"
     assert capsys.readouterr().out.strip() == str(page.resolve())
     text = page.read_text()

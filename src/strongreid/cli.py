@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from strongreid.errors import StrongReIDError
 
@@ -43,50 +43,19 @@ def _pull_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
     `argparse.REMAINDER` swallows everything after the first KEY, so
     `strongreid extract --config F TEST.WEIGHT ckpt --images DIR --out FILE` would otherwise
-    lose --images and --out to the config overrides.
+    lose --images and --out to the config overrides. The command's options are declared once
+    (its `_options` function) and parsed again from that list by a parser of their own.
     """
-    by_flag = {flag: a for a in parser._actions for flag in a.option_strings}
-    rest: list[str] = []
-    tokens = list(getattr(args, "opts", None) or [])
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        name, eq, inline = tok.partition("=")
-        action = by_flag.get(name) if tok.startswith("-") else None
-        if action is None:
-            rest.append(tok)
-            i += 1
-            continue
-        if action.nargs == 0:
-            setattr(args, action.dest, action.const)
-            i += 1
-            continue
-        if eq:
-            value, i = inline, i + 1
-        elif i + 1 < len(tokens):
-            value, i = tokens[i + 1], i + 2
-        else:
-            parser.error(f"argument {name}: expected one argument")
-        if action.type is not None:
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError):
-                parser.error(f"argument {name}: invalid value {value!r}")
-        if action.choices is not None and value not in action.choices:
-            parser.error(f"argument {name}: invalid choice {value!r} (choose from "
-                         + ", ".join(map(repr, action.choices)) + ")")
-        setattr(args, action.dest, value)
+    own = argparse.ArgumentParser(prog=parser.prog, add_help=False, allow_abbrev=False)
+    add = getattr(args, "_options", None)
+    needed = add(own) if add is not None else ()
+    # Options given before the KEY VALUE pairs are on `args` already and keep their values:
+    # argparse only sets the defaults of attributes the namespace does not have.
+    _, rest = own.parse_known_args(list(getattr(args, "opts", None) or []), namespace=args)
     args.opts = rest
-    missing = [a.option_strings[0] for a in parser._actions
-               if getattr(a, "needed", False) and getattr(args, a.dest, None) is None]
+    missing = ["--" + dest.replace("_", "-") for dest in needed if getattr(args, dest, None) is None]
     if missing:
         parser.error("the following arguments are required: " + ", ".join(missing))
-
-
-def _needed(action: argparse.Action) -> argparse.Action:
-    # Required, but may also come after the KEY VALUE pairs: checked by _pull_options.
-    action.needed = True
-    return action
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -147,34 +116,43 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from strongreid.deploy.export import export_command
+    from strongreid.deploy.export import QUANTIZED_FORMATS, export_command
 
-    return export_command(_load_cfg(args), args.format, args.out, args.target, args.calib,
+    cfg = _load_cfg(args)
+    if args.format in QUANTIZED_FORMATS:
+        from strongreid.deploy.quantize import export_int8_command
+
+        return export_int8_command(cfg, args.out, args.calib, args.target)
+    return export_command(cfg, args.format, args.out, args.target,
                           check_preprocessing=not args.no_preprocessing_check)
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from strongreid.evaluation.retrieval import index_build_command
+    from strongreid.search.retrieval import index_build_command
 
-    return index_build_command(args)
+    return index_build_command(args.features, args.out, index_type=args.type, metric=args.metric,
+                               nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
+                               ef_search=args.ef_search)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from strongreid.evaluation.retrieval import search_command
+    from strongreid.search.retrieval import search_command
 
-    return search_command(args)
+    return search_command(args.index, args.query, k=args.k, out=args.out, config=args.config,
+                          opts=list(args.opts or []))
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from strongreid.viz.ranked import visualize_command
 
-    return visualize_command(args)
+    return visualize_command(args.results, queries=args.queries, topk=args.topk, out=args.out,
+                             seed=args.seed, query=args.query)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from strongreid.viz.report import report_command
 
-    return report_command(args)
+    return report_command(args.results, out=args.out)
 
 
 # -- gallery search (strongreid.search): footage, ingest, serve, demo ------------------------
@@ -190,7 +168,11 @@ def _cmd_synth_video(args: argparse.Namespace) -> int:
 def _cmd_gallery(args: argparse.Namespace) -> int:
     from strongreid.search.ingest import ingest_command
 
-    return ingest_command(args)
+    return ingest_command(args.gallery, args.model, config=args.config, device=args.device,
+                          token=args.token, thumbs=args.thumbs, crops=args.crops or (),
+                          meta=args.meta, videos=args.videos or (), detections=args.detections,
+                          frame_step=args.frame_step, min_score=args.min_score,
+                          start_time=args.start_time, batch=args.batch, index_type=args.index)
 
 
 def _cmd_gallery_migrate(args: argparse.Namespace) -> int:
@@ -212,13 +194,20 @@ def _cmd_token(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from strongreid.search.service import serve_command
 
-    return serve_command(args)
+    return serve_command(args.gallery, args.model, config=args.config, device=args.device,
+                         token=args.token, thumbs=args.thumbs, host=args.host, port=args.port,
+                         max_upload=args.max_upload, auth_file=args.auth_file,
+                         allowed_host=tuple(args.allowed_host or ()), ingest_root=args.ingest_root,
+                         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                         max_decodes=args.max_decodes)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from strongreid.search.demo import demo_search_command
 
-    return demo_search_command(args)
+    return demo_search_command(model=args.model, footage=args.footage, gallery=args.gallery,
+                               people=args.people, cams=args.cams, frames=args.frames,
+                               seed=args.seed, frame_step=args.frame_step, device=args.device)
 
 
 def _add_search_parsers(sub) -> None:
@@ -322,6 +311,51 @@ def _add_search_parsers(sub) -> None:
     s.set_defaults(func=_cmd_demo)
 
 
+# Options of the commands that also take KEY VALUE overrides. Each function declares them on a
+# parser and returns the destinations that are required (checked after the overrides are read,
+# since the options may follow them).
+
+
+def _train_options(p: argparse.ArgumentParser) -> tuple[str, ...]:
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
+    return ()
+
+
+def _extract_options(p: argparse.ArgumentParser) -> tuple[str, ...]:
+    p.add_argument("--images", help="folder of images or a list file")
+    p.add_argument("--out", help="output .npz or .safetensors file")
+    return ("images", "out")
+
+
+def _export_options(p: argparse.ArgumentParser) -> tuple[str, ...]:
+    # No `choices`: the formats are deploy/export.py's registry, so a registered one works too.
+    p.add_argument("--format", help="onnx, torchscript, safetensors, openvino, onnx-int8 or another "
+                                    "registered export format; default: from the --out suffix")
+    p.add_argument("--calib", help="onnx-int8: folder or list file of calibration images")
+    p.add_argument("--target", choices=["strongreid", "boxmot"], default="strongreid",
+                   help="boxmot: ImageNet-normalised input and NAME.onnx.metadata.json for BoxMOT")
+    p.add_argument("--no-preprocessing-check", action="store_true",
+                   help="boxmot: skip evaluating the model on the test split under BoxMOT's "
+                        "preprocessing (cv2 bilinear resize)")
+    p.add_argument("--out", help="output file")
+    return ("out",)
+
+
+def _search_options(p: argparse.ArgumentParser) -> tuple[str, ...]:
+    p.add_argument("--query", help=".npz of features, or images (needs --config)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--out", default=None, help="write JSON here instead of stdout")
+    return ("query",)
+
+
+def _command_options(p: argparse.ArgumentParser,
+                     options: Callable[[argparse.ArgumentParser], tuple[str, ...]]) -> None:
+    """The command's options, then --config and the KEY VALUE overrides."""
+    options(p)
+    _add_config_args(p)
+    p.set_defaults(_options=options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strongreid",
@@ -360,8 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="train a model")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
-    _add_config_args(p)
+    _command_options(p, _train_options)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("test", help="evaluate TEST.WEIGHT on the test split")
@@ -369,22 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_test)
 
     p = sub.add_parser("extract", help="features of a folder or list of images to .npz")
-    _needed(p.add_argument("--images", help="folder of images or a list file"))
-    _needed(p.add_argument("--out", help="output .npz or .safetensors file"))
-    _add_config_args(p)
+    _command_options(p, _extract_options)
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("export", help="export the inference model")
-    p.add_argument("--format", choices=["onnx", "torchscript", "safetensors", "openvino", "onnx-int8"],
-                   help="default: from the --out suffix")
-    p.add_argument("--calib", help="onnx-int8: folder or list file of calibration images")
-    p.add_argument("--target", choices=["strongreid", "boxmot"], default="strongreid",
-                   help="boxmot: ImageNet-normalised input and NAME.onnx.metadata.json for BoxMOT")
-    p.add_argument("--no-preprocessing-check", action="store_true",
-                   help="boxmot: skip evaluating the model on the test split under BoxMOT's "
-                        "preprocessing (cv2 bilinear resize)")
-    _needed(p.add_argument("--out", help="output file"))
-    _add_config_args(p)
+    _command_options(p, _export_options)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("index", help="retrieval index tools")
@@ -402,10 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="top-k gallery matches as JSON")
     p.add_argument("index", help="folder written by `strongreid index build`")
-    _needed(p.add_argument("--query", help=".npz of features, or images (needs --config)"))
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--out", default=None, help="write JSON here instead of stdout")
-    _add_config_args(p)
+    _command_options(p, _search_options)
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("visualize", help="ranked-list pictures of a test run")

@@ -9,9 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
+from yacs.config import CfgNode
 
-from strongreid.data.decode import resolve_decoder
+from strongreid.config.components import check_at_least, check_choices, config_check
+from strongreid.data.decode import DECODERS, resolve_decoder
 from strongreid.data.image import ImageDataset
+from strongreid.data.integrity import CHECK_MODES
 from strongreid.data.samplers import (
     DistributedIdentitySampler,
     RandomIdentitySampler,
@@ -228,3 +231,38 @@ def build_test_loader(cfg: Any, records: Sequence[Any]) -> DataLoader:
         shuffle=False,
         **_loader_options(cfg, rank=0),
     )
+
+
+SAMPLERS = ("softmax", "triplet", "softmax_triplet")
+
+
+@config_check("dataloader")
+def check_loader_keys(cfg: CfgNode) -> None:
+    """DATALOADER.* and the batch sizes: the P x K sampler needs whole identities per batch."""
+    check_choices(cfg, {
+        "DATALOADER.SAMPLER": SAMPLERS,
+        "DATALOADER.CHECK_IMAGES": CHECK_MODES,
+        "DATALOADER.JPEG_DECODER": DECODERS,
+        "DATALOADER.DATA_PATH": ("pil", "device"),
+    })
+    check_at_least(cfg, ("SOLVER.IMS_PER_BATCH", "TEST.IMS_PER_BATCH", "DATALOADER.NUM_INSTANCE"))
+    if cfg.DATALOADER.NUM_WORKERS < 0:
+        raise ConfigError(f"DATALOADER.NUM_WORKERS = {cfg.DATALOADER.NUM_WORKERS} must be >= 0.")
+    if cfg.DATALOADER.SAMPLER != "softmax":
+        k = cfg.DATALOADER.NUM_INSTANCE
+        if cfg.SOLVER.IMS_PER_BATCH % k:
+            raise ConfigError(
+                f"SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH} is not divisible by "
+                f"DATALOADER.NUM_INSTANCE = {k}: the P x K sampler needs whole identities per "
+                f"batch (e.g. IMS_PER_BATCH {max(k, cfg.SOLVER.IMS_PER_BATCH // k * k)})."
+            )
+        if cfg.SOLVER.IMS_PER_BATCH // k < 2:
+            raise ConfigError(
+                f"SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE = {cfg.SOLVER.IMS_PER_BATCH // k}: "
+                "triplet mining needs at least 2 identities per batch."
+            )
+    if cfg.DATALOADER.DATA_PATH == "device" and (cfg.INPUT.COLOR_JITTER or cfg.INPUT.AUTOAUG_PROB > 0):
+        raise ConfigError(
+            "INPUT.COLOR_JITTER / INPUT.AUTOAUG_PROB run on PIL images; DATALOADER.DATA_PATH 'device' "
+            "augments decoded batches without them: use DATA_PATH 'pil' or turn them off."
+        )

@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 from torchvision import transforms as T
+from yacs.config import CfgNode
 
+from strongreid.config.components import check_choices, config_check, lookup
 from strongreid.errors import ConfigError
 
 RE_FILLS = ("original", "zero", "random")
@@ -192,3 +194,33 @@ def build_transforms(cfg: Any, is_train: bool) -> T.Compose:
             ),
         ]
     )
+
+
+@config_check("input")
+def check_input_keys(cfg: CfgNode) -> None:
+    """INPUT.*: sizes, pixel statistics, probabilities and random-erasing bounds."""
+    check_choices(cfg, {"INPUT.RE_FILL": RE_FILLS, "INPUT.INTERPOLATION": ("bilinear", "bicubic")})
+    for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST"):
+        v = lookup(cfg, key)
+        if len(v) != 2 or any(int(x) <= 0 for x in v):
+            raise ConfigError(f"{key} = {list(v)}: expected [height, width] with positive values.")
+    for key in ("INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD"):
+        if len(lookup(cfg, key)) != 3:
+            raise ConfigError(f"{key} needs three values (R, G, B).")
+    if any(s <= 0 for s in cfg.INPUT.PIXEL_STD):
+        raise ConfigError("INPUT.PIXEL_STD values must be positive.")
+    for key in ("INPUT.PROB", "INPUT.RE_PROB"):
+        v = lookup(cfg, key)
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{key} = {v} must lie in [0, 1].")
+    if not 0 < cfg.INPUT.RE_SL <= cfg.INPUT.RE_SH < 1:
+        raise ConfigError(
+            f"INPUT.RE_SL = {cfg.INPUT.RE_SL} and INPUT.RE_SH = {cfg.INPUT.RE_SH}: "
+            "need 0 < RE_SL <= RE_SH < 1."
+        )
+    if not 0 < cfg.INPUT.RE_R1 <= 1:
+        raise ConfigError(f"INPUT.RE_R1 = {cfg.INPUT.RE_R1} must lie in (0, 1].")
+    if cfg.INPUT.PADDING < 0:
+        raise ConfigError(f"INPUT.PADDING = {cfg.INPUT.PADDING} must be >= 0.")
+    if not 0.0 <= cfg.INPUT.AUTOAUG_PROB <= 1.0:
+        raise ConfigError(f"INPUT.AUTOAUG_PROB = {cfg.INPUT.AUTOAUG_PROB} must lie in [0, 1].")

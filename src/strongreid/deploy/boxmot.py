@@ -239,3 +239,19 @@ def snippet(out: str | os.PathLike) -> str:
         "device=torch.device('cpu'), half=False)\n"
         "tracks = tracker.update(dets, frame)  # dets: N x 6 (x1, y1, x2, y2, conf, cls), frame: BGR"
     )
+
+
+def print_summary(path: str | os.PathLike) -> None:
+    """What `strongreid export --target boxmot` prints after writing `path` and its sidecar."""
+    # What was written, not the config: a foreign checkpoint may set its own size and statistics.
+    sidecar_file = sidecar_path(path)
+    written = json.loads(sidecar_file.read_text(encoding="utf-8"))
+    mean, std = written["pixel_mean_folded"], written["pixel_std_folded"]
+    imagenet = mean == list(BOXMOT_PIXEL_MEAN) and std == list(BOXMOT_PIXEL_STD)
+    print(f"boxmot metadata: {sidecar_file} (img_size {written['model_kwargs']['img_size']})")
+    print("input normalisation: " + (
+        "ImageNet mean/std, as BoxMOT feeds it" if imagenet else
+        f"INPUT.PIXEL_MEAN {mean} / PIXEL_STD {std} folded into the graph (BoxMOT feeds "
+        "ImageNet mean/std)"))
+    print("use it in BoxMOT (pip install 'strongreid[tracking]'):")
+    print(snippet(path))

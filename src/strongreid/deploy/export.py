@@ -25,6 +25,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,23 @@ import torch
 from torch import nn
 from yacs.config import CfgNode
 
+from strongreid.config import flag
+from strongreid.config.loader import dump_config, with_overrides
+from strongreid.deploy import boxmot
+from strongreid.deploy.runtimes import require, run_onnx, run_openvino, to_openvino
 from strongreid.engine.inference import test_feature, test_scales
 from strongreid.errors import ConfigError, StrongReIDError
 from strongreid.modeling.checkpoint import save_safetensors
+from strongreid.modeling.loading import load_inference_model
+from strongreid.registry import Registry
 
 logger = logging.getLogger("strongreid")
 
-FORMATS = ("onnx", "torchscript", "safetensors", "openvino")
+# --format name -> a class with `suffixes` (the --out suffixes that pick it when --format is not
+# given) and `write(job: ExportJob)`, which writes the file and returns a function running the
+# written file (batch -> features), for the parity check. Optional `check_available()` raises
+# the install hint before any work.
+EXPORT_FORMATS: Registry = Registry("export format")
 # Formats `strongreid export` writes through deploy/quantize.py (checked by cosine, not 1e-4).
 QUANTIZED_FORMATS = ("onnx-int8",)
 PARITY_TOLERANCE = 1e-4
@@ -69,9 +80,6 @@ class InferenceModel(nn.Module):
 def build_inference_model(cfg: CfgNode, weights: str | os.PathLike) -> tuple[InferenceModel, CfgNode]:
     """The fp32 CPU inference model of a checkpoint, as the config's TEST keys define it, and the
     config it was built with (a foreign checkpoint sets its input size and pixel statistics)."""
-    from strongreid.config import flag
-    from strongreid.modeling.loading import load_inference_model
-
     loaded = load_inference_model(cfg, weights)
     cfg = loaded.cfg
     model = InferenceModel(loaded.model, bool(cfg.TEST.FLIP_AUG), flag(cfg.TEST.FEAT_NORM), test_scales(cfg))
@@ -80,8 +88,6 @@ def build_inference_model(cfg: CfgNode, weights: str | os.PathLike) -> tuple[Inf
 
 def export_metadata(cfg: CfgNode, model: InferenceModel) -> dict[str, str]:
     """What a consumer of the file needs to prepare inputs and interpret outputs (all strings)."""
-    from strongreid.config.loader import dump_config
-
     height, width = (int(v) for v in cfg.INPUT.SIZE_TEST)
     return {
         "format": "strongreid-inference",
@@ -181,18 +187,6 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[
     onnx.save(proto, str(out))
 
 
-def _run_onnx(out: Path, threads: int | None = None) -> Callable[[torch.Tensor], np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: np.asarray(x, dtype=np.float32)})[0]
-
-
 def _export_torchscript(model: nn.Module, example: torch.Tensor, out: Path,
                         meta: dict[str, str]) -> None:
     with _quiet_export(), torch.no_grad():
@@ -212,20 +206,6 @@ def _run_torchscript(out: Path) -> Callable[[torch.Tensor], np.ndarray]:
     return run
 
 
-def _export_openvino(model: nn.Module, example: torch.Tensor, out: Path,
-                     meta: dict[str, str]) -> Callable[[torch.Tensor], np.ndarray]:
-    from strongreid.deploy import quantize
-
-    quantize.require("openvino", "quant")
-    if out.suffix != ".xml":
-        raise ConfigError(f"--out {out}: an OpenVINO IR is NAME.xml (its weights go to NAME.bin)")
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
-        _export_onnx(model, example, fp32, meta)
-        quantize.to_openvino(fp32, out, meta)
-    return quantize.run_openvino(out)
-
-
 def _export_safetensors(model: InferenceModel, out: Path, meta: dict[str, str]) -> None:
     # clone(): safetensors refuses tensors that share memory, and views must be contiguous.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.model.state_dict().items()}
@@ -242,6 +222,86 @@ def _run_safetensors(cfg: CfgNode, out: Path) -> Callable[[torch.Tensor], np.nda
     return run
 
 
+@dataclass
+class ExportJob:
+    """What a format writes: `graph` (the module to serialise: the inference model, or BoxMOT's
+    wrapper of it) traced on `example`, to `out` with `meta`; `model` is the inference model and
+    `cfg` the config it was built with."""
+
+    graph: nn.Module
+    example: torch.Tensor
+    out: Path
+    meta: dict[str, str]
+    model: InferenceModel
+    cfg: CfgNode
+
+
+def _onnx_available() -> None:
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        raise StrongReIDError(
+            "ONNX export needs the onnx and onnxruntime packages: pip install 'strongreid[deploy]'"
+        )
+
+
+@EXPORT_FORMATS.register("onnx")
+class OnnxFormat:
+    """ONNX (opset ONNX_OPSET, dynamic batch), run back with onnxruntime."""
+
+    suffixes = (".onnx",)
+    check_available = staticmethod(_onnx_available)
+
+    def write(self, job: ExportJob) -> Callable[[torch.Tensor], np.ndarray]:
+        _export_onnx(job.graph, job.example, job.out, job.meta)
+        return run_onnx(job.out)
+
+
+@EXPORT_FORMATS.register("torchscript")
+class TorchScriptFormat:
+    """A traced TorchScript module with the metadata as an extra file."""
+
+    suffixes = (".torchscript", ".ts")
+
+    def write(self, job: ExportJob) -> Callable[[torch.Tensor], np.ndarray]:
+        _export_torchscript(job.graph, job.example, job.out, job.meta)
+        return _run_torchscript(job.out)
+
+
+@EXPORT_FORMATS.register("safetensors")
+class SafetensorsFormat:
+    """The full state dict (classifier included) that `FeatureExtractor` and `test` load."""
+
+    suffixes = (".safetensors",)
+
+    def write(self, job: ExportJob) -> Callable[[torch.Tensor], np.ndarray]:
+        _export_safetensors(job.model, job.out, job.meta)
+        return _run_safetensors(job.cfg, job.out)
+
+
+@EXPORT_FORMATS.register("openvino")
+class OpenVinoFormat:
+    """OpenVINO IR (NAME.xml + NAME.bin, fp32 weights) converted from the ONNX graph."""
+
+    suffixes = (".xml",)
+    check_available = staticmethod(_onnx_available)
+
+    def write(self, job: ExportJob) -> Callable[[torch.Tensor], np.ndarray]:
+        require("openvino", "quant")
+        if job.out.suffix != ".xml":
+            raise ConfigError(f"--out {job.out}: an OpenVINO IR is NAME.xml (its weights go to NAME.bin)")
+        with tempfile.TemporaryDirectory(dir=job.out.parent) as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            _export_onnx(job.graph, job.example, fp32, job.meta)
+            to_openvino(fp32, job.out, job.meta)
+        return run_openvino(job.out)
+
+
+def format_for_suffix(out: str | os.PathLike) -> str | None:
+    """The registered format whose suffix `out` has (case-insensitive), if any."""
+    suffix = Path(out).suffix.lower()
+    return next((name for name in EXPORT_FORMATS.names_in_order()
+                 if suffix in EXPORT_FORMATS.get(name).suffixes), None)
+
+
 TARGETS = ("strongreid", "boxmot")
 
 
@@ -250,44 +310,39 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
                  target: str = "strongreid") -> tuple[Path, float]:
     """Export the inference model of `weights` (default TEST.WEIGHT) and check it.
 
+    `fmt` names a registered format (EXPORT_FORMATS); None takes it from the suffix of `out`.
     `target` 'boxmot' writes the graph BoxMOT feeds (ImageNet-normalised RGB crops: the
-    difference from INPUT.PIXEL_MEAN/STD is part of the graph) and its `<out>.metadata.json`;
-    `fmt` may then be None (taken from the suffix, .onnx or .torchscript). Returns the file and
-    the largest absolute difference from PyTorch on the check batches; raises StrongReIDError
-    when that exceeds PARITY_TOLERANCE (the file is kept for inspection).
+    difference from INPUT.PIXEL_MEAN/STD is part of the graph) and its `<out>.metadata.json`.
+    Returns the file and the largest absolute difference from PyTorch on the check batches;
+    raises StrongReIDError when that exceeds PARITY_TOLERANCE (the file is kept for inspection).
     """
-    from strongreid.deploy import boxmot
-
     if target not in TARGETS:
         raise ConfigError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
     if target == "boxmot":
         fmt = boxmot.boxmot_format(out, fmt)
     elif fmt is None:
-        fmt = {".onnx": "onnx", ".safetensors": "safetensors", ".ts": "torchscript",
-               ".torchscript": "torchscript", ".xml": "openvino"}.get(Path(out).suffix.lower())
+        fmt = format_for_suffix(out)
         if fmt is None:
-            raise ConfigError(f"--out {out}: give --format ({', '.join(FORMATS)}) or a file "
-                              "ending in .onnx, .torchscript, .ts, .safetensors or .xml")
+            suffixes = [s for n in EXPORT_FORMATS.names_in_order() for s in EXPORT_FORMATS.get(n).suffixes]
+            raise ConfigError(f"--out {out}: give --format ({', '.join(EXPORT_FORMATS.names_in_order())}) "
+                              f"or a file ending in {', '.join(suffixes[:-1])} or {suffixes[-1]}")
     if fmt in QUANTIZED_FORMATS:
         raise ConfigError(f"--format {fmt}: int8 models are written by "
                           "strongreid.deploy.quantize.export_int8 (it needs calibration images)")
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS + QUANTIZED_FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format {fmt!r}: use one of "
+                          f"{', '.join(EXPORT_FORMATS.names_in_order() + list(QUANTIZED_FORMATS))}")
+    writer = EXPORT_FORMATS.get(fmt)()
     weights = weights or cfg.TEST.WEIGHT
     if not weights:
         raise ConfigError("strongreid export needs TEST.WEIGHT: the checkpoint, e.g. "
                           "TEST.WEIGHT runs/demo/best.pt")
-    if fmt in ("onnx", "openvino") and (importlib.util.find_spec("onnx") is None
-                          or importlib.util.find_spec("onnxruntime") is None):
-        raise StrongReIDError(
-            "ONNX export needs the onnx and onnxruntime packages: pip install 'strongreid[deploy]'"
-        )
+    if hasattr(writer, "check_available"):
+        writer.check_available()
     model, cfg = build_inference_model(cfg, weights)
     if cfg.MODEL.CHECKPOINT_FORMAT != "auto":
         # The exported file is strongreid's own, whatever project wrote the checkpoint (layumi,
         # fast-reid...): its stored config must not send the reader to that format's converter.
-        from strongreid.config.loader import with_overrides
-
         cfg = with_overrides(cfg, {"MODEL.CHECKPOINT_FORMAT": "auto"}, "for the exported file")
     meta = export_metadata(cfg, model)
     graph: nn.Module = model
@@ -301,17 +356,7 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = sample_inputs(cfg, (2,), seed=1)[0]
-    if fmt == "onnx":
-        _export_onnx(graph, example, out, meta)
-        runner = _run_onnx(out)
-    elif fmt == "torchscript":
-        _export_torchscript(graph, example, out, meta)
-        runner = _run_torchscript(out)
-    elif fmt == "openvino":
-        runner = _export_openvino(graph, example, out, meta)
-    else:
-        _export_safetensors(model, out, meta)
-        runner = _run_safetensors(cfg, out)
+    runner = writer.write(ExportJob(graph, example, out, meta, model, cfg))
 
     def reference(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -332,8 +377,6 @@ def boxmot_preprocessing_check(cfg: CfgNode) -> tuple[dict[str, Any] | None, str
     """`deploy.boxmot.preprocessing_check` for TEST.WEIGHT with the fp32 PyTorch model and its
     BoxMOT graph (the exported file matches it to PARITY_TOLERANCE); (None, why) when the test
     split or OpenCV is not available."""
-    from strongreid.deploy import boxmot
-
     model, built = build_inference_model(cfg, cfg.TEST.WEIGHT)
     graph = boxmot.BoxMOTModel(model, boxmot.input_adapter(built)).eval()
     try:
@@ -343,32 +386,18 @@ def boxmot_preprocessing_check(cfg: CfgNode) -> tuple[dict[str, Any] | None, str
 
 
 def export_command(cfg: CfgNode, fmt: str | None, out: str, target: str = "strongreid",
-                   calib: str | None = None, check_preprocessing: bool = True) -> int:
+                   check_preprocessing: bool = True) -> int:
     """`strongreid export --config F TEST.WEIGHT ckpt [--format F] [--target boxmot] --out FILE`.
 
     With `--target boxmot` (unless `check_preprocessing` is off) the model is also evaluated on
     the config's test split under BoxMOT's crop preparation, and what that costs is printed and
     stored in the sidecar."""
-    from strongreid.deploy import boxmot
-
-    if fmt in QUANTIZED_FORMATS:
-        from strongreid.deploy.quantize import export_int8
-
-        if target == "boxmot":
-            boxmot.boxmot_format(out, fmt)
-        path, report = export_int8(cfg, out, calib, target=target)
-        print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
-        print(f"parity: cosine to fp32 features on {report['images']} calibration images: mean "
-              f"{report['mean_cosine']:.5f}, min {report['min_cosine']:.5f} (max |int8 - fp32| = "
-              f"{report['max_abs_diff']:.3g})")
-    else:
-        path, diff = export_model(cfg, fmt, out, target=target)
-        fmt = fmt or {".safetensors": "safetensors", ".onnx": "onnx", ".xml": "openvino"}.get(
-            path.suffix, "torchscript")
-        batches = " and ".join(str(n) for n in CHECK_BATCHES)
-        print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
-        print(f"parity: max |{fmt} - pytorch| = {diff:.3g} on batches of {batches} "
-              f"(tolerance {PARITY_TOLERANCE:g})")
+    path, diff = export_model(cfg, fmt, out, target=target)
+    fmt = fmt or format_for_suffix(path) or "torchscript"
+    batches = " and ".join(str(n) for n in CHECK_BATCHES)
+    print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
+    print(f"parity: max |{fmt} - pytorch| = {diff:.3g} on batches of {batches} "
+          f"(tolerance {PARITY_TOLERANCE:g})")
     if target == "boxmot":
         if check_preprocessing:
             check, why = boxmot_preprocessing_check(cfg)
@@ -381,16 +410,5 @@ def export_command(cfg: CfgNode, fmt: str | None, out: str, target: str = "stron
                 print(f"preprocessing: BoxMOT resizes crops with {boxmot.BOXMOT_RESIZE}; its cost "
                       f"was not measured ({why}); set DATASETS.NAMES / DATASETS.ROOT_DIR to a test "
                       "split to measure it")
-        # What was written, not `cfg`: a foreign checkpoint may set its own size and statistics.
-        sidecar = boxmot.sidecar_path(path)
-        written = json.loads(sidecar.read_text(encoding="utf-8"))
-        mean, std = written["pixel_mean_folded"], written["pixel_std_folded"]
-        imagenet = mean == list(boxmot.BOXMOT_PIXEL_MEAN) and std == list(boxmot.BOXMOT_PIXEL_STD)
-        print(f"boxmot metadata: {sidecar} (img_size {written['model_kwargs']['img_size']})")
-        print("input normalisation: " + (
-            "ImageNet mean/std, as BoxMOT feeds it" if imagenet else
-            f"INPUT.PIXEL_MEAN {mean} / PIXEL_STD {std} folded into the graph (BoxMOT feeds "
-            "ImageNet mean/std)"))
-        print("use it in BoxMOT (pip install 'strongreid[tracking]'):")
-        print(boxmot.snippet(path))
+        boxmot.print_summary(path)
     return 0

@@ -17,18 +17,19 @@ the fp32 model's on the calibration images: below INT8_MIN_COSINE (mean) the exp
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from yacs.config import CfgNode
 
+from strongreid.deploy import boxmot
+from strongreid.deploy.export import export_model
+from strongreid.deploy.runtimes import require, run_onnx
 from strongreid.errors import ConfigError, StrongReIDError
 
 # Calibration: at most this many images (the first ones of the sorted list), in batches of 32.
@@ -36,12 +37,6 @@ CALIB_MAX_IMAGES = 256
 CALIB_BATCH = 32
 INT8_MIN_COSINE = 0.95
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
-
-
-def require(module: str, extra: str) -> None:
-    """Raise a one-line install hint when an optional package is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise StrongReIDError(f"this export needs the {module} package: pip install 'strongreid[{extra}]'")
 
 
 def calibration_batches(cfg: CfgNode, images: str | os.PathLike | None) -> list[np.ndarray]:
@@ -103,33 +98,6 @@ def quantize_int8(fp32_onnx: Path, out: Path, batches: list[np.ndarray]) -> None
     onnx.save(proto, str(out))
 
 
-def to_openvino(fp32_onnx: Path, out: Path, meta: dict[str, str]) -> None:
-    """Convert an fp32 ONNX file to OpenVINO IR at `out` (.xml, with its .bin), fp32 weights."""
-    import openvino as ov
-
-    model = ov.convert_model(str(fp32_onnx))
-    for key, value in meta.items():
-        model.set_rt_info(value, ["strongreid", key])
-    ov.save_model(model, str(out), compress_to_fp16=False)
-
-
-def run_openvino(xml: Path, threads: int | None = None) -> Callable[[torch.Tensor | np.ndarray], np.ndarray]:
-    """Features from an OpenVINO IR on the CPU at f32 precision (no silent bf16 on new CPUs)."""
-    import openvino as ov
-
-    config = {"INFERENCE_PRECISION_HINT": "f32"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = ov.Core().compile_model(str(xml), "CPU", config)
-    output = compiled.output(0)
-
-    def run(x: Any) -> np.ndarray:
-        arr = x.numpy() if isinstance(x, torch.Tensor) else x
-        return np.asarray(compiled(arr)[output])
-
-    return run
-
-
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of two N x D arrays (float64)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -164,9 +132,6 @@ def export_int8(cfg: CfgNode, out: str | os.PathLike, calib: str | os.PathLike |
     Raises StrongReIDError when the mean cosine to fp32 on the calibration images is below
     INT8_MIN_COSINE (the file is kept for inspection).
     """
-    from strongreid.deploy import boxmot
-    from strongreid.deploy.export import _run_onnx, export_model
-
     require("onnxruntime", "deploy")
     if not calib:
         calibration_batches(cfg, calib)  # raises the message naming --calib before any work
@@ -186,7 +151,7 @@ def export_int8(cfg: CfgNode, out: str | os.PathLike, calib: str | os.PathLike |
             calib_cfg.freeze()
         batches = calibration_batches(calib_cfg, calib)
         quantize_int8(fp32, out, batches)
-        report = int8_parity(_run_onnx(fp32), _run_onnx(out), batches)
+        report = int8_parity(run_onnx(fp32), run_onnx(out), batches)
     if target == "boxmot":
         boxmot.write_sidecar(out, _exported_config(out))
     if not report["mean_cosine"] >= INT8_MIN_COSINE:
@@ -196,3 +161,17 @@ def export_int8(cfg: CfgNode, out: str | os.PathLike, calib: str | os.PathLike |
             "needed); calibrate on more representative images or keep the fp32 export"
         )
     return out, report
+
+
+def export_int8_command(cfg: CfgNode, out: str, calib: str | None, target: str = "strongreid") -> int:
+    """`strongreid export --format onnx-int8 --calib IMAGES --out FILE [--target boxmot]`."""
+    if target == "boxmot":
+        boxmot.boxmot_format(out, "onnx-int8")
+    path, report = export_int8(cfg, out, calib, target=target)
+    print(f"exported {cfg.MODEL.NAME} (onnx-int8) to {path}")
+    print(f"parity: cosine to fp32 features on {report['images']} calibration images: mean "
+          f"{report['mean_cosine']:.5f}, min {report['min_cosine']:.5f} (max |int8 - fp32| = "
+          f"{report['max_abs_diff']:.3g})")
+    if target == "boxmot":
+        boxmot.print_summary(path)
+    return 0

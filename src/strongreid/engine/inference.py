@@ -72,6 +72,13 @@ def test_feature(model: nn.Module, images: torch.Tensor, flip: bool = False,
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(images.device, amp_dtype):
         f = tta_forward(model, images, flip, scales)
+    if amp_dtype is not None and not bool(torch.isfinite(f).all()):
+        # Seen with torch 2.14.1 on AMX CPUs: oneDNN's first bf16 convolution of a process
+        # returned NaN from finite input. A NaN feature would poison a gallery or a ranking, so
+        # the batch is computed again in fp32.
+        logger.warning("mixed-precision (%s) features of a batch were not finite; that batch was "
+                       "recomputed in fp32 (TEST.PRECISION fp32 avoids mixed precision)", amp_dtype)
+        f = tta_forward(model, images.float(), flip, scales).float()
     if normalize:
         f = F.normalize(f, p=2, dim=1, eps=1e-12)
     return f

@@ -13,6 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from yacs.config import CfgNode
+
+from strongreid.config.components import check_at_least, check_choices, config_check
+from strongreid.errors import ConfigError
 
 logger = logging.getLogger("strongreid")
 
@@ -200,3 +204,18 @@ def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0) -> loggin
         fh.setFormatter(fmt)
         log.addHandler(fh)
     return log
+
+
+@config_check("runtime")
+def check_runtime_keys(cfg: CfgNode) -> None:
+    """MODEL.DEVICE, precision, memory format, BN sync, and how often a run logs, saves, tests."""
+    device = cfg.MODEL.DEVICE
+    if not (device in ("cuda", "cpu", "auto", "mps") or device.startswith("cuda:")):
+        raise ConfigError(f"MODEL.DEVICE = {device!r}: use 'cuda', 'cuda:N', 'cpu' or 'auto'.")
+    check_choices(cfg, {
+        "MODEL.AMP": ("auto", "off", "bf16", "fp16"),
+        "MODEL.CHANNELS_LAST": ("auto", "on", "off"),
+        "MODEL.SYNC_BN": ("auto", "on", "off"),
+        "SOLVER.TRIPLET_GATHER": ("auto", "on", "off"),
+    })
+    check_at_least(cfg, ("SOLVER.CHECKPOINT_PERIOD", "SOLVER.LOG_PERIOD", "SOLVER.EVAL_PERIOD"))

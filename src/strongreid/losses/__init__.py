@@ -1,4 +1,4 @@
-"""Losses: a registry of modules and `build_loss` for the strong baseline's combinations."""
+"""Losses: the registries of ID losses and metric terms, and `build_loss` for the strong baseline's combinations."""
 
 from strongreid.losses.build import ReIDLoss, build_loss
 from strongreid.losses.center import CenterLoss
@@ -18,11 +18,14 @@ from strongreid.losses.pairwise import (
     MultiSimilarityTripletLoss,
     WeightedRegularizedTriplet,
 )
-from strongreid.losses.registry import LOSSES
+from strongreid.losses.registry import ID_LOSSES, LOSSES, PAIR_LOSSES, TRIPLET_MINERS
 from strongreid.losses.triplet import TripletLoss, euclidean_dist, hard_example_mining
 
 __all__ = [
+    "ID_LOSSES",
     "LOSSES",
+    "PAIR_LOSSES",
+    "TRIPLET_MINERS",
     "ArcFaceLogits",
     "CircleLoss",
     "CircleSoftmaxLogits",

@@ -10,11 +10,17 @@ import torch.nn as nn
 from yacs.config import CfgNode
 
 from strongreid.config import flag
-from strongreid.config.loss_zoo import WEIGHT_KEYS, check_losses, pair_terms
+from strongreid.config.components import lookup
 from strongreid.errors import ConfigError
 from strongreid.losses.center import CenterLoss
 from strongreid.losses.classification import CrossEntropyLabelSmooth, CrossEntropyLoss
-from strongreid.losses.zoo import build_id_loss, build_pair_term
+from strongreid.losses.zoo import (
+    build_id_loss,
+    build_pair_term,
+    check_losses,
+    pair_terms,
+    weight_key,
+)
 from strongreid.modeling.outputs import ModelOutput
 
 logger = logging.getLogger(__name__)
@@ -78,9 +84,9 @@ class ReIDLoss(nn.Module):
 def build_loss(
     cfg: CfgNode, num_classes: int, feat_dim: int, device: torch.device | str | None = None
 ) -> ReIDLoss:
-    """The loss of spec §4.4's table (DATALOADER.SAMPLER, MODEL.METRIC_LOSS_TYPE,
-    MODEL.IF_WITH_CENTER, MODEL.IF_LABELSMOOTH), with the weights of SOLVER.*_LOSS_WEIGHT;
-    MODEL.ID_LOSS_TYPE and the other metric terms as docs/losses.md describes."""
+    """The original's loss for its DATALOADER.SAMPLER, MODEL.METRIC_LOSS_TYPE, MODEL.IF_WITH_CENTER
+    and MODEL.IF_LABELSMOOTH (docs/losses.md has the table), with the weights of
+    SOLVER.*_LOSS_WEIGHT; MODEL.ID_LOSS_TYPE and the other metric terms from the loss registries."""
     global _warned_softmax_ls
     check_losses(cfg)
     sampler = cfg.DATALOADER.SAMPLER
@@ -99,7 +105,7 @@ def build_loss(
         "triplet_weight": cfg.SOLVER.TRIPLET_LOSS_WEIGHT,
         "center_weight": cfg.SOLVER.CENTER_LOSS_WEIGHT,
     }
-    extra = {n: (build_pair_term(cfg, n), cfg.SOLVER[WEIGHT_KEYS[n]]) for n in pair_terms(cfg)}
+    extra = {n: (build_pair_term(cfg, n), lookup(cfg, weight_key(n))) for n in pair_terms(cfg)}
     triplet = extra.pop("triplet", (None, 0.0))[0]
     if with_center:
         # As in the original, the sampler chooses the loader but not the loss formula here.

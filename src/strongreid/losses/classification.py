@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from yacs.config import CfgNode
 
 from strongreid.errors import ConfigError
 from strongreid.losses.common import at_least_fp32
-from strongreid.losses.registry import LOSSES
+from strongreid.losses.registry import ID_LOSSES, LOSSES
 
 
 @LOSSES.register("cross_entropy")
@@ -42,3 +43,13 @@ class CrossEntropyLabelSmooth(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, epsilon={self.epsilon}"
+
+
+@ID_LOSSES.register("softmax")
+class SoftmaxIDLoss:
+    """MODEL.ID_LOSS_TYPE 'softmax': the original's bias-free classifier logits straight into the
+    (label-smoothing) cross-entropy."""
+
+    @staticmethod
+    def from_config(cfg: CfgNode, ce: nn.Module) -> nn.Module:
+        return ce

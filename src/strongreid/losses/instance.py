@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from yacs.config import CfgNode
 
 from strongreid.errors import ConfigError
 from strongreid.losses.pairwise import cosine_matrix
-from strongreid.losses.registry import LOSSES
+from strongreid.losses.registry import LOSSES, PAIR_LOSSES
 
 
 @LOSSES.register("instance")
+@PAIR_LOSSES.register("instance")
 class InstanceLoss(nn.Module):
     """Cross-entropy of the scaled cosine-similarity matrix gamma * S (B x B), mean over rows.
 
@@ -22,6 +24,12 @@ class InstanceLoss(nn.Module):
     pytorch-metric-learning's code do with labels; that column is an image of the same identity
     only by chance, so use it to reproduce layumi, not for new work.
     """
+
+    weight_key = "SOLVER.INSTANCE_LOSS_WEIGHT"
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> InstanceLoss:
+        return cls(cfg.SOLVER.INSTANCE_GAMMA, cfg.SOLVER.INSTANCE_TARGET)
 
     def __init__(self, gamma: float = 32.0, target: str = "image") -> None:
         super().__init__()

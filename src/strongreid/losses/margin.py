@@ -13,10 +13,11 @@ import math
 
 import torch
 import torch.nn as nn
+from yacs.config import CfgNode
 
 from strongreid.errors import ConfigError
 from strongreid.losses.common import at_least_fp32
-from strongreid.losses.registry import LOSSES
+from strongreid.losses.registry import ID_LOSSES, LOSSES
 
 
 def _one_hot(cos: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -41,6 +42,7 @@ class MarginLogits(nn.Module):
 
 
 @LOSSES.register("arcface")
+@ID_LOSSES.register("arcface")
 class ArcFaceLogits(MarginLogits):
     """ArcFace (Deng et al. 2019): s cos(theta_y + m) for the target, s cos(theta_j) elsewhere.
 
@@ -48,6 +50,11 @@ class ArcFaceLogits(MarginLogits):
     fast-reid's ArcSoftmax we then use cos(theta) - m sin(m) (a CosFace-like penalty), which
     keeps the target logit monotonic in theta.
     """
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, ce: nn.Module) -> MarginIDLoss:
+        """MODEL.ID_LOSS_TYPE 'arcface': MODEL.ARCFACE_SCALE / ARCFACE_MARGIN, then `ce`."""
+        return MarginIDLoss(cls(cfg.MODEL.ARCFACE_SCALE, cfg.MODEL.ARCFACE_MARGIN), ce)
 
     def __init__(self, scale: float = 64.0, margin: float = 0.5) -> None:
         super().__init__()
@@ -72,8 +79,14 @@ class ArcFaceLogits(MarginLogits):
 
 
 @LOSSES.register("cosface")
+@ID_LOSSES.register("cosface")
 class CosFaceLogits(MarginLogits):
     """CosFace / AM-softmax (Wang et al. 2018): s (cos(theta_y) - m) for the target."""
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, ce: nn.Module) -> MarginIDLoss:
+        """MODEL.ID_LOSS_TYPE 'cosface': MODEL.COSFACE_SCALE / COSFACE_MARGIN, then `ce`."""
+        return MarginIDLoss(cls(cfg.MODEL.COSFACE_SCALE, cfg.MODEL.COSFACE_MARGIN), ce)
 
     def __init__(self, scale: float = 64.0, margin: float = 0.35) -> None:
         super().__init__()
@@ -90,6 +103,7 @@ class CosFaceLogits(MarginLogits):
 
 
 @LOSSES.register("sphereface")
+@ID_LOSSES.register("sphereface")
 class SphereFaceLogits(MarginLogits):
     """SphereFace / A-softmax (Liu et al. 2017): s psi(theta_y) for the target, s cos elsewhere.
 
@@ -99,6 +113,11 @@ class SphereFaceLogits(MarginLogits):
     pytorch-metric-learning's SphereFaceLoss gives for a feature of norm s and unit class weights.
     No lambda annealing (neither does pytorch-metric-learning, which layumi uses).
     """
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, ce: nn.Module) -> MarginIDLoss:
+        """MODEL.ID_LOSS_TYPE 'sphereface': MODEL.SPHEREFACE_SCALE / SPHEREFACE_MARGIN, then `ce`."""
+        return MarginIDLoss(cls(cfg.MODEL.SPHEREFACE_SCALE, cfg.MODEL.SPHEREFACE_MARGIN), ce)
 
     def __init__(self, scale: float = 30.0, margin: int = 4) -> None:
         super().__init__()
@@ -120,12 +139,18 @@ class SphereFaceLogits(MarginLogits):
 
 
 @LOSSES.register("circle_softmax")
+@ID_LOSSES.register("circle")
 class CircleSoftmaxLogits(MarginLogits):
     """Circle loss in classification form (Sun et al. 2020; fast-reid's CircleSoftmax).
 
     Target: s a_p (cos - (1 - m)) with a_p = max(0, 1 + m - cos); others: s a_n (cos - m) with
     a_n = max(0, cos + m); the weights a_p, a_n are constants (detached), as in the paper.
     """
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, ce: nn.Module) -> MarginIDLoss:
+        """MODEL.ID_LOSS_TYPE 'circle': MODEL.CIRCLE_SOFTMAX_SCALE / CIRCLE_SOFTMAX_MARGIN, then `ce`."""
+        return MarginIDLoss(cls(cfg.MODEL.CIRCLE_SOFTMAX_SCALE, cfg.MODEL.CIRCLE_SOFTMAX_MARGIN), ce)
 
     def __init__(self, scale: float = 64.0, margin: float = 0.35) -> None:
         super().__init__()

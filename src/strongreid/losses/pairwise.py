@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from yacs.config import CfgNode
 
 from strongreid.errors import ConfigError
 from strongreid.losses.common import at_least_fp32
-from strongreid.losses.registry import LOSSES
+from strongreid.losses.registry import LOSSES, PAIR_LOSSES, TRIPLET_MINERS
 from strongreid.losses.triplet import euclidean_dist
 
 
@@ -57,6 +58,7 @@ def mean_nonzero(losses: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
 
 
 @LOSSES.register("circle")
+@PAIR_LOSSES.register("circle")
 class CircleLoss(nn.Module):
     """Pair-wise circle loss (Sun et al. 2020) on cosine similarities.
 
@@ -66,6 +68,13 @@ class CircleLoss(nn.Module):
     'batch': layumi's form, all upper-triangle pairs of the batch pooled in one such term and
     divided by the batch size (its train.py divides by now_batch_size).
     """
+
+    weight_key = "SOLVER.CIRCLE_LOSS_WEIGHT"
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> CircleLoss:
+        s = cfg.SOLVER
+        return cls(s.CIRCLE_MARGIN, s.CIRCLE_GAMMA, s.CIRCLE_REDUCTION)
 
     def __init__(self, margin: float = 0.25, gamma: float = 32.0, reduction: str = "anchor") -> None:
         super().__init__()
@@ -100,10 +109,17 @@ class CircleLoss(nn.Module):
 
 
 @LOSSES.register("contrastive")
+@PAIR_LOSSES.register("contrastive")
 class ContrastiveLoss(nn.Module):
     """Contrastive loss (Hadsell et al. 2006) on normalised Euclidean distances, every ordered
     pair: mean_nonzero(max(0, d_p - m_pos)) + mean_nonzero(max(0, m_neg - d_n)), the two means
     over the pairs with a non-zero loss (pytorch-metric-learning's ContrastiveLoss)."""
+
+    weight_key = "SOLVER.CONTRASTIVE_LOSS_WEIGHT"
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> ContrastiveLoss:
+        return cls(cfg.SOLVER.CONTRASTIVE_POS_MARGIN, cfg.SOLVER.CONTRASTIVE_NEG_MARGIN)
 
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0) -> None:
         super().__init__()
@@ -126,10 +142,17 @@ class ContrastiveLoss(nn.Module):
 
 
 @LOSSES.register("lifted")
+@PAIR_LOSSES.register("lifted")
 class LiftedStructureLoss(nn.Module):
     """Generalised lifted structure loss (Hermans et al. 2017, the form layumi trains through
     pytorch-metric-learning): mean over anchors of
     max(0, logsumexp_p(d_p - m_pos) + logsumexp_n(m_neg - d_n)), normalised distances."""
+
+    weight_key = "SOLVER.LIFTED_LOSS_WEIGHT"
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> LiftedStructureLoss:
+        return cls(cfg.SOLVER.LIFTED_POS_MARGIN, cfg.SOLVER.LIFTED_NEG_MARGIN)
 
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0) -> None:
         super().__init__()
@@ -162,6 +185,7 @@ def multi_similarity_mine(sim: torch.Tensor, labels: torch.Tensor,
 
 
 @LOSSES.register("triplet_ms")
+@TRIPLET_MINERS.register("multi_similarity")
 class MultiSimilarityTripletLoss(nn.Module):
     """Triplet margin loss on the triplets of multi-similarity-mined pairs (layumi's --triplet:
     pytorch-metric-learning's TripletMarginLoss(0.3) with MultiSimilarityMiner(0.1)).
@@ -171,6 +195,10 @@ class MultiSimilarityTripletLoss(nn.Module):
     margin None: softplus(d_ap - d_an), the mean over all of them. Mining runs on detached
     cosine similarities (it selects; it is not differentiated).
     """
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> MultiSimilarityTripletLoss:
+        return cls(cfg.SOLVER.MARGIN, cfg.SOLVER.MS_MINER_EPSILON)
 
     def __init__(self, margin: float | None = 0.3, epsilon: float = 0.1) -> None:
         super().__init__()
@@ -204,10 +232,17 @@ def softmax_weights(dist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @LOSSES.register("wrt")
+@PAIR_LOSSES.register("wrt")
 class WeightedRegularizedTriplet(nn.Module):
     """Weighted regularised triplet (Ye et al. 2021, AGW): softplus(d_p - d_n), mean over
     anchors, where d_p = sum_p softmax(d_ap) d_ap and d_n = sum_n softmax(-d_an) d_an on raw
     Euclidean distances. No margin to tune; positives include the anchor itself, as in AGW."""
+
+    weight_key = "SOLVER.WRT_LOSS_WEIGHT"
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> WeightedRegularizedTriplet:
+        return cls()
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         feats = at_least_fp32(feats)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from yacs.config import CfgNode
 
 from strongreid.losses.common import at_least_fp32
-from strongreid.losses.registry import LOSSES
+from strongreid.losses.registry import LOSSES, PAIR_LOSSES, TRIPLET_MINERS
 
 
 def euclidean_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -38,12 +39,22 @@ def hard_example_mining(
 
 
 @LOSSES.register("triplet")
+@PAIR_LOSSES.register("triplet")
+@TRIPLET_MINERS.register("batch_hard")
 class TripletLoss(nn.Module):
     """mean_i max(0, d_ap - d_an + margin), or the soft margin log(1 + exp(d_ap - d_an)).
 
     `margin=None` selects the soft margin (SOLVER.MARGIN None). Anchors without any negative in
     the batch (a batch of one identity) are left out; with none left the loss is 0.
     """
+
+    weight_key = "SOLVER.TRIPLET_LOSS_WEIGHT"
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> nn.Module:
+        """The 'triplet' term with the miner of SOLVER.TRIPLET_MINER (this class: batch-hard)."""
+        miner = TRIPLET_MINERS.get(cfg.SOLVER.TRIPLET_MINER)
+        return cls(cfg.SOLVER.MARGIN) if miner is cls else miner.from_config(cfg)
 
     def __init__(self, margin: float | None = 0.3) -> None:
         super().__init__()

@@ -1,9 +1,10 @@
 """Models: backbones, the BNNeck head, ReIDModel, and weight loading."""
 
+from strongreid.modeling import layumi, torchreid_head  # noqa: F401  (register their heads)
 from strongreid.modeling.backbones import BACKBONES, create_backbone
 from strongreid.modeling.baseline import ReIDModel, build_model
 from strongreid.modeling.checkpoint import LoadReport, read_weights_file
-from strongreid.modeling.heads import GeM, GlobalAvgPool, build_pooling
+from strongreid.modeling.heads import HEADS, GeM, GlobalAvgPool, build_pooling
 from strongreid.modeling.weights import (
     load_backbone_file,
     load_published_weights,
@@ -12,6 +13,7 @@ from strongreid.modeling.weights import (
 
 __all__ = [
     "BACKBONES",
+    "HEADS",
     "GeM",
     "GlobalAvgPool",
     "LoadReport",

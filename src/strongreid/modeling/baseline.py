@@ -8,14 +8,25 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
+from strongreid.config.loader import timm_kwargs
 from strongreid.errors import ConfigError
 from strongreid.modeling.backbones import create_backbone
-from strongreid.modeling.heads import build_pooling, make_bnneck, weights_init_classifier
+from strongreid.modeling.cosine import use_cosine_classifier
+from strongreid.modeling.heads import (
+    HEADS,
+    build_head_model,
+    build_pooling,
+    make_bnneck,
+    weights_init_classifier,
+)
+from strongreid.modeling.init_options import apply_init_options
+from strongreid.modeling.non_local import add_non_local
 from strongreid.modeling.outputs import ModelOutput
 
 logger = logging.getLogger(__name__)
 
 
+@HEADS.register("baseline")
 class ReIDModel(nn.Module):
     """Training forward -> ModelOutput(logits, pre-BN global feature); eval forward -> the test feature.
 
@@ -58,6 +69,13 @@ class ReIDModel(nn.Module):
             self.bottleneck = None
             self.classifier = nn.Linear(self.feat_dim, self.num_classes)
 
+    @classmethod
+    def from_config(cls, cfg: CfgNode, backbone: nn.Module, num_classes: int) -> ReIDModel:
+        """MODEL.HEAD 'baseline': MODEL.NECK, TEST.NECK_FEAT, MODEL.POOLING / GEM_P, HEAD_PRECISION."""
+        return cls(backbone, num_classes, neck=cfg.MODEL.NECK, neck_feat=cfg.TEST.NECK_FEAT,
+                   pooling=cfg.MODEL.POOLING, gem_p=cfg.MODEL.GEM_P,
+                   head_fp32=cfg.MODEL.HEAD_PRECISION == "fp32")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | ModelOutput:
         fmap = self.backbone(x)
         if self.head_fp32 and torch.is_autocast_enabled(fmap.device.type):
@@ -76,42 +94,16 @@ class ReIDModel(nn.Module):
 
 
 def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
-    """ReIDModel (or MODEL.HEAD's layumi / PCB model) from cfg.MODEL, initialised as MODEL.PRETRAIN_CHOICE says."""
-    from strongreid.config.loader import timm_kwargs
+    """The backbone of MODEL.NAME with the head of MODEL.HEAD, initialised as MODEL.PRETRAIN_CHOICE says."""
     from strongreid.modeling import weights
-    from strongreid.modeling.init_options import apply_init_options
 
     backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE, timm_kwargs(cfg),
                                img_size=tuple(cfg.INPUT.SIZE_TRAIN))
     if cfg.MODEL.NON_LOCAL:  # AGW's non-local blocks (modeling/non_local.py)
-        from strongreid.modeling.non_local import add_non_local
-
         add_non_local(backbone, list(cfg.MODEL.NL_LAYERS), cfg.MODEL.NL_INTER_CHANNELS)
-    if cfg.MODEL.HEAD == "torchreid":  # torchreid's fc head (modeling/torchreid_head.py)
-        from strongreid.modeling.heads import build_pooling
-        from strongreid.modeling.torchreid_head import TorchreidModel
-
-        model: nn.Module = TorchreidModel(backbone, num_classes,
-                                          build_pooling(cfg.MODEL.POOLING, cfg.MODEL.GEM_P),
-                                          fc_dim=cfg.MODEL.LINEAR_NUM)
-    elif cfg.MODEL.HEAD != "baseline":  # layumi's ClassBlock or PCB (modeling/layumi.py)
-        from strongreid.modeling.layumi import build_layumi_head
-
-        model = build_layumi_head(cfg, backbone, num_classes)
-    else:
-        model = ReIDModel(
-            backbone,
-            num_classes,
-            neck=cfg.MODEL.NECK,
-            neck_feat=cfg.TEST.NECK_FEAT,
-            pooling=cfg.MODEL.POOLING,
-            gem_p=cfg.MODEL.GEM_P,
-            head_fp32=cfg.MODEL.HEAD_PRECISION == "fp32",
-        )
-    apply_init_options(cfg, model)  # issue 14's init keys; no-op at their defaults
-    if cfg.MODEL.ID_LOSS_TYPE != "softmax":  # loss zoo: margin losses need cosine logits
-        from strongreid.modeling.cosine import use_cosine_classifier
-
+    model = build_head_model(cfg, backbone, num_classes)
+    apply_init_options(cfg, model)  # MODEL.CLASSIFIER_INIT_STD / ZERO_INIT_RESIDUAL; no-op at their defaults
+    if cfg.MODEL.ID_LOSS_TYPE != "softmax":  # margin ID losses need cosine logits
         use_cosine_classifier(model)
     choice = cfg.MODEL.PRETRAIN_CHOICE
     path = cfg.MODEL.PRETRAIN_PATH

@@ -1,4 +1,4 @@
-"""Initialisation options beyond the original's (issue 14): classifier std, zero-init residual BN.
+"""Initialisation options beyond the original's: classifier std, zero-init residual BN.
 
 Both leave the model untouched at their defaults (MODEL.CLASSIFIER_INIT_STD 0.001,
 MODEL.ZERO_INIT_RESIDUAL False), so the original configs build bit-identical weights.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 from yacs.config import CfgNode
 
+from strongreid.config.components import check_choices, config_check
 from strongreid.errors import ConfigError
 
 ORIGINAL_CLASSIFIER_STD = 0.001
@@ -51,3 +52,16 @@ def apply_init_options(cfg: CfgNode, model: nn.Module) -> None:
         nn.init.normal_(model.classifier.weight, std=std)
     if cfg.MODEL.ZERO_INIT_RESIDUAL:
         zero_init_residual(model.backbone, cfg.MODEL.NAME)
+
+
+@config_check("initialisation")
+def check_init_keys(cfg: CfgNode) -> None:
+    """MODEL.PRETRAIN_CHOICE / PRETRAIN_PATH and MODEL.CLASSIFIER_INIT_STD."""
+    check_choices(cfg, {"MODEL.PRETRAIN_CHOICE": ("imagenet", "self", "none")})
+    if cfg.MODEL.CLASSIFIER_INIT_STD <= 0:
+        raise ConfigError(
+            f"MODEL.CLASSIFIER_INIT_STD = {cfg.MODEL.CLASSIFIER_INIT_STD} must be positive "
+            "(0.001 the original, 0.01 fast-reid)."
+        )
+    if cfg.MODEL.PRETRAIN_CHOICE == "self" and not cfg.MODEL.PRETRAIN_PATH:
+        raise ConfigError("MODEL.PRETRAIN_CHOICE 'self' needs MODEL.PRETRAIN_PATH (a strongreid checkpoint).")

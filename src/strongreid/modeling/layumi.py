@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from strongreid.errors import ConfigError
+from strongreid.modeling.heads import HEADS, build_pooling
 from strongreid.modeling.outputs import ModelOutput
 
 
@@ -88,6 +89,7 @@ class ClassBlock(nn.Module):
         return self.classifier(f), f
 
 
+@HEADS.register("layumi")
 class LayumiModel(nn.Module):
     """layumi's ft_net family: backbone -> global pooling -> ClassBlock.
 
@@ -111,6 +113,13 @@ class LayumiModel(nn.Module):
         # Parameter prefixes whose shape depends on the class count (skipped on cross-domain load).
         self.class_layers = ("classifier.classifier.",)
 
+    @classmethod
+    def from_config(cls, cfg, backbone: nn.Module, num_classes: int) -> LayumiModel:
+        """MODEL.HEAD 'layumi': MODEL.POOLING / GEM_P, LINEAR_NUM, DROPRATE, HEAD_RELU."""
+        m = cfg.MODEL
+        return cls(backbone, num_classes, build_pooling(m.POOLING, m.GEM_P),
+                   linear_num=m.LINEAR_NUM, droprate=m.DROPRATE, relu=bool(m.HEAD_RELU))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | ModelOutput:
         pooled = self.pool(self.backbone(x))
         if self.training:
@@ -118,6 +127,7 @@ class LayumiModel(nn.Module):
         return self.classifier.embed(pooled)
 
 
+@HEADS.register("pcb")
 class PCBModel(nn.Module):
     """PCB (Sun et al. 2018) as layumi's: the map pooled into P horizontal stripes, dropout 0.5,
     one ClassBlock(C, N, linear 256, no ReLU) per stripe.
@@ -149,6 +159,13 @@ class PCBModel(nn.Module):
         self.num_classes = int(num_classes)
         self.arch = str(getattr(backbone, "arch", type(backbone).__name__))
         self.class_layers = tuple(f"classifier{i}.classifier." for i in range(self.parts))
+
+    @classmethod
+    def from_config(cls, cfg, backbone: nn.Module, num_classes: int) -> PCBModel:
+        """MODEL.HEAD 'pcb': MODEL.PCB_PARTS, PCB_LINEAR_NUM, DROPRATE, HEAD_RELU."""
+        m = cfg.MODEL
+        return cls(backbone, num_classes, parts=m.PCB_PARTS, linear_num=m.PCB_LINEAR_NUM,
+                   droprate=m.DROPRATE, relu=bool(m.HEAD_RELU))
 
     def stripes(self, x: torch.Tensor) -> torch.Tensor:
         """B x C x P stripe features (average pooling per horizontal stripe)."""
@@ -182,15 +199,3 @@ class PCBModel(nn.Module):
         return parts.flatten(1)
 
 
-def build_layumi_head(cfg, backbone: nn.Module, num_classes: int) -> nn.Module:
-    """MODEL.HEAD 'layumi' (ClassBlock) or 'pcb' on `backbone`, with the MODEL.* head keys."""
-    from strongreid.modeling.heads import build_pooling
-
-    m = cfg.MODEL
-    if m.HEAD == "layumi":
-        return LayumiModel(backbone, num_classes, build_pooling(m.POOLING, m.GEM_P),
-                           linear_num=m.LINEAR_NUM, droprate=m.DROPRATE, relu=bool(m.HEAD_RELU))
-    if m.HEAD == "pcb":
-        return PCBModel(backbone, num_classes, parts=m.PCB_PARTS, linear_num=m.PCB_LINEAR_NUM,
-                        droprate=m.DROPRATE, relu=bool(m.HEAD_RELU))
-    raise ConfigError(f"MODEL.HEAD = {m.HEAD!r}: use 'baseline', 'layumi' or 'pcb'.")

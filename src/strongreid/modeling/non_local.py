@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from yacs.config import CfgNode
 
+from strongreid.config.components import config_check
 from strongreid.errors import ConfigError
 
 
@@ -80,3 +82,14 @@ def _out_channels(block: nn.Module) -> int:
     # The last BN of a ResNet block (bn3 / bn2, or the shortcut's) has the output's width.
     bns = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
     return int(bns[-1].num_features)
+
+
+@config_check("non_local")
+def check_non_local_keys(cfg: CfgNode) -> None:
+    """MODEL.NL_LAYERS: four block counts; MODEL.NL_INTER_CHANNELS a width >= 0."""
+    m = cfg.MODEL
+    if len(m.NL_LAYERS) != 4 or any(int(n) < 0 for n in m.NL_LAYERS) or m.NL_INTER_CHANNELS < 0:
+        raise ConfigError(
+            f"MODEL.NL_LAYERS = {list(m.NL_LAYERS)} / NL_INTER_CHANNELS = {m.NL_INTER_CHANNELS}: give "
+            "4 block counts >= 0 (AGW: [0, 2, 3, 0]) and a width >= 0."
+        )

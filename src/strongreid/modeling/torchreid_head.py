@@ -14,9 +14,11 @@ import torch
 import torch.nn as nn
 
 from strongreid.errors import ConfigError
+from strongreid.modeling.heads import HEADS, build_pooling
 from strongreid.modeling.outputs import ModelOutput
 
 
+@HEADS.register("torchreid")
 class TorchreidModel(nn.Module):
     """backbone -> pool -> (fc: Linear-BN-ReLU to `fc_dim`) -> classifier (Linear with bias).
 
@@ -46,6 +48,12 @@ class TorchreidModel(nn.Module):
         # Parameter prefixes whose shape depends on the class count (skipped on cross-domain load).
         self.class_layers = ("classifier.",)
         self._init_head()
+
+    @classmethod
+    def from_config(cls, cfg, backbone: nn.Module, num_classes: int) -> TorchreidModel:
+        """MODEL.HEAD 'torchreid': MODEL.POOLING / GEM_P and the fc width MODEL.LINEAR_NUM."""
+        return cls(backbone, num_classes, build_pooling(cfg.MODEL.POOLING, cfg.MODEL.GEM_P),
+                   fc_dim=cfg.MODEL.LINEAR_NUM)
 
     def _init_head(self) -> None:
         # torchreid's _init_params for these layer types: N(0, 0.01) Linear, unit-scale BN.

@@ -60,7 +60,7 @@ _SQL_COLUMNS = ", ".join(f'"{c}"' for c in _COLUMNS)
 
 
 def _faiss() -> Any:
-    from strongreid.evaluation.retrieval import _faiss as load
+    from strongreid.search.retrieval import _faiss as load
 
     return load()
 

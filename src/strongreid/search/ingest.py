@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from strongreid.deploy.extractor import FeatureExtractor, list_images, parse_pid_camid
 from strongreid.errors import DatasetError, StrongReIDError
-from strongreid.search.store import KEY_RE, GalleryStore
+from strongreid.search.store import KEY_RE, GalleryStore, open_store, thumbs_dir_for
 
 logger = logging.getLogger("strongreid")
 
@@ -140,7 +141,6 @@ def _int(value: Any, where: str, default: int = -1) -> int:
 
 def crop_items(folder: str | os.PathLike, meta_csv: str | os.PathLike | None = None) -> list[Item]:
     """Items of a crop folder (see the module docstring)."""
-    from strongreid.deploy.extractor import list_images, parse_pid_camid
 
     root = Path(folder)
     paths = list_images(root)
@@ -183,7 +183,7 @@ def _image_loader(path: str) -> Callable[[], Image.Image]:
 
 
 @dataclass
-class Sequence_:
+class CameraSequence:
     """One camera's MOT sequence: its video, its detection rows and its clock."""
 
     name: str
@@ -230,7 +230,7 @@ def read_mot(path: Path) -> list[tuple[int, int, float, float, float, float, flo
 
 
 def find_sequences(folder: str | os.PathLike, detections: str = "auto",
-                   start_time: str | None = None) -> list[Sequence_]:
+                   start_time: str | None = None) -> list[CameraSequence]:
     """MOT sequences under `folder` (itself one, or its sub-folders), sorted by name."""
     root = Path(folder)
     if detections not in ("auto", "gt", "det"):
@@ -251,7 +251,7 @@ def find_sequences(folder: str | os.PathLike, detections: str = "auto",
         sec = info["Sequence"] if info.has_section("Sequence") else {}
         fps = float(sec.get("frameRate", 0) or 0) or _video_fps(video)
         start = start_time if start_time is not None else sec.get("startTime", "0")
-        seqs.append(Sequence_(d.name, video, read_mot(table), fps,
+        seqs.append(CameraSequence(d.name, video, read_mot(table), fps,
                               parse_time(start, f"{d / 'seqinfo.ini'} startTime")))
     if not seqs:
         raise DatasetError(f"no MOT sequence under {root}: expected folders holding a video "
@@ -273,7 +273,7 @@ def _video_fps(video: Path) -> float:
     return float(rate) if rate else 25.0
 
 
-def video_items(seq: Sequence_, root: Path, frame_step: int = 1, min_score: float = 0.0) -> list[Item]:
+def video_items(seq: CameraSequence, root: Path, frame_step: int = 1, min_score: float = 0.0) -> list[Item]:
     """Items of a sequence's detections (no pixels yet: decode_crops fills them in)."""
     vhash = _sha1_file(seq.video)
     rel = seq.video.relative_to(root).as_posix() if seq.video.is_relative_to(root) else seq.video.name
@@ -408,27 +408,27 @@ def ingest(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumb
     return stats
 
 
-def ingest_command(args: Any) -> int:
+def ingest_command(gallery: str, model: str, config: str | None = None, device: str = "auto",
+                   token: str = "", thumbs: str | None = None, crops: Sequence[str] = (),
+                   meta: str | None = None, videos: Sequence[str] = (), detections: str = "auto",
+                   frame_step: int = 1, min_score: float = 0.0, start_time: str | None = None,
+                   batch: int = 256, index_type: str = "FLAT") -> int:
     """`strongreid gallery ingest --gallery gallery.db --model best.pt --crops DIR --videos DIR`."""
-    from strongreid.deploy.extractor import FeatureExtractor
-    from strongreid.search.store import open_store, thumbs_dir_for
-
-    if not args.crops and not args.videos:
+    if not crops and not videos:
         raise StrongReIDError("nothing to ingest: pass --crops DIR and/or --videos DIR")
     # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    extractor = FeatureExtractor(args.config, args.model, device=args.device)
-    store = open_store(args.gallery, token=args.token or "", index_type=args.index)
+    extractor = FeatureExtractor(config, model, device=device)
+    store = open_store(gallery, token=token or "", index_type=index_type)
     try:
-        stats = ingest(store, extractor, thumbs_dir_for(args.gallery, args.thumbs),
-                       crops=args.crops or (), meta_csv=args.meta, videos=args.videos or (),
-                       detections=args.detections, frame_step=args.frame_step,
-                       min_score=args.min_score, start_time=args.start_time,
-                       batch_size=args.batch)
+        stats = ingest(store, extractor, thumbs_dir_for(gallery, thumbs), crops=crops or (),
+                       meta_csv=meta, videos=videos or (), detections=detections,
+                       frame_step=frame_step, min_score=min_score, start_time=start_time,
+                       batch_size=batch)
         total = store.count()
     finally:
         store.close()
     print(f"{stats.added} crops added, {stats.skipped} already stored ({stats.seen} seen) in "
-          f"{stats.seconds:.1f} s ({stats.rate:.1f} crops/s); the gallery {args.gallery} holds "
+          f"{stats.seconds:.1f} s ({stats.rate:.1f} crops/s); the gallery {gallery} holds "
           f"{total}")
     return 0

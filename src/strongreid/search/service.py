@@ -45,9 +45,20 @@ from fastapi import Body, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
+from strongreid.deploy.extractor import FeatureExtractor
 from strongreid.errors import StrongReIDError
+from strongreid.evaluation.reranking import re_ranking
 from strongreid.search.ingest import parse_time, thumb_path
-from strongreid.search.store import Filters, GalleryStore, Hit, StoreError
+from strongreid.search.store import (
+    Filters,
+    GalleryStore,
+    Hit,
+    MilvusStore,
+    StoreError,
+    is_local,
+    open_store,
+    thumbs_dir_for,
+)
 
 logger = logging.getLogger("strongreid")
 
@@ -234,7 +245,6 @@ def group_by_camera(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def rerank(query: np.ndarray, hits: list[Hit]) -> list[tuple[Hit, float]]:
     """k-reciprocal re-ranking (Zhong et al.) of the candidates: (hit, re-ranked distance)."""
-    from strongreid.evaluation.reranking import re_ranking
 
     g = np.stack([np.asarray(h.meta["vector"], np.float32) for h in hits])
     n = len(hits)
@@ -544,59 +554,61 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
     return security.Guard(app, auth=auth, hosts=frozenset(hosts), max_body=max_upload + 65536)
 
 
-def serve_command(args: Any) -> int:
+def serve_command(gallery: str, model: str, config: str | None = None, device: str = "auto",
+                  token: str = "", thumbs: str | None = None, host: str = "127.0.0.1",
+                  port: int = 8000, max_upload: int = 5 * 1024 * 1024,
+                  auth_file: str | None = None, allowed_host: tuple[str, ...] = (),
+                  ingest_root: str | None = None, max_batch: int = 16, batch_wait_ms: float = 3.0,
+                  max_decodes: int = 2) -> int:
     """`strongreid serve --gallery gallery.db --model best.pt` (127.0.0.1:8000 by default)."""
     import uvicorn
 
-    from strongreid.deploy.extractor import FeatureExtractor
     from strongreid.search import security
-    from strongreid.search.store import MilvusStore, is_local, open_store, thumbs_dir_for
 
-    loopback = security.is_loopback(args.host)
-    if not loopback and not args.auth_file:
+    loopback = security.is_loopback(host)
+    if not loopback and not auth_file:
         raise StrongReIDError(
-            f"refusing to serve on {args.host} without authentication: anyone who reaches that "
+            f"refusing to serve on {host} without authentication: anyone who reaches that "
             "address would see every crop of the gallery. Create a token with `strongreid "
             "gallery token --auth-file tokens.txt`, then pass --auth-file tokens.txt "
             "(or keep --host 127.0.0.1 behind a TLS reverse proxy; see docs/search.md)")
-    auth = security.TokenAuth.from_file(args.auth_file) if args.auth_file else None
-    hosts = security.allowed_hosts(args.allowed_host or (), args.host)
+    auth = security.TokenAuth.from_file(auth_file) if auth_file else None
+    hosts = security.allowed_hosts(allowed_host or (), host)
     # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    store = open_store(args.gallery, token=args.token or "", create=False)
-    extractor = FeatureExtractor(args.config, args.model, device=args.device)
+    store = open_store(gallery, token=token or "", create=False)
+    extractor = FeatureExtractor(config, model, device=device)
     if store.dim is not None and store.dim != extractor.feat_dim:
-        raise StoreError(f"the gallery {args.gallery} holds {store.dim}-dimensional features but "
-                         f"{args.model} gives {extractor.feat_dim}: serve it with the model that "
+        raise StoreError(f"the gallery {gallery} holds {store.dim}-dimensional features but "
+                         f"{model} gives {extractor.feat_dim}: serve it with the model that "
                          "built it")
-    service = SearchService(store, extractor, thumbs_dir_for(args.gallery, args.thumbs),
-                            model_name=str(args.model), max_upload=args.max_upload,
-                            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                            max_decodes=args.max_decodes)
-    app = create_app(service, auth=auth, allowed_hosts=hosts, ingest_root=args.ingest_root)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {store.count()} crops of {args.gallery} on http://{shown}:{args.port}/ "
+    service = SearchService(store, extractor, thumbs_dir_for(gallery, thumbs),
+                            model_name=str(model), max_upload=max_upload, max_batch=max_batch,
+                            batch_wait_ms=batch_wait_ms, max_decodes=max_decodes)
+    app = create_app(service, auth=auth, allowed_hosts=hosts, ingest_root=ingest_root)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {store.count()} crops of {gallery} on http://{shown}:{port}/ "
           "(Ctrl-C stops)", flush=True)
     print(f"  Host names answered: {', '.join(sorted(hosts))}", flush=True)
     if auth is not None:
-        print(f"  {len(auth.hashes)} token(s) from {args.auth_file}: open "
-              f"http://{shown}:{args.port}/?token=<token> once, or send 'Authorization: Bearer "
+        print(f"  {len(auth.hashes)} token(s) from {auth_file}: open "
+              f"http://{shown}:{port}/?token=<token> once, or send 'Authorization: Bearer "
               "<token>'", flush=True)
     if not loopback:
-        print(f"WARNING: {args.host}:{args.port} is reachable from other machines over plain "
+        print(f"WARNING: {host}:{port} is reachable from other machines over plain "
               "HTTP: every crop (pictures of people), camera and time of this gallery is served "
               "to any token holder, and tokens, cookies and pictures cross the network "
               "unencrypted unless a TLS reverse proxy is the only way in (docs/search.md).",
               flush=True)
-    if args.ingest_root:
-        print(f"  token holders may ingest footage under {args.ingest_root} (POST /api/ingest)",
+    if ingest_root:
+        print(f"  token holders may ingest footage under {ingest_root} (POST /api/ingest)",
               flush=True)
-    if isinstance(store, MilvusStore) and is_local(args.gallery):
-        print("  note: an old Milvus Lite gallery's embedded server listens on a 127.0.0.1 port of its own, "
-              "without authentication: other users of this machine can read the gallery's "
-              "rows there (docs/search.md, 'The Milvus Lite side port')", flush=True)
+    if isinstance(store, MilvusStore) and is_local(gallery):
+        print("  note: an old Milvus Lite gallery's embedded server listens on a 127.0.0.1 port "
+              "of its own, without authentication: other users of this machine can read the "
+              "gallery's rows there (docs/search.md, 'The Milvus Lite side port')", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         service.close()
         store.close()

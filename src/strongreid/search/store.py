@@ -196,8 +196,6 @@ def open_store(uri: str, *, token: str = "", index_type: str = DEFAULT_INDEX,
                index_params: dict[str, Any] | None = None,
                search_params: dict[str, Any] | None = None, create: bool = True) -> GalleryStore:
     """The gallery at `uri`, opened by the first registered backend that claims it."""
-    import strongreid.search.faiss_store  # noqa: F401  (registers the embedded store)
-
     uri = str(uri)
     for name in STORES.names_in_order():
         backend = STORES.get(name)

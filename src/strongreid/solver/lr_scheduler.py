@@ -9,7 +9,13 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 from yacs.config import CfgNode
 
+from strongreid.config.components import check_choices, config_check, selected, selects
 from strongreid.errors import ConfigError
+from strongreid.registry import Registry
+
+# SOLVER.SCHED -> an epoch scheduler class with `from_config(cfg, optimizer)`.
+SCHEDULERS: Registry = Registry("lr schedule")
+selects("SOLVER.SCHED", SCHEDULERS)
 
 WARMUP_METHODS = ("constant", "linear")
 
@@ -58,12 +64,13 @@ class _EpochScheduler(LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
+@SCHEDULERS.register("multistep")
 class WarmupMultiStepLR(_EpochScheduler):
     """lr(t) = base_lr * warmup(t) * gamma^(number of milestones <= t), t counted in epochs.
 
     Unit: epochs. Step it once per epoch, after the epoch's iterations. Built, it is at t = 0,
     which is epoch 1's lr; so epoch e (1-based) trains with t = e - 1. That is the behaviour the
-    authors ran (PyTorch 1.0 with the step at each epoch start; spec §7.2, PT1.0 column): with
+    authors ran (PyTorch 1.0, whose scheduler stepped at each epoch start): with
     warm-up 10 from 0.01 and milestones 40/70, epoch 1 uses 0.01 x base, epoch 10 0.901 x base,
     epochs 11-40 base, 41-70 base/10 and 71- base/100. Milestones and WARMUP_ITERS are epochs.
     """
@@ -91,11 +98,18 @@ class WarmupMultiStepLR(_EpochScheduler):
         self.warmup_method = warmup_method
         super().__init__(optimizer, last_epoch)
 
+    @classmethod
+    def from_config(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer) -> WarmupMultiStepLR:
+        """SOLVER.SCHED 'multistep': STEPS, GAMMA and the warm-up keys."""
+        s = cfg.SOLVER
+        return cls(optimizer, s.STEPS, s.GAMMA, s.WARMUP_FACTOR, s.WARMUP_ITERS, s.WARMUP_METHOD)
+
     def factor(self, t: int) -> float:
         warm = warmup_factor_at(t, self.warmup_iters, self.warmup_factor, self.warmup_method)
         return warm * self.gamma ** bisect.bisect_right(self.milestones, t)
 
 
+@SCHEDULERS.register("cosine")
 class WarmupCosineLR(_EpochScheduler):
     """Warm-up as WarmupMultiStepLR, then a cosine from base_lr down to base_lr * min_lr_factor.
 
@@ -130,6 +144,13 @@ class WarmupCosineLR(_EpochScheduler):
         self.warmup_method = warmup_method
         super().__init__(optimizer, last_epoch)
 
+    @classmethod
+    def from_config(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer) -> WarmupCosineLR:
+        """SOLVER.SCHED 'cosine': MAX_EPOCHS, COSINE_MIN_LR_FACTOR / DELAY_EPOCHS, the warm-up keys."""
+        s = cfg.SOLVER
+        return cls(optimizer, s.MAX_EPOCHS, s.COSINE_MIN_LR_FACTOR, s.WARMUP_FACTOR, s.WARMUP_ITERS,
+                   s.WARMUP_METHOD, delay_epochs=s.COSINE_DELAY_EPOCHS)
+
     def factor(self, t: int) -> float:
         if t < self.warmup_iters:
             return warmup_factor_at(t, self.warmup_iters, self.warmup_factor, self.warmup_method)
@@ -148,17 +169,7 @@ def build_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> LRSchedul
     s = cfg.SOLVER
     if s.FREEZE_BACKBONE_EPOCHS < 0:
         raise ConfigError(f"SOLVER.FREEZE_BACKBONE_EPOCHS = {s.FREEZE_BACKBONE_EPOCHS} must be >= 0.")
-    if s.SCHED == "multistep":
-        sched: _EpochScheduler = WarmupMultiStepLR(
-            optimizer, s.STEPS, s.GAMMA, s.WARMUP_FACTOR, s.WARMUP_ITERS, s.WARMUP_METHOD
-        )
-    elif s.SCHED == "cosine":
-        sched = WarmupCosineLR(
-            optimizer, s.MAX_EPOCHS, s.COSINE_MIN_LR_FACTOR, s.WARMUP_FACTOR, s.WARMUP_ITERS,
-            s.WARMUP_METHOD, delay_epochs=s.COSINE_DELAY_EPOCHS,
-        )
-    else:
-        raise ConfigError(f"SOLVER.SCHED = {s.SCHED!r}: use 'multistep' or 'cosine'.")
+    sched: _EpochScheduler = selected(cfg, "SOLVER.SCHED").from_config(cfg, optimizer)
     if s.FREEZE_BACKBONE_EPOCHS:
         # Set after construction (the instance attribute), then put epoch 1's lr in place.
         sched.freeze_epochs = int(s.FREEZE_BACKBONE_EPOCHS)
@@ -225,3 +236,29 @@ def build_iteration_lr(cfg: CfgNode, scheduler: LRScheduler, iters_per_epoch: in
             f"'multistep' or 'cosine'); {type(scheduler).__name__} has none: use 'epoch'."
         )
     return IterationLR(scheduler, unit, iters_per_epoch)
+
+
+@config_check("schedule")
+def check_schedule_keys(cfg: CfgNode) -> None:
+    """The epoch count, warm-up, milestones, lr step unit and weight averaging (SOLVER.WA*)."""
+    s = cfg.SOLVER
+    check_choices(cfg, {
+        "SOLVER.WARMUP_METHOD": ("linear", "constant"),
+        "SOLVER.LR_STEP_UNIT": LR_STEP_UNITS,
+        "SOLVER.WA": ("off", "ema", "swa"),
+    })
+    for key in ("MAX_EPOCHS", "LR_REFERENCE_BATCH"):
+        if s[key] < 1:
+            raise ConfigError(f"SOLVER.{key} = {s[key]} must be at least 1.")
+    if s.WARMUP_ITERS < 0:
+        raise ConfigError(f"SOLVER.WARMUP_ITERS = {s.WARMUP_ITERS} must be >= 0 (epochs).")
+    steps = list(s.STEPS)
+    if steps != sorted(steps):
+        raise ConfigError(f"SOLVER.STEPS = {steps} must be increasing epoch numbers.")
+    for key in ("FREEZE_BACKBONE_EPOCHS", "COSINE_DELAY_EPOCHS"):
+        if s[key] < 0:
+            raise ConfigError(f"SOLVER.{key} = {s[key]} must be >= 0 (epochs).")
+    if not 0.0 <= s.WA_START < 1.0:
+        raise ConfigError(f"SOLVER.WA_START = {s.WA_START} must lie in [0, 1) (a fraction of MAX_EPOCHS).")
+    if not 0.0 < s.WA_EMA_DECAY < 1.0:
+        raise ConfigError(f"SOLVER.WA_EMA_DECAY = {s.WA_EMA_DECAY} must lie in (0, 1) (layumi: 0.996).")

@@ -8,7 +8,11 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
+from strongreid.config.components import check_choices, config_check
 from strongreid.errors import ConfigError
+
+# What a config may name in SOLVER.OPTIMIZER_NAME (make_optimizer itself takes any torch.optim class).
+OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta")
 
 
 def optimizer_names() -> list[str]:
@@ -24,7 +28,7 @@ def param_groups(
     model: nn.Module, base_lr: float, weight_decay: float, bias_lr_factor: float,
     weight_decay_bias: float, backbone_lr_factor: float = 1.0, split_backbone: bool = False,
 ) -> list[dict]:
-    """Spec §7.1's rules, one group per distinct (lr, weight decay) instead of one per tensor.
+    """The original's per-parameter rules, one group per distinct (lr, weight decay) instead of one per tensor.
 
     A parameter whose name contains "bias" gets lr * BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS, every
     other one BASE_LR and WEIGHT_DECAY; frozen parameters (the BNNeck shift) are left out.
@@ -54,7 +58,7 @@ def param_groups(
 
 
 def make_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
-    """torch.optim.<SOLVER.OPTIMIZER_NAME> over the §7.1 groups; SGD also gets SOLVER.MOMENTUM."""
+    """torch.optim.<SOLVER.OPTIMIZER_NAME> over the original's parameter groups; SGD also gets SOLVER.MOMENTUM."""
     s = cfg.SOLVER
     name = s.OPTIMIZER_NAME
     valid = optimizer_names()
@@ -103,3 +107,18 @@ def step_center(
         scaler.step(center_optimizer)
     else:
         center_optimizer.step()
+
+
+@config_check("optimizer")
+def check_optimizer_keys(cfg: CfgNode) -> None:
+    """SOLVER.OPTIMIZER_NAME, BASE_LR, NESTEROV, BACKBONE_LR_FACTOR."""
+    s = cfg.SOLVER
+    check_choices(cfg, {"SOLVER.OPTIMIZER_NAME": OPTIMIZERS})
+    if s.BASE_LR <= 0:
+        raise ConfigError(f"SOLVER.BASE_LR = {s.BASE_LR} must be positive.")
+    if s.BACKBONE_LR_FACTOR < 0:
+        raise ConfigError(f"SOLVER.BACKBONE_LR_FACTOR = {s.BACKBONE_LR_FACTOR} must be >= 0 (layumi: 0.1).")
+    if s.NESTEROV and s.OPTIMIZER_NAME != "SGD":
+        raise ConfigError(
+            f"SOLVER.NESTEROV applies to SGD only; SOLVER.OPTIMIZER_NAME is {s.OPTIMIZER_NAME!r}."
+        )

@@ -8,7 +8,6 @@ under the gallery images, the query's AP under the query.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass
@@ -325,12 +324,12 @@ def write_visualizations(results_dir: str | os.PathLike, out_dir: str | os.PathL
     return written
 
 
-def visualize_command(args: argparse.Namespace) -> int:
+def visualize_command(results: str, queries: int = 8, topk: int = 10, out: str | None = None,
+                      seed: int = 0, query: list[str] | None = None) -> int:
     """`strongreid visualize --results DIR [--queries N] [--topk K] [--out DIR] [--seed S]
     [--query N|FILE ...]`."""
-    out = Path(args.out) if getattr(args, "out", None) else Path(args.results) / "viz"
-    written = write_visualizations(args.results, out, int(args.queries), int(args.topk),
-                                   int(getattr(args, "seed", 0) or 0), getattr(args, "query", None))
+    folder = Path(out) if out else Path(results) / "viz"
+    written = write_visualizations(results, folder, int(queries), int(topk), int(seed or 0), query)
     for path in written.values():
         print(path)
     return 0

@@ -6,7 +6,6 @@ folder can be zipped and opened anywhere. The page needs no network and no scrip
 
 from __future__ import annotations
 
-import argparse
 import html
 import math
 import os
@@ -175,8 +174,8 @@ def write_report(results_dir: str | os.PathLike, out_html: str | os.PathLike | N
     return page
 
 
-def report_command(args: argparse.Namespace) -> int:
+def report_command(results: str, out: str | None = None) -> int:
     """`strongreid report --results DIR [--out FILE]`: write the page and print its path."""
-    page = write_report(args.results, getattr(args, "out", None))
+    page = write_report(results, out)
     print(page.resolve())
     return 0

@@ -7,8 +7,12 @@ returns (train, query, gallery) lists of `ImageRecord(path, pid, camid)`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from yacs.config import CfgNode
+
+from strongreid.config import dataset_names, flag
+from strongreid.config.components import check_choices, config_check, selects
 from strongreid.data.datasets.base import (
     DATASETS,
     IMAGE_EXTENSIONS,
@@ -36,10 +40,7 @@ from strongreid.data.datasets.msmt17 import MSMT17, parse_msmt_camera
 from strongreid.data.datasets.stats import dataset_stats, format_stats, split_stats, stats_command
 from strongreid.data.datasets.vehicleid import VehicleID
 from strongreid.data.datasets.veri import VeRi776
-from strongreid.errors import DatasetError
-
-if TYPE_CHECKING:
-    from yacs.config import CfgNode
+from strongreid.errors import ConfigError, DatasetError
 
 __all__ = [
     "CUHK03",
@@ -83,8 +84,6 @@ def dataset_options(cfg: CfgNode, name: str) -> dict[str, Any]:
     Only options the loader declares are passed; an empty string means "the loader's default"
     (e.g. the `folder` loader's bounding_box_train when DATASETS.LIST_TRAIN is '').
     """
-    from strongreid.config import flag
-
     declared = DATASETS.get(name).option_specs()
     values = {
         "merge_val": flag(cfg.DATASETS.MSMT17_MERGE_VAL),
@@ -93,7 +92,6 @@ def dataset_options(cfg: CfgNode, name: str) -> dict[str, Any]:
         "query": str(cfg.DATASETS.LIST_QUERY),
         "gallery": str(cfg.DATASETS.LIST_GALLERY),
         "skip_corrupt": flag(cfg.DATALOADER.SKIP_CORRUPT),
-        # layumi compatibility (issue 10)
         "train_all": bool(cfg.DATASETS.TRAIN_ALL),
         "test_size": str(cfg.DATASETS.VEHICLEID_TEST_SIZE),
     }
@@ -126,3 +124,26 @@ def combine_train(
         pid_offset += dataset.num_train_pids
         cam_offset += max(r.camid for r in dataset.train) + 1
     return combined
+
+
+def _configured_datasets(cfg: CfgNode) -> list[str]:
+    names = dataset_names(cfg)
+    if not names:
+        raise ConfigError("DATASETS.NAMES is empty; name at least one dataset, e.g. market1501.")
+    return names + ([cfg.DATASETS.TEST_NAME] if cfg.DATASETS.TEST_NAME else [])
+
+
+selects("DATASETS.NAMES", DATASETS, names=_configured_datasets,
+        unknown=lambda name: f"DATASETS.NAMES: unknown dataset {name!r}")
+
+
+@config_check("datasets")
+def check_dataset_keys(cfg: CfgNode) -> None:
+    """The DATASETS.* options of the loaders."""
+    check_choices(cfg, {"DATASETS.CUHK03_KIND": ("labeled", "detected"),
+                        "DATASETS.VALIDATION": ("off", "first")})
+    if cfg.DATASETS.VEHICLEID_TEST_SIZE not in (800, 1600, 2400):
+        raise ConfigError(
+            f"DATASETS.VEHICLEID_TEST_SIZE = {cfg.DATASETS.VEHICLEID_TEST_SIZE} is not allowed; "
+            "choose one of 800, 1600, 2400 (the official VehicleID test lists)."
+        )

@@ -6,7 +6,10 @@ import logging
 
 import torch.nn as nn
 import torch.nn.functional as F
+from yacs.config import CfgNode
 
+from strongreid.config.components import config_check, selects
+from strongreid.config.loader import timm_kwargs
 from strongreid.errors import ConfigError, StrongReIDError
 from strongreid.registry import Registry
 
@@ -16,8 +19,32 @@ logger = logging.getLogger(__name__)
 # which exposes `feat_dim` (C), `arch` (the name) and `weights_source` (where published weights
 # come from: ("torchvision", name) | ("url", url) | ("timm", name) | ("manual", where to get them)).
 BACKBONES: Registry = Registry("backbone")
+# prefix -> factory(model_name, last_stride, kwargs, img_size) for whole families named by prefix
+# ('timm:<name>' is any timm model); MODEL.TIMM_KWARGS go to the family's factory.
+BACKBONE_FAMILIES: Registry = Registry("backbone family")
 
 TIMM_PREFIX = "timm:"
+
+
+def family_of(name: str) -> str | None:
+    """The registered prefix `name` starts with, if any."""
+    return next((p for p in BACKBONE_FAMILIES.names_in_order() if name.startswith(p)), None)
+
+
+selects("MODEL.NAME", BACKBONES, accepts=lambda name: family_of(name) is not None,
+        unknown=lambda name: f"MODEL.NAME = {name!r} is not a known backbone",
+        hint=", or any timm model as 'timm:<name>'")
+
+
+@config_check("backbone")
+def check_backbone_keys(cfg: CfgNode) -> None:
+    """MODEL.TIMM_KWARGS parses and goes with a prefixed (timm) backbone only."""
+    timm_kwargs(cfg)
+    if cfg.MODEL.TIMM_KWARGS.strip() and family_of(cfg.MODEL.NAME) is None:
+        raise ConfigError(
+            f"MODEL.TIMM_KWARGS applies to timm backbones ('timm:<name>'), not to MODEL.NAME "
+            f"{cfg.MODEL.NAME!r}; clear it or name the timm model."
+        )
 
 
 def check_last_stride(last_stride: int) -> int:
@@ -104,11 +131,9 @@ def create_backbone(name: str, last_stride: int, timm_kwargs: dict | None = None
     passed as timm's `img_size` to the models that take one (ViT, Swin...) unless given there.
     """
     check_last_stride(last_stride)
-    if name.startswith(TIMM_PREFIX):
-        from strongreid.modeling.backbones.timm_models import TimmBackbone
-
-        timm_name = name[len(TIMM_PREFIX):]
-        return TimmBackbone(timm_name, last_stride, arch=name, kwargs=timm_kwargs, img_size=img_size)
+    prefix = family_of(name)
+    if prefix is not None:
+        return BACKBONE_FAMILIES.get(prefix)(name[len(prefix):], last_stride, timm_kwargs, img_size)
     if timm_kwargs:
         raise ConfigError(
             f"MODEL.TIMM_KWARGS = {timm_kwargs!r} applies to timm backbones ('timm:<name>'), not to "

@@ -15,7 +15,12 @@ import torch
 import torch.nn as nn
 
 from strongreid.errors import ConfigError
-from strongreid.modeling.backbones.base import BACKBONES, apply_last_stride
+from strongreid.modeling.backbones.base import (
+    BACKBONE_FAMILIES,
+    BACKBONES,
+    TIMM_PREFIX,
+    apply_last_stride,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +166,11 @@ def _register_senet(name: str, timm_name: str) -> None:
 
 for _name, _timm_name in SENET_NAMES.items():
     _register_senet(_name, _timm_name)
+
+
+@BACKBONE_FAMILIES.register(TIMM_PREFIX)
+def create_timm_backbone(timm_name: str, last_stride: int, kwargs: dict | None = None,
+                         img_size: tuple[int, int] | None = None) -> nn.Module:
+    """MODEL.NAME 'timm:<name>': any timm model, MODEL.TIMM_KWARGS passed to timm."""
+    return TimmBackbone(timm_name, last_stride, arch=TIMM_PREFIX + timm_name, kwargs=kwargs,
+                        img_size=img_size)

@@ -6,7 +6,7 @@ evaluator: "euclidean" is the squared Euclidean distance (faiss' L2 index report
 "cosine" is 1 - cos (inner product of L2-normalised vectors). The exact "flat" index ranks like
 `evaluate`; "ivf" (IndexIVFFlat: nlist cells, nprobe searched) and "hnsw" (IndexHNSWFlat: M
 links per node, efSearch breadth) trade exactness for speed on large galleries.
-faiss is imported here only, and lazily, so plain evaluation never needs it.
+faiss is imported here only, and lazily, so evaluation and the gallery service never need it.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from strongreid.config import load_config
+from strongreid.deploy.extractor import IMAGE_EXTENSIONS, FeatureExtractor, list_images
 from strongreid.errors import StrongReIDError
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
@@ -208,41 +211,38 @@ def search(folder: str, q_feats: np.ndarray, q_paths: list[str], k: int) -> list
     return out
 
 
-def index_build_command(args: Any) -> int:
+def index_build_command(features: str, out: str, index_type: str = "flat", metric: str = "euclidean",
+                        nlist: int | None = None, nprobe: int = 8, hnsw_m: int = 32,
+                        ef_search: int = 64) -> int:
     """`strongreid index build FEATURES --out INDEX [--type flat|ivf|hnsw] [...]`."""
-    if args.nprobe < 1 or args.ef_search < 1:
+    if nprobe < 1 or ef_search < 1:
         raise StrongReIDError("--nprobe and --ef-search must be at least 1")
-    data = load_features(args.features)
-    index = build_index(
-        data["feats"], index_type=args.type, metric=args.metric, nlist=args.nlist, hnsw_m=args.hnsw_m
-    )
+    data = load_features(features)
+    index = build_index(data["feats"], index_type=index_type, metric=metric, nlist=nlist, hnsw_m=hnsw_m)
     info = {
-        "type": args.type,
-        "metric": args.metric,
+        "type": index_type,
+        "metric": metric,
         "dim": int(data["feats"].shape[1]),
         "count": int(data["feats"].shape[0]),
         "nlist": int(getattr(index, "nlist", 0)),
-        "nprobe": int(args.nprobe),
-        "hnsw_m": int(args.hnsw_m),
-        "ef_search": int(args.ef_search),
-        "features": os.path.abspath(args.features),
+        "nprobe": int(nprobe),
+        "hnsw_m": int(hnsw_m),
+        "ef_search": int(ef_search),
+        "features": os.path.abspath(features),
     }
-    save_index(args.out, index, info, data)
-    print(f"{args.type} index of {info['count']} {info['dim']}-d features ({args.metric}) "
-          f"written to {args.out}")
+    save_index(out, index, info, data)
+    print(f"{index_type} index of {info['count']} {info['dim']}-d features ({metric}) "
+          f"written to {out}")
     return 0
 
 
-def _query_features(args: Any) -> tuple[np.ndarray, list[str]]:
-    source = Path(args.query)
+def _query_features(query: str, config: str | None, opts: list[str]) -> tuple[np.ndarray, list[str]]:
+    source = Path(query)
     if source.suffix in (".npz", ".safetensors"):
         data = load_features(str(source))
         return data["feats"], [str(p) for p in data["paths"]]
     # Images: a model is needed, described by --config / TEST.WEIGHT.
-    from strongreid.config import load_config
-    from strongreid.deploy.extractor import IMAGE_EXTENSIONS, FeatureExtractor, list_images
-
-    cfg = load_config(args.config, list(args.opts or []))
+    cfg = load_config(config, list(opts))
     if not cfg.TEST.WEIGHT:
         raise StrongReIDError(
             "searching with images needs a model: pass --config FILE TEST.WEIGHT CHECKPOINT "
@@ -254,15 +254,18 @@ def _query_features(args: Any) -> tuple[np.ndarray, list[str]]:
     return feats.detach().cpu().numpy().astype(np.float32), paths
 
 
-def search_command(args: Any) -> int:
-    """`strongreid search INDEX --query FEATURES_OR_IMAGES -k K [--out F]`: JSON results."""
-    feats, paths = _query_features(args)
-    results = search(args.index, feats, paths, args.k)
+def search_command(index: str, query: str, k: int = 10, out: str | None = None,
+                   config: str | None = None, opts: Sequence[str] = ()) -> int:
+    """`strongreid search INDEX --query FEATURES_OR_IMAGES -k K [--out F]`: JSON results.
+
+    `config` / `opts` (KEY VALUE) describe the model when `query` holds images."""
+    feats, paths = _query_features(query, config, list(opts))
+    results = search(index, feats, paths, k)
     text = json.dumps(results, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-        print(f"{len(results)} queries searched; results written to {args.out}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n", encoding="utf-8")
+        print(f"{len(results)} queries searched; results written to {out}")
     else:
         sys.stdout.write(text + "\n")
     return 0

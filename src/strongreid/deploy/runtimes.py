@@ -1,0 +1,62 @@
+"""The runtimes exported files run on (onnxruntime, OpenVINO) and the optional-package check.
+
+Shared by `export` (parity of every written file) and `quantize` (int8 calibration and parity).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from strongreid.errors import StrongReIDError
+
+
+def require(module: str, extra: str) -> None:
+    """Raise a one-line install hint when an optional package is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise StrongReIDError(f"this export needs the {module} package: pip install 'strongreid[{extra}]'")
+
+
+def run_onnx(out: Path, threads: int | None = None) -> Callable[[torch.Tensor], np.ndarray]:
+    """Features from an ONNX file with onnxruntime on the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: np.asarray(x, dtype=np.float32)})[0]
+
+
+def to_openvino(fp32_onnx: Path, out: Path, meta: dict[str, str]) -> None:
+    """Convert an fp32 ONNX file to OpenVINO IR at `out` (.xml, with its .bin), fp32 weights."""
+    import openvino as ov
+
+    model = ov.convert_model(str(fp32_onnx))
+    for key, value in meta.items():
+        model.set_rt_info(value, ["strongreid", key])
+    ov.save_model(model, str(out), compress_to_fp16=False)
+
+
+def run_openvino(xml: Path, threads: int | None = None) -> Callable[[torch.Tensor | np.ndarray], np.ndarray]:
+    """Features from an OpenVINO IR on the CPU at f32 precision (no silent bf16 on new CPUs)."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = ov.Core().compile_model(str(xml), "CPU", config)
+    output = compiled.output(0)
+
+    def run(x: Any) -> np.ndarray:
+        arr = x.numpy() if isinstance(x, torch.Tensor) else x
+        return np.asarray(compiled(arr)[output])
+
+    return run
