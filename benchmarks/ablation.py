@@ -1,4 +1,4 @@
-"""Ablation of fast-reid's BoT differences on the demo setting (issue 14, docs/ablation.md).
+"""Ablation of fast-reid's BoT differences on the demo setting (docs/ablation.md).
 
 Each variant trains `configs/demo.yml` (ResNet-18 from scratch at 64x32, 16 epochs, on the
 synthetic set) with a few config overrides, for N seeds, one training after another, and the

@@ -12,7 +12,7 @@ run, interleaved with the case, so machine load affects both sides; times are th
 --repeats. The ratio of process CPU seconds is printed too: other processes disturb it less,
 but it counts both cores of the matmul and one of the evaluator's bookkeeping (which runs
 single-threaded, see strongreid.evaluation.distance.serial_cpu).
-Targets (issue #4): evaluate <= 0.17x the matmul, evaluate_features <= 1.2x; at MSMT17 scale
+Targets: evaluate <= 0.17x the matmul, evaluate_features <= 1.2x; at MSMT17 scale
 evaluate_features < 30 s and <= 2 GB above the features; re_ranking at Market scale <= 8 s and
 <= 2 GB above the features, at MSMT17 scale within 16 GB and 15 minutes.
 """

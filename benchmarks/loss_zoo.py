@@ -1,6 +1,6 @@
 """configs/demo_bot.yml with the pair-wise circle loss in place of the batch-hard triplet: mAP.
 
-The loss zoo's target on the synthetic set is mAP >= 0.60 for this recipe (issue 9). Run:
+The loss zoo's target on the synthetic set is mAP >= 0.60 for this recipe. Run:
 
     PYTHONPATH=src python benchmarks/loss_zoo.py                 # circle (+ center, as the demo)
     PYTHONPATH=src python benchmarks/loss_zoo.py --reference     # also the triplet demo, same process

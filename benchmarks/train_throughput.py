@@ -102,7 +102,7 @@ def sync(device: torch.device) -> None:
 
 
 def make_cfg(args: argparse.Namespace) -> CfgNode:
-    # softmax_triplet_with_center.yml's recipe (spec §2.3).
+    # softmax_triplet_with_center.yml's recipe.
     cfg = get_cfg_defaults()
     cfg.MODEL.NAME = args.model
     cfg.MODEL.LAST_STRIDE = 1

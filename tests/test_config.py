@@ -19,7 +19,7 @@ from strongreid.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-# Every key of reid-strong-baseline's config/defaults.py with its default (spec §2.2).
+# Every key of reid-strong-baseline's config/defaults.py with its default.
 UPSTREAM_DEFAULTS = {
     "MODEL.DEVICE": "cuda", "MODEL.DEVICE_ID": "0", "MODEL.NAME": "resnet50", "MODEL.LAST_STRIDE": 1,
     "MODEL.PRETRAIN_PATH": "", "MODEL.PRETRAIN_CHOICE": "imagenet", "MODEL.NECK": "bnneck",

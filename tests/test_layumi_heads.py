@@ -17,7 +17,8 @@ from strongreid.errors import ConfigError
 from strongreid.losses.build import ReIDLoss
 from strongreid.losses.classification import CrossEntropyLoss
 from strongreid.modeling import build_model, load_test_weights
-from strongreid.modeling.layumi import ClassBlock, LayumiModel, PCBModel
+from strongreid.modeling.heads.class_block import ClassBlock, LayumiModel
+from strongreid.modeling.heads.pcb import PCBModel
 from strongreid.modeling.outputs import ModelOutput, class_scores
 
 _cfg = model_cfg

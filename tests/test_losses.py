@@ -1,4 +1,4 @@
-"""Loss terms against hand-computed values, and the §4.4 combination table."""
+"""Loss terms against hand-computed values, and the combination table of the original's losses."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_center_loss_device_and_init():
 
 
 # --------------------------------------------------------------------------------------------
-# build_loss: spec §4.4
+# build_loss: the original's loss combinations
 # --------------------------------------------------------------------------------------------
 
 

@@ -58,7 +58,7 @@ def test_every_upstream_name_is_registered():
 # tests/test_layumi_checkpoints.py.
 @pytest.mark.parametrize("name", sorted(n for n in BACKBONES.names() if n != "layumi_densenet121"))
 def test_backbone_map_shape_at_256x128(name):
-    # Spec §3.4: the stride-16 path gives 16x8 at 256x128 with LAST_STRIDE 1, 8x4 with 2.
+    # The stride-16 path gives 16x8 at 256x128 with LAST_STRIDE 1, 8x4 with 2.
     backbone, shape1 = _meta_map(name, 1)
     _, shape2 = _meta_map(name, 2)
     assert tuple(shape1) == (2, backbone.feat_dim, 16, 8)

@@ -38,7 +38,7 @@ def pk_setups(draw: st.DrawFn, max_world: int = 1) -> tuple:
 
 
 def check_pk_epoch(records: list, indices: list[int], p: int, k: int) -> None:
-    """Assert the §5.2 invariants for one emitted epoch."""
+    """Assert the P x K sampler's invariants for one emitted epoch."""
     pids = [records[i][1] for i in indices]
     assert all(0 <= i < len(records) for i in indices)
     assert len(indices) % (p * k) == 0

@@ -27,7 +27,7 @@ from strongreid.solver import (
 
 
 class Tiny(nn.Module):
-    """Weights, biases, BN and a frozen bias: every case of the §7.1 rules."""
+    """Weights, biases, BN and a frozen bias: every case of the optimizer-group rules."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,7 +140,7 @@ def test_center_optimizer_settings():
 
 @pytest.mark.parametrize("weight", [0.0005, 0.25])
 def test_center_step_closed_form(weight):
-    # Spec §4.3: c_j <- c_j + (2 lr / B) sum_{i: y_i = j} (x_i - c_j), whatever the weight.
+    # Center update: c_j <- c_j + (2 lr / B) sum_{i: y_i = j} (x_i - c_j), whatever the weight.
     torch.manual_seed(0)
     center = CenterLoss(4, 3)
     start = center.centers.detach().clone()
@@ -193,7 +193,7 @@ def _epoch_lrs(scheduler, optimizer, epochs: int) -> list[float]:
 
 
 def _sched_for(steps, warmup_iters, warmup_factor=0.01):
-    # Spec §2.3: the four shipped ymls' values.
+    # The four shipped ymls' values.
     cfg = _cfg(BASE_LR=BASE, STEPS=steps, GAMMA=0.1, WARMUP_FACTOR=warmup_factor,
                WARMUP_ITERS=warmup_iters, WARMUP_METHOD="linear", MAX_EPOCHS=120)
     opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=BASE)

@@ -1,4 +1,4 @@
-"""Train/test transforms (spec §6) and random erasing: bounds, fills, exact values."""
+"""Train/test transforms and random erasing: bounds, fills, exact values."""
 
 from __future__ import annotations
 

@@ -53,11 +53,11 @@ _C.MODEL.AMP = "auto"
 _C.MODEL.CHANNELS_LAST = "auto"
 # extension: wrap the model in torch.compile
 _C.MODEL.COMPILE = False
-# extension (layumi heads, modeling/layumi.py): 'baseline' (BNNeck or not, as MODEL.NECK says)
+# extension (layumi heads, modeling/heads/class_block.py, heads/pcb.py): 'baseline' (BNNeck or not, as MODEL.NECK says)
 # | 'layumi' (layumi's ClassBlock: Linear -> BN -> (LeakyReLU) -> Dropout -> classifier; the
 # test feature is the LINEAR_NUM-d embedding) | 'pcb' (PCB_PARTS horizontal stripes, one
 # ClassBlock each; test feature: the part-normalised concatenation). MODEL.NECK and
-# TEST.NECK_FEAT apply to 'baseline' only. 'torchreid' (modeling/torchreid_head.py): torchreid's
+# TEST.NECK_FEAT apply to 'baseline' only. 'torchreid' (modeling/heads/torchreid_fc.py): torchreid's
 # fc head, Linear(LINEAR_NUM) -> BN -> ReLU (none at LINEAR_NUM 0) -> classifier with bias; the
 # test feature is the fc output.
 _C.MODEL.HEAD = "baseline"
@@ -115,7 +115,7 @@ _C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
 _C.INPUT.PADDING = 10
 # extension: random-erasing area range, minimum aspect ratio and fill.
 # RE_FILL 'original' writes PIXEL_MEAN into the normalised tensor as reid-strong-baseline does
-# (spec §6); 'zero' fills 0 after normalisation (the mean pixel); 'random' fills N(0, 1).
+#; 'zero' fills 0 after normalisation (the mean pixel); 'random' fills N(0, 1).
 _C.INPUT.RE_SL = 0.02
 _C.INPUT.RE_SH = 0.4
 _C.INPUT.RE_R1 = 0.3
@@ -329,7 +329,7 @@ _C.TEST.PRECISION = "fp32"
 _C.OUTPUT_DIR = ""
 
 # ---------------------------------------------------------------------------------------------
-# extension: fast-reid's BoT differences (issue 14, docs/ablation.md). The defaults are the
+# extension: fast-reid's BoT differences (docs/ablation.md). The defaults are the
 # original's behaviour; configs/demo.yml turns on what the ablation measured to help.
 # ---------------------------------------------------------------------------------------------
 # When the LR schedule moves: 'epoch' (once per epoch, the original), 'iter' (the same warm-up

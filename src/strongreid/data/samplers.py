@@ -1,4 +1,4 @@
-"""Training samplers: the P×K identity sampler of spec §5.2, its rank-aware form, and a shuffle.
+"""Training samplers: the P×K identity sampler of reid-strong-baseline, its rank-aware form, and a shuffle.
 
 Every sampler draws from its own NumPy generator seeded by (seed, epoch), never from the
 global RNGs, so an epoch's order depends only on those two numbers: `set_epoch(e)` moves to
@@ -26,7 +26,7 @@ def _check_seed_epoch(seed: int, epoch: int) -> None:
 
 
 class RandomIdentitySampler(Sampler[int]):
-    """P identities × K images per batch, with the original's epoch construction (spec §5.2).
+    """P identities × K images per batch, with the original's epoch construction.
 
     Per identity: its indices (K drawn with replacement when it has fewer than K), shuffled,
     cut into chunks of K with the n mod K leftover dropped. Then batches of P distinct
@@ -118,7 +118,7 @@ class RandomIdentitySampler(Sampler[int]):
         return len(self.epoch_indices())
 
     def length_upper_bound(self) -> int:
-        """The original's pre-iteration estimate Σ (m − m mod K), m = max(n_pid, K) (§5.2)."""
+        """The original's pre-iteration estimate Σ (m − m mod K), m = max(n_pid, K)."""
         k = self.num_instances
         total = 0
         for idxs in self.index_dic.values():

@@ -1,4 +1,4 @@
-"""Train and test transforms of the strong baseline (spec §6), with its random erasing."""
+"""Train and test transforms of the strong baseline, with its random erasing."""
 
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def _interpolation(cfg: Any) -> T.InterpolationMode:
 
 
 def build_transforms(cfg: Any, is_train: bool) -> T.Compose:
-    """The PIL -> normalised tensor pipeline of spec §6 (train adds flip, pad+crop and erasing)."""
+    """The PIL -> normalised tensor pipeline of the strong baseline (train adds flip, pad+crop and erasing)."""
     if not is_train:
         size = _size(cfg, "SIZE_TEST")
         return T.Compose(

@@ -1,6 +1,5 @@
 """Models: backbones, the BNNeck head, ReIDModel, and weight loading."""
 
-from strongreid.modeling import layumi, torchreid_head  # noqa: F401  (register their heads)
 from strongreid.modeling.backbones import BACKBONES, create_backbone
 from strongreid.modeling.baseline import ReIDModel, build_model
 from strongreid.modeling.checkpoint import LoadReport, read_weights_file

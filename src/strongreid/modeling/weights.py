@@ -138,7 +138,7 @@ def load_test_weights(model: nn.Module, path: str | Path) -> LoadReport:
     state, meta = read_weights_file(path)
     own = model.state_dict()
     targets = {_split_model_key(k): k for k in own}
-    # The layers sized by the class count (layumi heads / PCB name theirs: modeling/layumi.py).
+    # The layers sized by the class count (layumi heads / PCB name theirs: modeling/heads/class_block.py, heads/pcb.py).
     class_layers = tuple(getattr(model, "class_layers", ("classifier.",)))
 
     def backbone_classifier(key: str) -> bool:  # e.g. the original IBN-a's unused ImageNet fc

@@ -90,7 +90,7 @@ def step_center(
     """Undo the loss weight on the center gradients, then step the center optimiser.
 
     The total loss carries weight * L_center so that the network sees a weighted term; the
-    centers should move by the unweighted gradient (the original's 1/weight rescale, issue #43).
+    centers should move by the unweighted gradient (the original's 1/weight rescale).
     With lr = CENTER_LR this gives c_j <- c_j + (2 lr / B) sum_{i: y_i = j} (x_i - c_j).
     Call it after backward (gradients are not zeroed here). With a GradScaler in use, pass it and
     call this before `scaler.update()`: the gradients are unscaled first and the step is skipped

@@ -2,7 +2,7 @@
 
 A frame is green for a gallery image of the query's identity from another camera (a correct
 match), red for another identity, and grey for the query's identity seen by the query's own
-camera, which the Market protocol leaves out of CMC and mAP (spec §9.2). Distances are written
+camera, which the Market protocol leaves out of CMC and mAP. Distances are written
 under the gallery images, the query's AP under the query.
 """
 

@@ -3,7 +3,7 @@
 Every bottleneck of layer1-3 normalises the output of its first 1x1 conv with IBN: instance norm
 on the first half of the channels, batch norm on the rest. layer4 is a plain ResNet stage. The
 names (`bn1.IN`, `bn1.BN`) match IBN-Net's released files and the original project's weights.
-Unlike the original we build no unused 2048x1000 `fc` (spec §12.1 item 8).
+Unlike the original we build no unused 2048x1000 `fc`: nothing reads it.
 """
 
 from __future__ import annotations
