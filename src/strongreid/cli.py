@@ -178,7 +178,9 @@ def _cmd_gallery(args: argparse.Namespace) -> int:
 def _cmd_gallery_migrate(args: argparse.Namespace) -> int:
     from strongreid.search.store import migrate_command
 
-    return migrate_command(args)
+    return migrate_command(args.source, args.target, token=args.token,
+                           target_token=args.target_token, thumbs_from=args.thumbs_from,
+                           thumbs_to=args.thumbs_to, index_type=args.index)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:

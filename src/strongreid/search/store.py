@@ -445,27 +445,29 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def migrate_command(args: Any) -> int:
+def migrate_command(source: str, target: str, token: str = "", target_token: str = "",
+                    thumbs_from: str | None = None, thumbs_to: str | None = None,
+                    index_type: str = DEFAULT_INDEX) -> int:
     """`strongreid gallery migrate --from old.db --to new.db`: any gallery into any other
     (a Milvus Lite file into the embedded store, or the embedded store into a Milvus server);
     the thumbnails follow (hard links where the file system allows)."""
-    if str(args.source) == str(args.target):
+    if str(source) == str(target):
         raise StoreError("--from and --to name the same gallery")
-    src = open_store(args.source, token=args.token or "", create=False)
+    src = open_store(source, token=token or "", create=False)
     try:
-        dst = open_store(args.target, token=args.target_token or "", index_type=args.index)
+        dst = open_store(target, token=target_token or "", index_type=index_type)
         try:
             if dst.count():
-                raise StoreError(f"{args.target} already holds {dst.count()} rows: migrate into "
+                raise StoreError(f"{target} already holds {dst.count()} rows: migrate into "
                                  "a new gallery")
             copied = migrate(src, dst)
         finally:
             dst.close()
     finally:
         src.close()
-    old = thumbs_dir_for(args.source, args.thumbs_from)
-    new = thumbs_dir_for(args.target, args.thumbs_to)
+    old = thumbs_dir_for(source, thumbs_from)
+    new = thumbs_dir_for(target, thumbs_to)
     if old.is_dir() and old.resolve() != new.resolve():
         shutil.copytree(old, new, copy_function=_link_or_copy, dirs_exist_ok=True)
-    print(f"{copied} rows copied from {args.source} to {args.target}; thumbnails in {new}")
+    print(f"{copied} rows copied from {source} to {target}; thumbnails in {new}")
     return 0
