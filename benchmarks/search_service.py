@@ -20,6 +20,7 @@ Both are bounded in count; nothing leaves 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -83,11 +84,9 @@ def start_server(gallery: Path, model: Path, server_src: Path) -> tuple[subproce
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet: poll again
             if httpx.get(url + "/api/info", timeout=5).status_code == 200:
                 return proc, url
-        except httpx.HTTPError:
-            pass
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode}")
         time.sleep(0.2)
