@@ -346,3 +346,13 @@ _C.INPUT.INTERPOLATION = "bilinear"
 # precision of the baseline head (pooling, BNNeck, classifier) under MODEL.AMP: 'amp' (the
 # autocast dtype, as the backbone) | 'fp32' (the head leaves autocast; same cost, less rounding)
 _C.MODEL.HEAD_PRECISION = "amp"
+
+# ---------------------------------------------------------------------------------------------
+# extension: SOLIDER's Swin (MODEL.HEAD 'solider', MODEL.NAME solider_swin_{tiny,small,base};
+# modeling/backbones/solider_swin.py, modeling/heads/solider.py)
+# ---------------------------------------------------------------------------------------------
+# lambda of SOLIDER's semantic controller in [0, 1] (0.2: SOLIDER-REID's ReID results);
+# negative: a Swin without the controller
+_C.MODEL.SEMANTIC_WEIGHT = 0.2
+# stochastic-depth rate of the last Swin block (0 for the first, linear in between; SOLIDER 0.1)
+_C.MODEL.DROP_PATH = 0.1
