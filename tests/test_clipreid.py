@@ -414,3 +414,50 @@ def test_file_through_test_extract_extractor_gallery_and_boxmot(tiny_synthetic_r
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: ((by_hand - imagenet_mean) / imagenet_std).numpy()})[0]
     assert np.abs(got - via_extractor.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("preset", ["clipreid_vit_base", "clipreid_rn50_base", "clipreid_demo"])
+def test_presets_load_validate_and_build(preset):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yml"
+    cfg = load_config(str(path), ["MODEL.PRETRAIN_CHOICE", "none"])
+    assert cfg.MODEL.HEAD == "clipreid" and cfg.TEST.NECK_FEAT == "before"
+    if preset == "clipreid_demo":
+        model = build_model(cfg, 7)
+        assert model.backbone.grid == (10, 5) and model.feat_dim == 192 + 128
+
+
+def test_clip_weights_file_resized_as_clipreid_resizes(tmp_path):
+    # CLIP's own ViT state dict (224x224: 14 x 14 grid) with its text side, as MODEL.PRETRAIN_PATH.
+    sd = clipreid_vit(width=64, layers=2, grid=(14, 14), proj=32, classes=3, text=False, seed=5)
+    clip_file = {k.replace("image_encoder.", "visual."): v for k, v in sd.items() if k.startswith("image_encoder.")}
+    clip_file["token_embedding.weight"] = torch.zeros(10, 8)
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(clip_file, path)
+    cfg = _cfg("MODEL.NAME", "clip:ViT-B-16", "MODEL.HEAD", "clipreid", "MODEL.PRETRAIN_PATH", str(path),
+               "MODEL.TIMM_KWARGS", "{width: 64, layers: 2, heads: 1, output_dim: 32}",
+               "INPUT.SIZE_TRAIN", "[256, 128]")
+    model = build_model(cfg, 3)
+    posemb = clip_file["visual.positional_embedding"]
+    grid = posemb[1:].reshape(1, 14, 14, 64).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(16, 8), mode="bilinear").permute(0, 2, 3, 1).reshape(128, 64)
+    torch.testing.assert_close(model.backbone.visual.positional_embedding.data, torch.cat([posemb[:1], grid]))
+    torch.testing.assert_close(model.backbone.visual.conv1.weight.data, clip_file["visual.conv1.weight"])
+
+
+def test_trained_clip_model_round_trips_as_a_strongreid_checkpoint(tmp_path):
+    from test_deploy import save_ckpt
+
+    cfg = _cfg("MODEL.NAME", "clip:RN50", "MODEL.HEAD", "clipreid", "MODEL.PRETRAIN_CHOICE", "none",
+               "MODEL.TIMM_KWARGS", "{width: 16, layers: [1, 1, 1, 1], heads: 2, output_dim: 24}",
+               "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]")
+    path = save_ckpt(tmp_path / "clip_rn.pt", cfg, num_classes=6)
+    loaded = load_inference_model(cfg, path)
+    assert loaded.format == "strongreid" and loaded.model.feat_dim == 16 * 32 + 24
+    x = _images(3, (64, 32))
+    torch.manual_seed(0)
+    again = build_model(cfg, 6).eval()
+    again.load_state_dict(torch.load(path, weights_only=True)["model"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), again(x))
