@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,deploy,search,tracking,quant,adapt]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,deploy,search,tracking,quant,adapt,clip]'
 	touch $(STAMP)
 
 # Synthetic data -> train -> test -> pictures -> HTML report, all on the CPU (about 3-7 minutes).

@@ -26,13 +26,19 @@ def test_scales(cfg: CfgNode) -> tuple[float, ...]:
     return tuple(float(s) for s in cfg.TEST.MULTI_SCALE)
 
 
+def uses_camera(model: nn.Module) -> bool:
+    """True for a model whose test feature depends on the camera (CLIP-ReID with side information)."""
+    net = model.module if hasattr(model, "module") else model
+    return bool(getattr(net, "uses_camera", False))
+
+
 def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
-                scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+                scales: Sequence[float] = (1.0,), camids: torch.Tensor | None = None) -> torch.Tensor:
     """The mean feature over the image, its mirror (`flip`) and its rescaled copies (`scales`).
 
     As layumi's test.py: a scale s resizes each side by sqrt(s) with bicubic interpolation
     (align_corners False), and every (flip, scale) view's feature enters the mean, taken before
-    any normalisation. Unlike test.py, which resizes the previous scale's tensor again, every
+    any normalisation. `camids` go to a model that `uses_camera`, for every view. Unlike test.py, which resizes the previous scale's tensor again, every
     scale is taken from the original image (the same for its usual `--ms 1,1.1`).
 
     A model whose feature is not linear in its views says how to combine them: PCB
@@ -49,7 +55,7 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
         for scale in scales:
             x = view if scale == 1 else F.interpolate(
                 view, scale_factor=math.sqrt(scale), mode="bicubic", align_corners=False)
-            f = forward(x).float()
+            f = (forward(x) if camids is None else forward(x, camids)).float()
             total = f if total is None else total + f
             count += 1
     assert total is not None  # scales is never empty (validated in config/loader.py)
@@ -60,7 +66,8 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
 
 def test_feature(model: nn.Module, images: torch.Tensor, flip: bool = False,
                  scales: Sequence[float] = (1.0,), normalize: bool = False,
-                 amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                 camids: torch.Tensor | None = None) -> torch.Tensor:
     """The test feature of a preprocessed batch: `tta_forward` under autocast `amp_dtype` (None:
     fp32), then L2 normalisation when `normalize`.
 
@@ -71,14 +78,14 @@ def test_feature(model: nn.Module, images: torch.Tensor, flip: bool = False,
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(images.device, amp_dtype):
-        f = tta_forward(model, images, flip, scales)
+        f = tta_forward(model, images, flip, scales, camids)
     if amp_dtype is not None and not bool(torch.isfinite(f).all()):
         # Seen with torch 2.14.1 on AMX CPUs: oneDNN's first bf16 convolution of a process
         # returned NaN from finite input. A NaN feature would poison a gallery or a ranking, so
         # the batch is computed again in fp32.
         logger.warning("mixed-precision (%s) features of a batch were not finite; that batch was "
                        "recomputed in fp32 (TEST.PRECISION fp32 avoids mixed precision)", amp_dtype)
-        f = tta_forward(model, images.float(), flip, scales).float()
+        f = tta_forward(model, images.float(), flip, scales, camids).float()
     if normalize:
         f = F.normalize(f, p=2, dim=1, eps=1e-12)
     return f
@@ -103,9 +110,12 @@ def extract_features(
     was_training = model.training
     model.eval()
     feats, pids, camids, paths = [], [], [], []
+    with_camera = uses_camera(model)
     for images, pid, camid, path in loader:
         images = images.to(device, non_blocking=True)
-        f = test_feature(model, images, flip, scales, amp_dtype=amp_dtype, channels_last=channels_last)
+        cams = torch.as_tensor(np.asarray(camid), device=device) if with_camera else None
+        f = test_feature(model, images, flip, scales, amp_dtype=amp_dtype, channels_last=channels_last,
+                         camids=cams)
         feats.append(f.cpu())
         pids.append(np.asarray(pid))
         camids.append(np.asarray(camid))

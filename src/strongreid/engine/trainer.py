@@ -390,7 +390,7 @@ class Trainer:
         if not self.triplet_gather:
             terms = lf(outputs, targets)
             return terms, terms["total"]
-        gathered = (D.all_gather_with_grad(outputs.features), D.all_gather_with_grad(targets))
+        gathered = (outputs.map_features(D.all_gather_with_grad), D.all_gather_with_grad(targets))
         terms = lf(outputs, targets, gathered=gathered)
         pair_total = torch.stack([terms[k] for k in lf.metrics]).sum()
         return terms, terms["total"] + (self.dist.world_size - 1) * pair_total

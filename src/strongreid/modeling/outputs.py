@@ -28,12 +28,13 @@ class ModelOutput(NamedTuple):
 
     `logits`: the classifier output the ID loss sees, one tensor, or a list with one tensor per
     part (PCB, whose ID loss is the sum over parts). `features`: the feature the metric losses
-    (triplet, center, ...) see. A NamedTuple, so `logits, features = model(x)` still unpacks
+    (triplet, center, ...) see: one tensor, or a list whose metric losses are summed (CLIP-ReID
+    mines triplets on three features of different widths). A NamedTuple, so `logits, features = model(x)` still unpacks
     and DDP / torch.compile pass it through.
     """
 
     logits: Logits
-    features: torch.Tensor
+    features: torch.Tensor | list[torch.Tensor]
 
     @property
     def parts(self) -> list[torch.Tensor]:
@@ -43,7 +44,19 @@ class ModelOutput(NamedTuple):
     def float(self) -> ModelOutput:
         """An fp32 copy (the losses run in fp32: triplet distances and center terms lose too much in bf16)."""
         logits = [t.float() for t in self.logits] if is_part_logits(self.logits) else self.logits.float()
-        return ModelOutput(logits, self.features.float())
+        return ModelOutput(logits, self.map_features(lambda f: f.float()))
+
+    def map_features(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """fn applied to the feature, or to each of a list of features."""
+        if isinstance(self.features, (list, tuple)):
+            return [fn(f) for f in self.features]
+        return fn(self.features)
+
+    def sum_over_features(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """fn(feature), summed over a list of features."""
+        if isinstance(self.features, (list, tuple)):
+            return torch.stack([fn(f) for f in self.features]).sum()
+        return fn(self.features)
 
     def class_scores(self) -> torch.Tensor:
         """Scores whose argmax is the predicted class (what accuracy is measured on)."""
