@@ -112,6 +112,9 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
             weights.load_backbone_file(backbone, path)
         else:
             weights.load_published_weights(backbone)
+        copy_stages = getattr(model, "backbone_loaded", None)
+        if copy_stages is not None:  # heads that copy backbone stages (MGN's branches) copy the weights
+            copy_stages(backbone)
     elif choice == "self":
         if not path:
             raise ConfigError(

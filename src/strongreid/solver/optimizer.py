@@ -37,11 +37,13 @@ def param_groups(
     when the factor is not 1 or `split_backbone`; otherwise the groups are the original's.
     """
     split_backbone = split_backbone or backbone_lr_factor != 1.0
+    # A model whose pretrained stages live beside `backbone` too (MGN's branches) names them.
+    prefixes = tuple(getattr(model, "backbone_prefixes", ("backbone.",)))
     groups: dict[tuple[float, float, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        in_backbone = split_backbone and name.startswith("backbone.")
+        in_backbone = split_backbone and name.startswith(prefixes)
         factor = backbone_lr_factor if in_backbone else 1.0
         if "bias" in name:
             key, label = (base_lr * bias_lr_factor * factor, weight_decay_bias, in_backbone), "bias"

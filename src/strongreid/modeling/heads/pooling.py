@@ -38,6 +38,24 @@ class GeM(nn.Module):
         return f"p={self.p}"
 
 
+class LearnedGeM(nn.Module):
+    """GeM whose p is a parameter trained with the network (fast-reid's GeneralizedMeanPoolingP);
+    `p` is a 1-element tensor, as fast-reid stores it (`pool_layer.p`). B x C x H x W -> B x C x 1 x 1:
+    fast-reid's heads reduce that map with a 1x1 conv next."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        if p <= 0:
+            raise ConfigError(f"MODEL.GEM_P = {p} must be positive (3.0 is the usual choice).")
+        self.p = nn.Parameter(torch.full((1,), float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.float()
+        pooled = F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1).pow(1.0 / p)
+        return pooled.to(x.dtype)
+
+
 def build_pooling(kind: str, gem_p: float = 3.0) -> nn.Module:
     if kind == "avg":
         return GlobalAvgPool()
