@@ -306,3 +306,20 @@ def test_solider_pretrained_teacher_as_pretrain_path(tiny_file, tmp_path):
     key = "stages.2.blocks.5.attn.w_msa.qkv.weight"
     assert torch.equal(model.backbone.state_dict()[key], state["base." + key])
     assert torch.equal(model.backbone.semantic_embed_b[1].bias, state["base.semantic_embed_b.1.bias"])
+
+
+def test_train_then_test_a_tiny_solider_swin(tiny_synthetic_root, tmp_path):
+    from strongreid.cli import main
+
+    out = tmp_path / "run"
+    opts = tiny_train_opts(tiny_synthetic_root, out, **{
+        "MODEL.NAME": "solider_swin_tiny", "MODEL.HEAD": "solider", "MODEL.SEMANTIC_WEIGHT": "0.6",
+        "SOLVER.MAX_EPOCHS": "1", "SOLVER.OPTIMIZER_NAME": "SGD", "TEST.NECK_FEAT": "before"})
+    assert main(["train", *opts]) == 0
+    # The checkpoint is strongreid's own: it rebuilds lambda 0.6 from its stored config.
+    from strongreid.modeling.checkpoint import read_checkpoint_info
+    from strongreid.modeling.loading import config_for
+
+    info = read_checkpoint_info(out / "last.pt")
+    loaded = load_inference_model(config_for(None, info), out / "last.pt", info)
+    assert (loaded.format, loaded.cfg.MODEL.HEAD, loaded.model.backbone.semantic_weight) == ("strongreid", "solider", 0.6)
