@@ -106,7 +106,17 @@ def export_metadata(cfg: CfgNode, model: InferenceModel) -> dict[str, str]:
         "multi_scale": json.dumps(list(model.scales)),
         "views": views_description(model.flip, model.scales),
         "config": dump_config(cfg),
+        **camera_metadata(model.model),
     }
+
+
+def camera_metadata(net: nn.Module) -> dict[str, str]:
+    """For a model that embeds the camera (TransReID's SIE): the camera the graph assumes, since
+    its input is the image alone. Empty for every other model."""
+    if not getattr(net, "takes_camids", False):
+        return {}
+    return {"camera": f"{net.test_camera} (MODEL.TRANSREID.TEST_CAMERA): every image is embedded as "
+                      "seen by this camera; set the key to export for another"}
 
 
 def resize_description(cfg: CfgNode) -> str:
@@ -345,6 +355,8 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
         # fast-reid...): its stored config must not send the reader to that format's converter.
         cfg = with_overrides(cfg, {"MODEL.CHECKPOINT_FORMAT": "auto"}, "for the exported file")
     meta = export_metadata(cfg, model)
+    if "camera" in meta:
+        logger.warning("the exported graph takes images without camera ids: SIE camera %s", meta["camera"])
     graph: nn.Module = model
     if target == "boxmot":
         # From the config the model was built with: a foreign checkpoint brings its own statistics.

@@ -252,18 +252,23 @@ class FeatureExtractor:
     # -- features -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def features(self, batch: torch.Tensor) -> torch.Tensor:
+    def features(self, batch: torch.Tensor, camids: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:
         """Features of one preprocessed batch: forward (+ flip / multi-scale mean), then L2 with
-        FEAT_NORM."""
+        FEAT_NORM. `camids`: one 0-based camera id per image, for a model that embeds the camera
+        (TransReID's SIE; -1 or None: its MODEL.TRANSREID.TEST_CAMERA); other models ignore them."""
         if batch.shape[0] == 0:
             return torch.empty(0, self.feat_dim)
         x = batch.to(self.device, non_blocking=True)
-        f = test_feature(self.model, x, self.flip, self.scales, self.feat_norm, self.amp_dtype, self.channels_last)
+        f = test_feature(self.model, x, self.flip, self.scales, self.feat_norm, self.amp_dtype, self.channels_last,
+                         camids=camids)
         return f.float().cpu()
 
-    def __call__(self, images: Any) -> torch.Tensor:
+    def __call__(self, images: Any, camids: int | Sequence[int] | None = None) -> torch.Tensor:
+        """Features of `images`; `camids` (one int for all, or one per image) as in `features`."""
         items = self._flatten(images)
-        out = [self.features(self.preprocess(items[i:i + self.batch_size]))
+        cams = None if camids is None else np.broadcast_to(np.asarray(camids, dtype=np.int64), (len(items),))
+        out = [self.features(self.preprocess(items[i:i + self.batch_size]),
+                             None if cams is None else cams[i:i + self.batch_size])
                for i in range(0, len(items), self.batch_size)]
         if not out:
             return torch.empty(0, self.feat_dim)
@@ -342,13 +347,17 @@ def extract_command(cfg: CfgNode, images: str, out: str) -> int:
         num_workers=workers, collate_fn=_collate, pin_memory=extractor.device.type == "cuda",
     )
     chunks = []
+    # The camera ids of Market/MSMT-style names reach a model that embeds the camera (-1 where a
+    # name has none: the model's fixed MODEL.TRANSREID.TEST_CAMERA).
+    ids = np.array([parse_pid_camid(p) for p in paths], dtype=np.int64).reshape(-1, 2)
+    done = 0
     # disable=None: a bar on a terminal, silence in logs and pipes.
     for batch, error in tqdm(loader, desc="extract", unit="batch", disable=None, file=sys.stderr):
         if batch is None:
             raise DatasetError(error)
-        chunks.append(extractor.features(batch))
+        chunks.append(extractor.features(batch, ids[done:done + batch.shape[0], 1]))
+        done += batch.shape[0]
     feats = torch.cat(chunks)
-    ids = np.array([parse_pid_camid(p) for p in paths], dtype=np.int64).reshape(-1, 2)
     written = write_features(
         out, feats, paths, ids[:, 0], ids[:, 1],
         {"weights": extractor.weights, "arch": cfg.MODEL.NAME, "feat_norm": str(extractor.feat_norm),

@@ -26,10 +26,16 @@ def test_scales(cfg: CfgNode) -> tuple[float, ...]:
     return tuple(float(s) for s in cfg.TEST.MULTI_SCALE)
 
 
-def uses_camera(model: nn.Module) -> bool:
-    """True for a model whose test feature depends on the camera (CLIP-ReID with side information)."""
-    net = model.module if hasattr(model, "module") else model
-    return bool(getattr(net, "uses_camera", False))
+def camera_inputs(model: nn.Module, camids: object, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """`{"camids": ...}` for a model that embeds the camera (its `takes_camids` is true:
+    TransReID's SIE), `{}` for every other model or when no camera ids are known."""
+    net = getattr(model, "module", model)  # DDP / DataParallel
+    net = getattr(net, "_orig_mod", net)  # torch.compile
+    if camids is None or not getattr(net, "takes_camids", False):
+        return {}
+    if isinstance(camids, torch.Tensor):
+        return {"camids": camids.to(device=device, dtype=torch.long)}
+    return {"camids": torch.as_tensor(np.array(camids, dtype=np.int64), device=device)}
 
 
 def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
@@ -38,8 +44,9 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
 
     As layumi's test.py: a scale s resizes each side by sqrt(s) with bicubic interpolation
     (align_corners False), and every (flip, scale) view's feature enters the mean, taken before
-    any normalisation. `camids` go to a model that `uses_camera`, for every view. Unlike test.py, which resizes the previous scale's tensor again, every
-    scale is taken from the original image (the same for its usual `--ms 1,1.1`).
+    any normalisation. Unlike test.py, which resizes the previous scale's tensor again, every
+    scale is taken from the original image (the same for its usual `--ms 1,1.1`). `camids`
+    (from `camera_inputs`) go to every view's forward.
 
     A model whose feature is not linear in its views says how to combine them: PCB
     (`test_view_feature` / `merge_test_views`) sums the raw stripes of every view and normalises
@@ -48,6 +55,7 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
     net = model.module if hasattr(model, "module") else model  # DDP: the hooks live inside
     view_feature = getattr(net, "test_view_feature", None)
     forward = view_feature if view_feature is not None else model
+    extra = {"camids": camids} if camids is not None else {}
     views = (images, torch.flip(images, dims=[3])) if flip else (images,)
     total: torch.Tensor | None = None
     count = 0
@@ -55,7 +63,7 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
         for scale in scales:
             x = view if scale == 1 else F.interpolate(
                 view, scale_factor=math.sqrt(scale), mode="bicubic", align_corners=False)
-            f = (forward(x) if camids is None else forward(x, camids)).float()
+            f = forward(x, **extra).float()
             total = f if total is None else total + f
             count += 1
     assert total is not None  # scales is never empty (validated in config/loader.py)
@@ -67,9 +75,10 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
 def test_feature(model: nn.Module, images: torch.Tensor, flip: bool = False,
                  scales: Sequence[float] = (1.0,), normalize: bool = False,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                 camids: torch.Tensor | None = None) -> torch.Tensor:
+                 camids: object = None) -> torch.Tensor:
     """The test feature of a preprocessed batch: `tta_forward` under autocast `amp_dtype` (None:
-    fp32), then L2 normalisation when `normalize`.
+    fp32), then L2 normalisation when `normalize`. `camids` (one per image) reach a model that
+    embeds the camera; other models ignore them.
 
     `strongreid test` and training's evaluation leave `normalize` off: the evaluator applies
     TEST.FEAT_NORM itself, before query expansion and re-ranking. `extract`, FeatureExtractor and
@@ -77,15 +86,16 @@ def test_feature(model: nn.Module, images: torch.Tensor, flip: bool = False,
     """
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    cams = camera_inputs(model, camids, images.device).get("camids")
     with autocast(images.device, amp_dtype):
-        f = tta_forward(model, images, flip, scales, camids)
+        f = tta_forward(model, images, flip, scales, cams)
     if amp_dtype is not None and not bool(torch.isfinite(f).all()):
         # Seen with torch 2.14.1 on AMX CPUs: oneDNN's first bf16 convolution of a process
         # returned NaN from finite input. A NaN feature would poison a gallery or a ranking, so
         # the batch is computed again in fp32.
         logger.warning("mixed-precision (%s) features of a batch were not finite; that batch was "
                        "recomputed in fp32 (TEST.PRECISION fp32 avoids mixed precision)", amp_dtype)
-        f = tta_forward(model, images.float(), flip, scales, camids).float()
+        f = tta_forward(model, images.float(), flip, scales, cams).float()
     if normalize:
         f = F.normalize(f, p=2, dim=1, eps=1e-12)
     return f
@@ -110,12 +120,10 @@ def extract_features(
     was_training = model.training
     model.eval()
     feats, pids, camids, paths = [], [], [], []
-    with_camera = uses_camera(model)
     for images, pid, camid, path in loader:
         images = images.to(device, non_blocking=True)
-        cams = torch.as_tensor(np.asarray(camid), device=device) if with_camera else None
         f = test_feature(model, images, flip, scales, amp_dtype=amp_dtype, channels_last=channels_last,
-                         camids=cams)
+                         camids=camid)
         feats.append(f.cpu())
         pids.append(np.asarray(pid))
         camids.append(np.asarray(camid))

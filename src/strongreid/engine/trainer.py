@@ -32,6 +32,7 @@ from strongreid.engine import distributed as D
 from strongreid.engine import hooks as H
 from strongreid.engine.averaging import WeightAveraging
 from strongreid.engine.hooks import EpochMeter, HookBase
+from strongreid.engine.inference import camera_inputs
 from strongreid.engine.runtime import (
     amp_dtype,
     autocast,
@@ -46,7 +47,7 @@ from strongreid.errors import CheckpointError, ConfigError
 from strongreid.losses import build_loss
 from strongreid.modeling import build_model
 from strongreid.modeling.checkpoint import read_checkpoint
-from strongreid.modeling.outputs import ModelOutput
+from strongreid.modeling.outputs import Branches, ModelOutput
 from strongreid.solver import (
     build_iteration_lr,
     build_scheduler,
@@ -186,7 +187,9 @@ class Trainer:
 
     def _build_solver(self) -> None:
         cfg = self.cfg
-        self.loss_fn = build_loss(cfg, self.num_classes, self.model.feat_dim).to(self.device)
+        # A multi-branch model's losses see one branch's feature (TransReID), not the test feature.
+        loss_dim = getattr(self.model, "loss_feat_dim", self.model.feat_dim)
+        self.loss_fn = build_loss(cfg, self.num_classes, loss_dim).to(self.device)
         self.triplet_gather = (D.world_switch(cfg.SOLVER.TRIPLET_GATHER, self.dist.world_size)
                                and len(self.loss_fn.metrics) > 0)
         solver_cfg = scale_lr(cfg)
@@ -334,18 +337,19 @@ class Trainer:
         self.meter = EpochMeter(self.dist.world_size)
         self._call("before_epoch")
         end = time.perf_counter()
-        for it, (images, pids, _camids, _paths) in enumerate(self.loader, start=1):
+        for it, (images, pids, camids, _paths) in enumerate(self.loader, start=1):
             self.iter = it
             self.meter.data_time += time.perf_counter() - end
             self._call("before_step")
-            self.run_step(images, pids)
+            self.run_step(images, pids, camids)
             self.meter.update(self.step_values, images.shape[0])
             self._call("after_step")
             end = time.perf_counter()
         return self.meter.stats(self.lr)
 
-    def run_step(self, images: torch.Tensor, pids: torch.Tensor) -> None:
-        """Forward, loss, backward and the optimizer steps of one batch; sets `step_values`."""
+    def run_step(self, images: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor | None = None) -> None:
+        """Forward, loss, backward and the optimizer steps of one batch; sets `step_values`.
+        `camids` reach the models that embed the camera (TransReID's SIE)."""
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -356,7 +360,7 @@ class Trainer:
         if self.center_optimizer is not None:
             self.center_optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
-            outputs = self.train_model(images)
+            outputs = self.train_model(images, **camera_inputs(self.model, camids, self.device))
         # Losses in fp32: the triplet distances and center terms lose too much in bf16.
         terms, loss = self._losses(outputs.float(), targets)
         with torch.no_grad():
@@ -390,7 +394,9 @@ class Trainer:
         if not self.triplet_gather:
             terms = lf(outputs, targets)
             return terms, terms["total"]
-        gathered = (outputs.map_features(D.all_gather_with_grad), D.all_gather_with_grad(targets))
+        feats = outputs.features
+        gathered = (feats.map(D.all_gather_with_grad) if isinstance(feats, Branches) else D.all_gather_with_grad(feats),
+                    D.all_gather_with_grad(targets))
         terms = lf(outputs, targets, gathered=gathered)
         pair_total = torch.stack([terms[k] for k in lf.metrics]).sum()
         return terms, terms["total"] + (self.dist.world_size - 1) * pair_total

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strongreid.engine.inference import camera_inputs
 from strongreid.engine.runtime import autocast
 
 
@@ -28,11 +29,11 @@ def validation_metrics(
     wrong = 0
     count = 0
     try:
-        for images, pids, _camids, _paths in loader:
+        for images, pids, camids, _paths in loader:
             images = images.to(device, non_blocking=True)
             targets = pids.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
-                outputs = model(images)
+                outputs = model(images, **camera_inputs(model, camids, device))
             outputs = outputs.float()
             # A part model's (PCB) losses add up over its parts, as in training.
             loss_sum += sum(float(F.cross_entropy(t, targets, reduction="sum")) for t in outputs.parts)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
+from strongreid.config.components import selected
 from strongreid.config.loader import timm_kwargs
 from strongreid.errors import ConfigError
 from strongreid.modeling.backbones import create_backbone
@@ -97,8 +98,14 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
     """The backbone of MODEL.NAME with the head of MODEL.HEAD, initialised as MODEL.PRETRAIN_CHOICE says."""
     from strongreid.modeling import weights
 
-    backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE, timm_kwargs(cfg),
-                               img_size=tuple(cfg.INPUT.SIZE_TRAIN))
+    # A head whose backbone's shape follows its own keys (TransReID: patch stride, SIE, JPM)
+    # builds that backbone itself.
+    own_backbone = getattr(selected(cfg, "MODEL.HEAD"), "backbone_from_config", None)
+    if own_backbone is not None:
+        backbone = own_backbone(cfg)
+    else:
+        backbone = create_backbone(cfg.MODEL.NAME, cfg.MODEL.LAST_STRIDE, timm_kwargs(cfg),
+                                   img_size=tuple(cfg.INPUT.SIZE_TRAIN))
     if cfg.MODEL.NON_LOCAL:  # AGW's non-local blocks (modeling/non_local.py)
         add_non_local(backbone, list(cfg.MODEL.NL_LAYERS), cfg.MODEL.NL_INTER_CHANNELS)
     model = build_head_model(cfg, backbone, num_classes)

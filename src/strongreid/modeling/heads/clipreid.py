@@ -25,7 +25,7 @@ from yacs.config import CfgNode
 from strongreid.config.components import add_defaults
 from strongreid.errors import ConfigError
 from strongreid.modeling.heads import HEADS, make_bnneck, weights_init_classifier
-from strongreid.modeling.outputs import ModelOutput
+from strongreid.modeling.outputs import Branches, ModelOutput
 
 # CLIP-ReID's (and TransReID's) names and defaults for side information.
 add_defaults({"MODEL.SIE_CAMERA": False, "MODEL.SIE_COE": 3.0, "MODEL.SIE_CAMERA_NUM": 0},
@@ -70,9 +70,12 @@ class CLIPReIDModel(nn.Module):
             nn.init.trunc_normal_(self.cv_embed, std=0.02)
         else:
             self.cv_embed = None
-        # The test pipeline passes camera ids to models that say they use them.
-        self.uses_camera = self.cv_embed is not None
         self.class_layers = ("classifier.", "classifier_proj.")
+
+    @property
+    def takes_camids(self) -> bool:
+        """True with a camera embedding: the test pipeline and the trainer then pass camera ids."""
+        return self.cv_embed is not None
 
     @classmethod
     def check(cls, cfg: CfgNode) -> None:
@@ -117,7 +120,7 @@ class CLIPReIDModel(nn.Module):
         feat_proj = self.bottleneck_proj(proj)
         if self.training:
             logits = [self.classifier(feat), self.classifier_proj(feat_proj)]
-            return ModelOutput(logits, [before, img, proj])
+            return ModelOutput(logits, Branches([before, img, proj], [1.0, 1.0, 1.0]))
         if self.neck_feat == "after":
             return torch.cat([feat, feat_proj], dim=1)
         return torch.cat([img, proj], dim=1)
