@@ -26,10 +26,12 @@ def test_scales(cfg: CfgNode) -> tuple[float, ...]:
     return tuple(float(s) for s in cfg.TEST.MULTI_SCALE)
 
 
-def uses_camera(model: nn.Module) -> bool:
-    """True for a model whose test feature depends on the camera (CLIP-ReID with side information)."""
-    net = model.module if hasattr(model, "module") else model
-    return bool(getattr(net, "uses_camera", False))
+def takes_camids(model: nn.Module) -> bool:
+    """True for a model whose test feature depends on the camera (its `takes_camids`: CLIP-ReID
+    with side information); its forward takes `camids=`."""
+    net = getattr(model, "module", model)  # DDP
+    net = getattr(net, "_orig_mod", net)  # torch.compile
+    return bool(getattr(net, "takes_camids", False))
 
 
 def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
@@ -38,8 +40,9 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
 
     As layumi's test.py: a scale s resizes each side by sqrt(s) with bicubic interpolation
     (align_corners False), and every (flip, scale) view's feature enters the mean, taken before
-    any normalisation. `camids` go to a model that `uses_camera`, for every view. Unlike test.py, which resizes the previous scale's tensor again, every
-    scale is taken from the original image (the same for its usual `--ms 1,1.1`).
+    any normalisation. Unlike test.py, which resizes the previous scale's tensor again, every
+    scale is taken from the original image (the same for its usual `--ms 1,1.1`). `camids` go
+    to every view's forward of a model that `takes_camids`.
 
     A model whose feature is not linear in its views says how to combine them: PCB
     (`test_view_feature` / `merge_test_views`) sums the raw stripes of every view and normalises
@@ -55,7 +58,7 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
         for scale in scales:
             x = view if scale == 1 else F.interpolate(
                 view, scale_factor=math.sqrt(scale), mode="bicubic", align_corners=False)
-            f = (forward(x) if camids is None else forward(x, camids)).float()
+            f = (forward(x) if camids is None else forward(x, camids=camids)).float()
             total = f if total is None else total + f
             count += 1
     assert total is not None  # scales is never empty (validated in config/loader.py)
@@ -110,7 +113,7 @@ def extract_features(
     was_training = model.training
     model.eval()
     feats, pids, camids, paths = [], [], [], []
-    with_camera = uses_camera(model)
+    with_camera = takes_camids(model)
     for images, pid, camid, path in loader:
         images = images.to(device, non_blocking=True)
         cams = torch.as_tensor(np.asarray(camid), device=device) if with_camera else None

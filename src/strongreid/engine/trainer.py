@@ -46,7 +46,7 @@ from strongreid.errors import CheckpointError, ConfigError
 from strongreid.losses import build_loss
 from strongreid.modeling import build_model
 from strongreid.modeling.checkpoint import read_checkpoint
-from strongreid.modeling.outputs import ModelOutput
+from strongreid.modeling.outputs import Branches, ModelOutput
 from strongreid.solver import (
     build_iteration_lr,
     build_scheduler,
@@ -390,7 +390,9 @@ class Trainer:
         if not self.triplet_gather:
             terms = lf(outputs, targets)
             return terms, terms["total"]
-        gathered = (outputs.map_features(D.all_gather_with_grad), D.all_gather_with_grad(targets))
+        feats = outputs.features
+        gathered = (feats.map(D.all_gather_with_grad) if isinstance(feats, Branches) else D.all_gather_with_grad(feats),
+                    D.all_gather_with_grad(targets))
         terms = lf(outputs, targets, gathered=gathered)
         pair_total = torch.stack([terms[k] for k in lf.metrics]).sum()
         return terms, terms["total"] + (self.dist.world_size - 1) * pair_total

@@ -73,16 +73,12 @@ class ReIDLoss(nn.Module):
         if self.id_loss is not None:
             terms["id"] = self.id_weight * outputs.sum_over_parts(lambda logits: self.id_loss(logits, targets))
         pair_feats, pair_targets = gathered if gathered is not None else (feats, targets)
+        # A multi-branch model's features (Branches) enter each term branch by branch, weighted.
         pairs = ModelOutput(outputs.logits, pair_feats)
         for name, term in self.metrics.items():
-            # A list of features (CLIP-ReID's three) sums the term over them.
-            terms[name] = self.metric_weights[name] * pairs.sum_over_features(
-                lambda f, term=term: term(f, pair_targets))
+            terms[name] = self.metric_weights[name] * pairs.over_features(lambda f, term=term: term(f, pair_targets))
         if self.center is not None:
-            if isinstance(feats, (list, tuple)):
-                raise ConfigError("center loss needs one training feature; this model gives "
-                                  f"{len(feats)} (MODEL.HEAD): set MODEL.IF_WITH_CENTER 'no'.")
-            terms["center"] = self.center_weight * self.center(feats, targets)
+            terms["center"] = self.center_weight * outputs.over_features(lambda f: self.center(f, targets))
         terms["total"] = torch.stack(list(terms.values())).sum()
         return terms
 
