@@ -304,6 +304,12 @@ def test_overlapping_patches_and_camera_embedding(tmp_path):
     torch.testing.assert_close(feats, with_cams)
     with pytest.raises(ConfigError, match="SIE_CAMERA_NUM"), torch.no_grad():
         loaded.model(x, torch.tensor([0, 6, 0, 0]))
+    with torch.no_grad():  # an unknown camera (-1) gets no camera term, that image alone
+        mixed = loaded.model(x, torch.tensor([0, -1, 2, -1]))
+    torch.testing.assert_close(mixed[[1, 3]], without[[1, 3]])
+    torch.testing.assert_close(mixed[[0, 2]], loaded.model.eval()(x[[0, 2]], camids=torch.tensor([0, 2])))
+    with pytest.raises(ConfigError, match="training with MODEL.SIE_CAMERA"):
+        loaded.model.train()(x)
 
 
 def test_every_image_tensor_used_text_side_named(tmp_path):
@@ -353,6 +359,9 @@ def test_refusals_name_the_key():
         build_model(_cfg(*base, "MODEL.NECK", "no"), 3)
     with pytest.raises(ConfigError, match="SIE_CAMERA_NUM"):
         build_model(_cfg(*base, "MODEL.SIE_CAMERA", "True"), 3)
+    with pytest.raises(ConfigError, match="IF_WITH_CENTER"):
+        build_model(_cfg(*base, "MODEL.IF_WITH_CENTER", "yes", "MODEL.METRIC_LOSS_TYPE", "triplet_center",
+                         "DATALOADER.SAMPLER", "softmax_triplet"), 3)
     with pytest.raises(ConfigError, match="CLIP image tower"):
         build_model(_cfg("MODEL.NAME", "resnet18", "MODEL.HEAD", "clipreid", "MODEL.PRETRAIN_CHOICE", "none"), 3)
     with pytest.raises(ConfigError, match="do not apply"):

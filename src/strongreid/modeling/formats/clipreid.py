@@ -107,6 +107,8 @@ class CLIPReIDFormat:
                   if name == "ViT-B-16" else imagenet_pixels())
         overrides = {
             "MODEL.NAME": f"clip:{name}", "MODEL.HEAD": "clipreid", "MODEL.NECK": "bnneck",
+            # How it trained (softmax ID loss, no center loss), which the head checks.
+            "MODEL.ID_LOSS_TYPE": "softmax", "MODEL.IF_WITH_CENTER": "no",
             "MODEL.LAST_STRIDE": 1, "MODEL.TIMM_KWARGS": _flow(kwargs),
             "MODEL.SIE_CAMERA": bool(cameras), "MODEL.SIE_CAMERA_NUM": cameras,
             "INPUT.SIZE_TRAIN": list(size), "INPUT.SIZE_TEST": list(size),

@@ -12,8 +12,9 @@ published configs use) or after them with 'after'.
 Side information (ViT only): with MODEL.SIE_CAMERA a learnt embedding per camera (`cv_embed`,
 MODEL.SIE_CAMERA_NUM rows) times MODEL.SIE_COE is added to the class token. The test feature
 then depends on the camera: `forward(x, camids)`; without camera ids nothing is added, as
-CLIP-ReID does when it gets none. The module names are CLIP-ReID's, so its files map by
-renaming `image_encoder.` to `backbone.visual.` (modeling/formats/clipreid.py).
+CLIP-ReID does when it gets none. strongreid tests such files; it does not train with cameras.
+The module names are CLIP-ReID's, so its files map by renaming `image_encoder.` to
+`backbone.visual.` (modeling/formats/clipreid.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
+from strongreid.config import flag
 from strongreid.config.components import add_defaults
 from strongreid.errors import ConfigError
 from strongreid.modeling.heads import HEADS, make_bnneck, weights_init_classifier
@@ -83,12 +85,12 @@ class CLIPReIDModel(nn.Module):
         m = cfg.MODEL
         if m.NECK != "bnneck":
             raise ConfigError(f"MODEL.HEAD 'clipreid' has two BNNecks; MODEL.NECK is {m.NECK!r}: set 'bnneck'.")
+        if flag(m.IF_WITH_CENTER):
+            raise ConfigError("MODEL.HEAD 'clipreid' trains three features of different widths; "
+                              "center loss needs one: set MODEL.IF_WITH_CENTER 'no'.")
         if m.ID_LOSS_TYPE != "softmax":
             raise ConfigError(f"MODEL.HEAD 'clipreid' trains its two classifiers with softmax "
                               f"cross-entropy; MODEL.ID_LOSS_TYPE is {m.ID_LOSS_TYPE!r}: set 'softmax'.")
-        if str(m.IF_WITH_CENTER).lower() in ("yes", "on", "true"):
-            raise ConfigError("MODEL.HEAD 'clipreid' gives three training features of different "
-                              "widths; center loss needs one: set MODEL.IF_WITH_CENTER 'no'.")
         if m.SIE_COE < 0:
             raise ConfigError(f"MODEL.SIE_COE = {m.SIE_COE} must be >= 0.")
         if m.SIE_CAMERA and m.SIE_CAMERA_NUM < 1:
@@ -104,22 +106,29 @@ class CLIPReIDModel(nn.Module):
                    sie_coe=cfg.MODEL.SIE_COE)
 
     def _camera_embedding(self, camids: torch.Tensor | None) -> torch.Tensor | None:
+        """SIE_COE x the camera's embedding per image; no term for an unknown camera (id -1)."""
         if self.cv_embed is None or camids is None:
             return None
         camids = torch.as_tensor(camids, device=self.cv_embed.device).long()
-        if bool(((camids < 0) | (camids >= self.cv_embed.shape[0])).any()):
+        if bool((camids >= self.cv_embed.shape[0]).any()):
             raise ConfigError(
                 f"camera ids {sorted(set(camids.tolist()))} are outside the model's "
                 f"{self.cv_embed.shape[0]} camera embeddings (MODEL.SIE_CAMERA_NUM)."
             )
-        return self.sie_coe * self.cv_embed[camids]
+        known = (camids >= 0).unsqueeze(1).to(self.cv_embed.dtype)
+        return self.sie_coe * self.cv_embed[camids.clamp(min=0)] * known
 
     def forward(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
+        if self.training and self.cv_embed is not None and camids is None:
+            # The trainer hands models images and identities only: the camera embedding would
+            # never learn, and the test features would then add untrained rows.
+            raise ConfigError("training with MODEL.SIE_CAMERA is not supported (the trainer gives "
+                              "the model no camera ids); set MODEL.SIE_CAMERA False to train.")
         before, img, proj = self.backbone.encode(x, self._camera_embedding(camids))
         feat = self.bottleneck(img)
         feat_proj = self.bottleneck_proj(proj)
         if self.training:
-            logits = [self.classifier(feat), self.classifier_proj(feat_proj)]
+            logits = Branches([self.classifier(feat), self.classifier_proj(feat_proj)], [1.0, 1.0])
             return ModelOutput(logits, Branches([before, img, proj], [1.0, 1.0, 1.0]))
         if self.neck_feat == "after":
             return torch.cat([feat, feat_proj], dim=1)
