@@ -43,9 +43,8 @@ WINDOW = 7
 PATCH = 4
 DEFAULT_SEMANTIC_WEIGHT = 0.2  # SOLIDER-REID's README and run.sh for every ReID result
 SOLIDER_WEIGHTS = (
-    "SOLIDER's LUP1M pre-trained Swin (github.com/tinyvision/SOLIDER, swin_*.pth): converted with "
-    "SOLIDER-REID's convert_model.py, it is the teacher's `backbone.*` state dict; give it as "
-    "MODEL.PRETRAIN_PATH"
+    "SOLIDER's LUP1M pre-trained Swin instead (linked from github.com/tinyvision/SOLIDER; its "
+    "teacher, as SOLIDER-REID's convert_model.py extracts it)"
 )
 
 
