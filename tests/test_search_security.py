@@ -17,6 +17,7 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 pytest.importorskip("pymilvus", reason="gallery search needs pip install 'strongreid[search]'")
@@ -40,7 +41,7 @@ from strongreid.search.security import (  # noqa: E402
     host_name,
     read_auth_file,
 )
-from strongreid.search.service import SearchService, create_app  # noqa: E402
+from strongreid.search.service import SearchService, TracedFeatures, create_app  # noqa: E402
 
 MAX_UPLOAD = 200_000
 
@@ -371,6 +372,29 @@ def test_concurrent_uploads_share_forward_passes_and_get_their_own_answers(world
     assert batcher.images - before_images == len(picks)
     assert batcher.batches - before_batches < len(picks)
 
+
+
+def test_queries_run_the_traced_graph_with_the_eager_models_features(world) -> None:
+    service, extractor, crops = world["service"], world["extractor"], world["crops"]
+    # The service serves the traced forward pass (no GIL while it computes)...
+    assert isinstance(service.embed, TracedFeatures) and service.embed.extractor is extractor
+    # ...whose features are bitwise the eager model's, at any batch size.
+    for batch in (crops[:1], crops[:5], crops[:40]):
+        assert np.array_equal(service.embed(batch).numpy(), extractor(batch).numpy())
+    # An upload's answer over the wire carries exactly the eager feature's scores.
+    r = world["client"].post("/api/search", data={"k": "5"},
+                             files={"image": ("q.png", image_bytes(crops[7]), "image/png")})
+    assert r.status_code == 200, r.text
+    want = world["store"].search(extractor([crops[7]]).numpy()[0], 5)[0]
+    assert [(h["key"], h["score"]) for h in r.json()["hits"]] == \
+        [(h.key, round(h.score, 6)) for h in want]
+
+
+def test_what_cannot_be_traced_is_served_eagerly(world) -> None:
+    def embed(images):
+        return np.zeros((len(images), 4), np.float32)
+
+    assert TracedFeatures.wrap(embed) is embed
 
 # -- ingest while serving -----------------------------------------------------------------------
 

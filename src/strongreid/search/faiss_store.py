@@ -59,10 +59,18 @@ _COLUMNS = ["key", *FIELDS]
 _SQL_COLUMNS = ", ".join(f'"{c}"' for c in _COLUMNS)
 
 
-def _faiss() -> Any:
-    from strongreid.search.retrieval import _faiss as load
+_FAISS: Any = None
 
-    return load()
+
+def _faiss() -> Any:
+    # Loaded once: the loader also quietens faiss' logger, and setting a logger's level clears
+    # every logger's cache, which cost more than a small search.
+    global _FAISS
+    if _FAISS is None:
+        from strongreid.search.retrieval import _faiss as load
+
+        _FAISS = load()
+    return _FAISS
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:

@@ -18,7 +18,8 @@ Every request passes security.Guard first (Host allow-list, tokens, body limit).
 most `max_upload` bytes (413 beyond, counted while a chunked body arrives), decoded by Pillow
 only as JPEG / MPO / PNG / BMP / WebP of at most MAX_PIXELS pixels, a few at a time
 (max_decodes), shrunk to QUERY_SIDE and turned upright by their EXIF orientation at once, so
-that what waits for the model is small. Concurrent uploads share forward passes (Batcher).
+that what waits for the model is small. Concurrent uploads share forward passes (Batcher),
+run as a traced graph (TracedFeatures) that leaves the event loop free while it computes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import re
 import stat
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import torch
 
 # At module level: FastAPI resolves the endpoints' (string) annotations in these globals.
 from fastapi import Body, File, Form, Request, UploadFile
@@ -46,6 +49,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from strongreid.deploy.extractor import FeatureExtractor
+from strongreid.engine.inference import test_feature
 from strongreid.errors import StrongReIDError
 from strongreid.evaluation.reranking import re_ranking
 from strongreid.search.ingest import parse_time, thumb_path
@@ -210,6 +214,66 @@ class Batcher:
         self._queue.put(None)
 
 
+class TracedFeatures:
+    """A FeatureExtractor whose forward pass runs as one traced TorchScript graph.
+
+    The same operations in the same order (the features are checked bitwise against the
+    eager model's on two batch sizes), but the graph runs without Python's GIL: an eager
+    forward pass needs the GIL between every layer, so under load it waits behind the event
+    loop (HTTP, multipart, JSON) at each layer, and the two serialise. Traced, the forward
+    pass of one batch and the requests of the next share the CPU cores.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, graph: Any) -> None:
+        self.extractor, self.graph = extractor, graph
+        self.feat_dim = extractor.feat_dim
+
+    @classmethod
+    def wrap(cls, embed: Any) -> Any:
+        """`embed` traced when it is a FeatureExtractor the trace reproduces exactly, else
+        `embed` unchanged (mixed precision, a model the tracer cannot follow)."""
+        if not isinstance(embed, FeatureExtractor) or embed.amp_dtype is not None:
+            return embed
+        ex = embed
+
+        class Forward(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = ex.model
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return test_feature(self.model, x, ex.flip, ex.scales, ex.feat_norm, None,
+                                    ex.channels_last)
+
+        gen = torch.Generator().manual_seed(0)
+        probes = [torch.randn(n, 3, *ex.input_size, generator=gen) for n in (2, 1, 3)]
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings: the bitwise check decides
+                graph = torch.jit.trace(Forward().eval(), probes[0].to(ex.device),
+                                        check_trace=False)
+            traced = cls(ex, graph)
+            same = all(torch.equal(traced.features(x), ex.features(x)) for x in probes)
+        except Exception as exc:  # any tracing failure means: stay eager
+            logger.info("serving the eager model (tracing it failed: %s)", exc)
+            return embed
+        if not same:
+            logger.info("serving the eager model (its traced graph gives other features)")
+            return embed
+        return traced
+
+    def features(self, batch: Any) -> Any:
+        with torch.inference_mode():
+            return self.graph(batch.to(self.extractor.device)).float().cpu()
+
+    def __call__(self, images: Any) -> Any:
+        items = self.extractor._flatten(images)
+        size = self.extractor.batch_size
+        out = [self.features(self.extractor.preprocess(items[i:i + size]))
+               for i in range(0, len(items), size)]
+        return torch.cat(out) if out else torch.empty(0, self.feat_dim)
+
+
 def iso(t: float) -> str:
     """Unix seconds as ISO-8601 UTC (times before 2000 are shown as offsets in seconds)."""
     if t < 946_684_800:
@@ -263,7 +327,8 @@ class SearchService:
                  batch_wait_ms: float = 3.0, max_decodes: int = 2) -> None:
         if max_decodes < 1:
             raise StrongReIDError(f"--max-decodes must be >= 1, got {max_decodes}")
-        self.store, self.embed, self.thumbs = store, embed, Path(thumbs)
+        self.store, self.thumbs = store, Path(thumbs)
+        self.embed = TracedFeatures.wrap(embed)
         self._thumbs_root = self.thumbs.resolve()
         # The name only: the model's path on disk is nobody's business over HTTP.
         self.model_name = Path(model_name).name if model_name else ""
@@ -271,7 +336,7 @@ class SearchService:
         # One forward pass at a time (queries' batches and ingest batches share the lock):
         # torch's CPU kernels are parallel already, and memory stays bounded under load.
         self._model_lock = threading.Lock()
-        self.batcher = Batcher(embed, self._model_lock, max_batch, batch_wait_ms)
+        self.batcher = Batcher(self.embed, self._model_lock, max_batch, batch_wait_ms)
         # Full-size pixels exist only inside decode_upload, on max_decodes threads of their
         # own: a queue, not a pile, and the allocator reuses those threads' few arenas
         # instead of leaving freed 48 MB images scattered over every request thread's.
@@ -503,7 +568,7 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
                      start: Annotated[str, Form()] = "", end: Annotated[str, Form()] = "",
                      rerank: Annotated[bool, Form()] = False,
                      exclude_camera: Annotated[bool, Form()] = False,
-                     pool: Annotated[int, Form(ge=2, le=1000)] = RERANK_POOL) -> dict[str, Any]:
+                     pool: Annotated[int, Form(ge=2, le=1000)] = RERANK_POOL) -> Response:
         """Top-k across cameras for an uploaded crop or a stored one, grouped per camera."""
         from starlette.concurrency import run_in_threadpool
 
@@ -512,8 +577,14 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
             data = await image.read(max_upload + 1)
             img = await service.decode(data)
         filters = _filters(cameras, videos, start, end)
-        return await run_in_threadpool(service.search, img, key or None, k=k, filters=filters,
-                                       exclude_camera=exclude_camera, use_rerank=rerank, pool=pool)
+
+        def answer() -> Response:
+            # Rendered here, in the worker thread: FastAPI's own encoding of a returned dict
+            # (validation, then a generic walk) cost more per query than the search itself.
+            return JSONResponse(service.search(img, key or None, k=k, filters=filters,
+                                               exclude_camera=exclude_camera,
+                                               use_rerank=rerank, pool=pool))
+        return await run_in_threadpool(answer)
 
     def _jobs() -> Any:
         if service.jobs is None:
