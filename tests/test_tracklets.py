@@ -184,6 +184,9 @@ def test_the_dataset_reads_tracklets_as_identities(gt_out) -> None:
     assert all(len(c) == 1 for c in cams_of_pid.values())
     # found under ROOT/tracklets too, as DATASETS.ROOT_DIR holds several datasets
     assert len(build_dataset("tracklets", gt_out.parent).train) == len(rows)
+    with pytest.raises(DatasetError, match=r"tracklets not found: .*nowhere.* does not exist"
+                                           r"(.|\n)*strongreid tracklets --footage"):
+        build_dataset("tracklets", gt_out.parent / "nowhere")
 
 
 def test_img1_frames_give_the_same_training_set(footage, gt_out, tmp_path) -> None:
