@@ -229,6 +229,7 @@ def _add_search_parsers(sub) -> None:
         DEFAULT_PEOPLE,
         DEFAULT_START,
     )
+    from strongreid.data.tracklets import DEFAULT_MIN_LENGTH, DEFAULT_PER_TRACKLET, TRACKERS
 
     def gallery_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--gallery", required=True,
@@ -261,11 +262,11 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (DATASETS.NAMES tracklets)")
     p.add_argument("--boxes", choices=["gt", "det"], default="gt",
                    help="gt: gt.txt's track ids; det: det.txt linked by --tracker")
-    p.add_argument("--tracker", choices=["bytetrack", "ocsort"], default=None,
+    p.add_argument("--tracker", choices=TRACKERS, default=None,
                    help="BoxMOT motion tracker for --boxes det (default bytetrack)")
-    p.add_argument("--per-tracklet", type=int, default=10,
+    p.add_argument("--per-tracklet", type=int, default=DEFAULT_PER_TRACKLET,
                    help="crops per tracklet, evenly spread over it")
-    p.add_argument("--min-length", type=int, default=4,
+    p.add_argument("--min-length", type=int, default=DEFAULT_MIN_LENGTH,
                    help="drop tracklets with fewer boxes than this")
     p.add_argument("--frame-step", type=int, default=1, help="use every N-th frame")
     p.add_argument("--min-score", type=float, default=0.0, help="drop boxes scored below this")
