@@ -332,7 +332,7 @@ def test_every_image_tensor_used_text_side_named(tmp_path):
 
 
 def test_the_baseline_trains_with_summed_losses():
-    cfg = _cfg("MODEL.NAME", "clip:ViT-B-16", "MODEL.HEAD", "clipreid", "MODEL.PRETRAIN_CHOICE", "none",
+    cfg = _cfg("MODEL.NAME", "clip:ViT-B-16", "MODEL.HEAD", "visual_clipreid", "MODEL.PRETRAIN_CHOICE", "none",
                "MODEL.TIMM_KWARGS", "{width: 64, layers: 2, heads: 1, output_dim: 32}",
                "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
                "DATALOADER.SAMPLER", "softmax_triplet")
@@ -354,7 +354,7 @@ def test_the_baseline_trains_with_summed_losses():
 
 
 def test_refusals_name_the_key():
-    base = ["MODEL.NAME", "clip:ViT-B-16", "MODEL.HEAD", "clipreid", "MODEL.PRETRAIN_CHOICE", "none"]
+    base = ["MODEL.NAME", "clip:ViT-B-16", "MODEL.HEAD", "visual_clipreid", "MODEL.PRETRAIN_CHOICE", "none"]
     with pytest.raises(ConfigError, match="NECK"):
         build_model(_cfg(*base, "MODEL.NECK", "no"), 3)
     with pytest.raises(ConfigError, match="SIE_CAMERA_NUM"):
@@ -363,7 +363,7 @@ def test_refusals_name_the_key():
         build_model(_cfg(*base, "MODEL.IF_WITH_CENTER", "yes", "MODEL.METRIC_LOSS_TYPE", "triplet_center",
                          "DATALOADER.SAMPLER", "softmax_triplet"), 3)
     with pytest.raises(ConfigError, match="CLIP image tower"):
-        build_model(_cfg("MODEL.NAME", "resnet18", "MODEL.HEAD", "clipreid", "MODEL.PRETRAIN_CHOICE", "none"), 3)
+        build_model(_cfg("MODEL.NAME", "resnet18", "MODEL.HEAD", "visual_clipreid", "MODEL.PRETRAIN_CHOICE", "none"), 3)
     with pytest.raises(ConfigError, match="do not apply"):
         build_model(_cfg(*base, "MODEL.TIMM_KWARGS", "{depth: 3}"), 3)
 
@@ -431,7 +431,7 @@ def test_presets_load_validate_and_build(preset):
 
     path = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yml"
     cfg = load_config(str(path), ["MODEL.PRETRAIN_CHOICE", "none"])
-    assert cfg.MODEL.HEAD == "clipreid" and cfg.TEST.NECK_FEAT == "before"
+    assert cfg.MODEL.HEAD == "visual_clipreid" and cfg.TEST.NECK_FEAT == "before"
     if preset == "clipreid_demo":
         model = build_model(cfg, 7)
         assert model.backbone.grid == (10, 5) and model.feat_dim == 192 + 128
@@ -444,7 +444,7 @@ def test_clip_weights_file_resized_as_clipreid_resizes(tmp_path):
     clip_file["token_embedding.weight"] = torch.zeros(10, 8)
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(clip_file, path)
-    cfg = _cfg("MODEL.NAME", "clip:ViT-B-16", "MODEL.HEAD", "clipreid", "MODEL.PRETRAIN_PATH", str(path),
+    cfg = _cfg("MODEL.NAME", "clip:ViT-B-16", "MODEL.HEAD", "visual_clipreid", "MODEL.PRETRAIN_PATH", str(path),
                "MODEL.TIMM_KWARGS", "{width: 64, layers: 2, heads: 1, output_dim: 32}",
                "INPUT.SIZE_TRAIN", "[256, 128]")
     model = build_model(cfg, 3)
@@ -458,7 +458,7 @@ def test_clip_weights_file_resized_as_clipreid_resizes(tmp_path):
 def test_trained_clip_model_round_trips_as_a_strongreid_checkpoint(tmp_path):
     from test_deploy import save_ckpt
 
-    cfg = _cfg("MODEL.NAME", "clip:RN50", "MODEL.HEAD", "clipreid", "MODEL.PRETRAIN_CHOICE", "none",
+    cfg = _cfg("MODEL.NAME", "clip:RN50", "MODEL.HEAD", "visual_clipreid", "MODEL.PRETRAIN_CHOICE", "none",
                "MODEL.TIMM_KWARGS", "{width: 16, layers: [1, 1, 1, 1], heads: 2, output_dim: 24}",
                "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]")
     path = save_ckpt(tmp_path / "clip_rn.pt", cfg, num_classes=6)

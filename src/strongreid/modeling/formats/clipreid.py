@@ -6,7 +6,7 @@ names), `bottleneck`, `bottleneck_proj`, `classifier`, `classifier_proj`, `cv_em
 information, and for CLIP-ReID also the text side, `prompt_learner.*` (the learnt per-identity
 tokens) and `text_encoder.*` (CLIP's text transformer). The text side only trains the image
 tower; the test feature never reads it, so those tensors are listed as ignored and every
-image-side tensor is used (MODEL.HEAD 'clipreid' on 'clip:ViT-B-16' / 'clip:RN50').
+image-side tensor is used (MODEL.HEAD 'visual_clipreid' on 'clip:ViT-B-16' / 'clip:RN50').
 
 Read off the keys and shapes:
 
@@ -106,7 +106,7 @@ class CLIPReIDFormat:
         pixels = ({"INPUT.PIXEL_MEAN": [0.5, 0.5, 0.5], "INPUT.PIXEL_STD": [0.5, 0.5, 0.5]}
                   if name == "ViT-B-16" else imagenet_pixels())
         overrides = {
-            "MODEL.NAME": f"clip:{name}", "MODEL.HEAD": "clipreid", "MODEL.NECK": "bnneck",
+            "MODEL.NAME": f"clip:{name}", "MODEL.HEAD": "visual_clipreid", "MODEL.NECK": "bnneck",
             # How it trained (softmax ID loss, no center loss), which the head checks.
             "MODEL.ID_LOSS_TYPE": "softmax", "MODEL.IF_WITH_CENTER": "no",
             "MODEL.LAST_STRIDE": 1, "MODEL.TIMM_KWARGS": _flow(kwargs),

@@ -1,8 +1,9 @@
 """CLIP-ReID's image model (Li et al., AAAI 2023): CLIP's image tower with two BNNecks.
 
-MODEL.HEAD 'clipreid' on MODEL.NAME 'clip:ViT-B-16' or 'clip:RN50'. The tower gives three
-features (backbones/clip.py, `encode`): the second-to-last block's, the last block's (`img`,
-768-d for ViT-B/16, 2048-d for RN50) and CLIP's projected embedding (`proj`, 512 / 1024-d).
+MODEL.HEAD 'visual_clipreid' (CLIP-ReID's model on CLIP's `visual` tower) on MODEL.NAME
+'clip:ViT-B-16' or 'clip:RN50'. The tower gives three features (backbones/clip.py, `encode`):
+the second-to-last block's (stage's), the last one's (`img`, 768-d for ViT-B/16, 2048-d for
+RN50) and CLIP's projected embedding (`proj`, 512 / 1024-d).
 `img` and `proj` each pass a BNNeck (`bottleneck`, `bottleneck_proj`, BN bias frozen) and a
 bias-free classifier (`classifier`, `classifier_proj`). Training: the ID loss is summed over the
 two classifiers, the metric loss over the three features (CLIP-ReID's baseline, `train.py`).
@@ -34,7 +35,7 @@ add_defaults({"MODEL.SIE_CAMERA": False, "MODEL.SIE_COE": 3.0, "MODEL.SIE_CAMERA
              owner="clipreid head")
 
 
-@HEADS.register("clipreid")
+@HEADS.register("visual_clipreid")
 class CLIPReIDModel(nn.Module):
     """Training forward -> ModelOutput([logits, proj logits], [before, img, proj]); eval -> test feature."""
 
@@ -43,7 +44,7 @@ class CLIPReIDModel(nn.Module):
         super().__init__()
         if not callable(getattr(backbone, "encode", None)) or not hasattr(backbone, "proj_dim"):
             raise ConfigError(
-                f"MODEL.HEAD 'clipreid' needs a CLIP image tower (MODEL.NAME 'clip:ViT-B-16' or "
+                f"MODEL.HEAD 'visual_clipreid' needs a CLIP image tower (MODEL.NAME 'clip:ViT-B-16' or "
                 f"'clip:RN50'), not {getattr(backbone, 'arch', type(backbone).__name__)!r}."
             )
         if num_classes < 1:
@@ -84,12 +85,13 @@ class CLIPReIDModel(nn.Module):
         """The keys CLIP-ReID's model fixes or reads: BNNeck, softmax ID loss, no center loss, SIE."""
         m = cfg.MODEL
         if m.NECK != "bnneck":
-            raise ConfigError(f"MODEL.HEAD 'clipreid' has two BNNecks; MODEL.NECK is {m.NECK!r}: set 'bnneck'.")
+            raise ConfigError(f"MODEL.HEAD 'visual_clipreid' has two BNNecks; MODEL.NECK is {m.NECK!r}: "
+                              "set 'bnneck'.")
         if flag(m.IF_WITH_CENTER):
-            raise ConfigError("MODEL.HEAD 'clipreid' trains three features of different widths; "
+            raise ConfigError("MODEL.HEAD 'visual_clipreid' trains three features of different widths; "
                               "center loss needs one: set MODEL.IF_WITH_CENTER 'no'.")
         if m.ID_LOSS_TYPE != "softmax":
-            raise ConfigError(f"MODEL.HEAD 'clipreid' trains its two classifiers with softmax "
+            raise ConfigError(f"MODEL.HEAD 'visual_clipreid' trains its two classifiers with softmax "
                               f"cross-entropy; MODEL.ID_LOSS_TYPE is {m.ID_LOSS_TYPE!r}: set 'softmax'.")
         if m.SIE_COE < 0:
             raise ConfigError(f"MODEL.SIE_COE = {m.SIE_COE} must be >= 0.")
@@ -99,7 +101,7 @@ class CLIPReIDModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: CfgNode, backbone: nn.Module, num_classes: int) -> CLIPReIDModel:
-        """MODEL.HEAD 'clipreid': TEST.NECK_FEAT, MODEL.SIE_CAMERA / SIE_CAMERA_NUM / SIE_COE."""
+        """MODEL.HEAD 'visual_clipreid': TEST.NECK_FEAT, MODEL.SIE_CAMERA / SIE_CAMERA_NUM / SIE_COE."""
         cls.check(cfg)
         cameras = int(cfg.MODEL.SIE_CAMERA_NUM) if cfg.MODEL.SIE_CAMERA else 0
         return cls(backbone, num_classes, neck_feat=cfg.TEST.NECK_FEAT, sie_cameras=cameras,
