@@ -165,6 +165,15 @@ def _cmd_synth_video(args: argparse.Namespace) -> int:
                                args.seed, args.start, args.domain)
 
 
+def _cmd_tracklets(args: argparse.Namespace) -> int:
+    from strongreid.data.tracklets import tracklets_command
+
+    return tracklets_command(args.footage, args.out, boxes=args.boxes, tracker=args.tracker,
+                             per_tracklet=args.per_tracklet, min_length=args.min_length,
+                             frame_step=args.frame_step, min_score=args.min_score,
+                             overwrite=args.overwrite)
+
+
 def _cmd_gallery(args: argparse.Namespace) -> int:
     from strongreid.search.ingest import ingest_command
 
@@ -244,6 +253,25 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--start", default=DEFAULT_START, help="ISO-8601 time of frame 1")
     _domain_arg(p)
     p.set_defaults(func=_cmd_synth_video)
+
+    p = sub.add_parser("tracklets", help="MOT footage -> an unlabelled training set of tracklets")
+    p.add_argument("--footage", required=True,
+                   help="folder of MOT sequences (what synth-video writes: cam*/video.mp4 or "
+                        "img1/, gt/gt.txt, det/det.txt)")
+    p.add_argument("--out", required=True, help="output folder (DATASETS.NAMES tracklets)")
+    p.add_argument("--boxes", choices=["gt", "det"], default="gt",
+                   help="gt: gt.txt's track ids; det: det.txt linked by --tracker")
+    p.add_argument("--tracker", choices=["bytetrack", "ocsort"], default=None,
+                   help="BoxMOT motion tracker for --boxes det (default bytetrack)")
+    p.add_argument("--per-tracklet", type=int, default=10,
+                   help="crops per tracklet, evenly spread over it")
+    p.add_argument("--min-length", type=int, default=4,
+                   help="drop tracklets with fewer boxes than this")
+    p.add_argument("--frame-step", type=int, default=1, help="use every N-th frame")
+    p.add_argument("--min-score", type=float, default=0.0, help="drop boxes scored below this")
+    p.add_argument("--overwrite", action="store_true",
+                   help="cut again over a previous run with other options")
+    p.set_defaults(func=_cmd_tracklets)
 
     p = sub.add_parser("gallery", help="gallery tools (person search)")
     gsub = p.add_subparsers(dest="gallery_cmd", metavar="ACTION", required=True)

@@ -19,7 +19,6 @@ thumbnails before its rows.
 
 from __future__ import annotations
 
-import configparser
 import csv
 import hashlib
 import logging
@@ -28,23 +27,33 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from strongreid.data.footage import (
+    MIN_BOX,
+    VIDEO_EXTENSIONS,
+    CameraSequence,
+    decode_boxes,
+    find_sequences,
+    parse_time,
+    read_mot,
+)
 from strongreid.deploy.extractor import FeatureExtractor, list_images, parse_pid_camid
 from strongreid.errors import DatasetError, StrongReIDError
 from strongreid.search.store import KEY_RE, GalleryStore, open_store, thumbs_dir_for
 
 logger = logging.getLogger("strongreid")
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+# The footage readers live in data.footage; these names stay importable from here.
+__all__ = ["MIN_BOX", "VIDEO_EXTENSIONS", "CameraSequence", "find_sequences", "parse_time",
+           "read_mot", "decode_crops", "ingest", "ingest_command", "thumb_path", "video_items"]
+
 MARKET_FPS = 25.0  # Market-1501 frame numbers count 25 fps video frames
 THUMB_HEIGHT = 128
-MIN_BOX = 8  # pixels: smaller detections carry no identity
 BATCH = 256
 
 
@@ -101,21 +110,6 @@ def write_thumbnail(thumbs: Path, key: str, crop: Image.Image) -> None:
 
 
 # -- crop folders ------------------------------------------------------------------------------
-
-
-def parse_time(value: str, where: str) -> float:
-    """Seconds: a number, or an ISO-8601 time (UTC when it has no offset) as Unix time."""
-    value = value.strip()
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise DatasetError(f"{where}: timestamp {value!r} is neither seconds nor ISO-8601 "
-                           "(e.g. 2026-01-05T08:00:00Z)") from None
-    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 def _read_meta_csv(path: Path) -> dict[str, dict[str, str]]:
@@ -182,97 +176,6 @@ def _image_loader(path: str) -> Callable[[], Image.Image]:
 # -- MOT sequences -----------------------------------------------------------------------------
 
 
-@dataclass
-class CameraSequence:
-    """One camera's MOT sequence: its video, its detection rows and its clock."""
-
-    name: str
-    video: Path
-    rows: list[tuple[int, int, float, float, float, float, float]]
-    fps: float
-    start: float
-
-
-def _video_in(folder: Path) -> Path | None:
-    named = folder / "video.mp4"
-    if named.is_file():
-        return named
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
-    return found[0] if found else None
-
-
-def read_mot(path: Path) -> list[tuple[int, int, float, float, float, float, float]]:
-    """(frame, id, left, top, width, height, score) rows of a MOT gt.txt / det.txt.
-
-    In gt.txt the 7th column is the 'consider' flag: rows with 0 are left out, as the MOT
-    evaluation does.
-    """
-    rows = []
-    is_gt = path.name == "gt.txt"
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            cols = line.strip().split(",")
-            try:
-                frame, tid = int(float(cols[0])), int(float(cols[1]))
-                left, top, w, h = (float(c) for c in cols[2:6])
-                score = float(cols[6]) if len(cols) > 6 else 1.0
-            except (ValueError, IndexError):
-                raise DatasetError(f"{path} line {n}: expected frame,id,left,top,width,height"
-                                   f"[,score,...], got {line.strip()!r}") from None
-            if is_gt and score == 0:
-                continue
-            if frame < 1:
-                raise DatasetError(f"{path} line {n}: frames count from 1, got {frame}")
-            rows.append((frame, tid, left, top, w, h, score))
-    return rows
-
-
-def find_sequences(folder: str | os.PathLike, detections: str = "auto",
-                   start_time: str | None = None) -> list[CameraSequence]:
-    """MOT sequences under `folder` (itself one, or its sub-folders), sorted by name."""
-    root = Path(folder)
-    if detections not in ("auto", "gt", "det"):
-        raise StrongReIDError(f"--detections {detections!r}: use auto, gt or det")
-    candidates = [root] if _video_in(root) else sorted(p for p in root.iterdir() if p.is_dir())
-    seqs = []
-    for d in candidates:
-        video = _video_in(d)
-        if video is None:
-            continue
-        gt, det = d / "gt" / "gt.txt", d / "det" / "det.txt"
-        table = {"gt": gt, "det": det, "auto": gt if gt.is_file() else det}[detections]
-        if not table.is_file():
-            raise DatasetError(f"{d}: no {table.relative_to(d)} beside {video.name}; give the "
-                               "detections in MOT format (frame,id,left,top,width,height,score)")
-        info = configparser.ConfigParser()
-        info.read(d / "seqinfo.ini", encoding="utf-8")
-        sec = info["Sequence"] if info.has_section("Sequence") else {}
-        fps = float(sec.get("frameRate", 0) or 0) or _video_fps(video)
-        start = start_time if start_time is not None else sec.get("startTime", "0")
-        seqs.append(CameraSequence(d.name, video, read_mot(table), fps,
-                              parse_time(start, f"{d / 'seqinfo.ini'} startTime")))
-    if not seqs:
-        raise DatasetError(f"no MOT sequence under {root}: expected folders holding a video "
-                           "(video.mp4, .avi, .mkv, ...) and gt/gt.txt or det/det.txt")
-    return seqs
-
-
-def _av():
-    try:
-        import av
-    except ImportError as exc:
-        raise StrongReIDError("ingesting videos needs PyAV: pip install 'strongreid[search]'") from exc
-    return av
-
-
-def _video_fps(video: Path) -> float:
-    with _av().open(str(video)) as c:
-        rate = c.streams.video[0].average_rate
-    return float(rate) if rate else 25.0
-
-
 def video_items(seq: CameraSequence, root: Path, frame_step: int = 1, min_score: float = 0.0) -> list[Item]:
     """Items of a sequence's detections (no pixels yet: decode_crops fills them in)."""
     vhash = _sha1_file(seq.video)
@@ -293,33 +196,9 @@ def video_items(seq: CameraSequence, root: Path, frame_step: int = 1, min_score:
 
 def decode_crops(video: Path, items: Sequence[Item]) -> Iterator[tuple[Item, Image.Image]]:
     """Decodes `video` once, front to back, and cuts each item's box (clipped to the frame)."""
-    av = _av()
-    by_frame: dict[int, list[Item]] = {}
-    for it in items:
-        by_frame.setdefault(int(it.meta["frame"]), []).append(it)
-    last = max(by_frame, default=0)
-    try:
-        container = av.open(str(video))
-    except av.error.FFmpegError as exc:
-        raise DatasetError(f"cannot open the video {video}: {exc}") from None
-    with container:
-        for index, frame in enumerate(container.decode(video=0), 1):
-            if index > last:
-                break
-            wanted = by_frame.pop(index, None)
-            if not wanted:
-                continue
-            img = frame.to_image()
-            for it in wanted:
-                m = it.meta
-                x0, y0 = max(0, m["left"]), max(0, m["top"])
-                x1 = min(img.width, m["left"] + m["width"])
-                y1 = min(img.height, m["top"] + m["height"])
-                if x1 - x0 >= MIN_BOX and y1 - y0 >= MIN_BOX:
-                    yield it, img.crop((x0, y0, x1, y1))
-    if by_frame:
-        first = min(by_frame)
-        raise DatasetError(f"{video} ends before frame {first}, which its detections name")
+    return decode_boxes(video, ((it, int(it.meta["frame"]), (it.meta["left"], it.meta["top"],
+                                                             it.meta["width"], it.meta["height"]))
+                                for it in items))
 
 
 # -- the ingest loop ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from strongreid.data.datasets.market import (
 )
 from strongreid.data.datasets.msmt17 import MSMT17, parse_msmt_camera
 from strongreid.data.datasets.stats import dataset_stats, format_stats, split_stats, stats_command
+from strongreid.data.datasets.tracklets import FootageTracklets
 from strongreid.data.datasets.vehicleid import VehicleID
 from strongreid.data.datasets.veri import VeRi776
 from strongreid.errors import ConfigError, DatasetError
@@ -51,6 +52,7 @@ __all__ = [
     "DukeMTMCreID",
     "FileIndex",
     "FolderDataset",
+    "FootageTracklets",
     "ImageRecord",
     "LayumiPrepared",
     "ListDataset",
