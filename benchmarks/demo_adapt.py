@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+# Tracklets cluster as wholes (their mean feature) and MIN_SAMPLES counts tracklets.
+TRACKLET_CLUSTERING = ["ADAPT.TRACKLETS", "must_link", "ADAPT.K1", 6, "ADAPT.K2", 2, "ADAPT.EPS", 0.5,
+                       "ADAPT.MIN_SAMPLES", 2]
+
 
 def strongreid(*args: object) -> None:
     """One CLI step in its own process, as a user would type it; stop the demo if it fails."""
@@ -50,9 +54,11 @@ def main() -> int:
     ap.add_argument("--model", default="runs/demo/best.pt", help="the street model (make demo)")
     ap.add_argument("--data", default="data/night", help="night image set and footage go here")
     ap.add_argument("--out", default="runs/demo-adapt")
-    ap.add_argument("--people", type=int, default=40)
+    # ByteTrack keeps nearly one tracklet per pass at 10 fps (docs/adaptation.md)
+    ap.add_argument("--people", type=int, default=48)
     ap.add_argument("--cams", type=int, default=4)
-    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--frames", type=int, default=600)
+    ap.add_argument("--fps", type=float, default=10.0)
     ap.add_argument("--precision", type=float, default=0.95)
     args = ap.parse_args()
 
@@ -72,7 +78,7 @@ def main() -> int:
     footage = data / "footage"
     if not (footage / "footage.json").is_file():
         step("synth_video", "synth-video", "--out", footage, "--domain", "night", "--people", args.people,
-             "--cams", args.cams, "--frames", args.frames, "--seed", 1)
+             "--cams", args.cams, "--frames", args.frames, "--fps", args.fps, "--seed", 1)
     # Finished cuts are reused; an interrupted one resumes.
     step("tracklets", "tracklets", "--footage", footage, "--out", data / "tracklets", "--boxes", "det",
          "--tracker", "bytetrack")
@@ -83,7 +89,7 @@ def main() -> int:
     adapted_run = out / "adapted"
     shutil.rmtree(adapted_run, ignore_errors=True)
     step("adapt", "train", "--config", "configs/adapt_night.yml", *common, "DATASETS.NAMES", "tracklets",
-         "DATASETS.TEST_NAME", "synthetic", "ADAPT.TRACKLETS", "must_link", "OUTPUT_DIR", adapted_run)
+         "DATASETS.TEST_NAME", "synthetic", *TRACKLET_CLUSTERING, "OUTPUT_DIR", adapted_run)
     adapted = adapted_run / "best.pt"
     results = {"direct": scores(out / "direct" / "results.json"),
                "adapted": scores(adapted_run / "results.json")}

@@ -260,3 +260,30 @@ def test_identity_labels_never_reach_the_weights(tiny_synthetic_root, tmp_path):
         assert torch.equal(linked[key], linked_per_camera[key]), key
     # The comparison can see labels: the tracklets (which read the pids) change the weights.
     assert any(not torch.equal(off[k], linked[k]) for k in off if off[k].is_floating_point())
+
+
+# -- footage: the real tracker's tracklets train the adaptation ----------------------------------
+def test_footage_to_tracklets_to_adaptation_through_the_cli(tiny_synthetic_root, tmp_path):
+    pytest.importorskip("boxmot", reason="BoxMOT is not installed: pip install 'strongreid[tracking]'")
+    from strongreid.data.synthetic_video import generate_footage
+
+    footage = tmp_path / "footage"
+    generate_footage(footage, people=8, cams=3, frames=40, fps=10.0, seed=2, domain="night")
+    root = tmp_path / "night"
+    root.mkdir()
+    (root / "synthetic").symlink_to(tiny_synthetic_root / "synthetic")  # the labelled test split
+    assert main(["tracklets", "--footage", str(footage), "--out", str(root / "tracklets"), "--boxes", "det",
+                 "--tracker", "bytetrack", "--per-tracklet", "4", "--min-length", "3"]) == 0
+    source = tmp_path / "source"
+    assert main(["train", *tiny_train_opts(tiny_synthetic_root, source, **{"SOLVER.MAX_EPOCHS": 1})]) == 0
+    out = tmp_path / "adapted"
+    opts = adapt_opts(root, out, **{
+        "DATASETS.NAMES": "tracklets", "DATASETS.TEST_NAME": "synthetic", "ADAPT.TRACKLETS": "must_link",
+        "ADAPT.K1": 4, "ADAPT.K2": 2, "ADAPT.EPS": 0.6, "ADAPT.MIN_SAMPLES": 2, "ADAPT.RESET_BN": "True",
+        "MODEL.PRETRAIN_CHOICE": "self", "MODEL.PRETRAIN_PATH": source / "last.pt"})
+    assert main(["train", *opts]) == 0
+    clusters = [r for r in _metrics(out) if r["type"] == "cluster"]
+    crops = len(list((root / "tracklets" / "bounding_box_train").iterdir()))
+    assert [r["epoch"] for r in clusters] == [1, 2] and all(r["images"] == crops for r in clusters)
+    assert all(r["clusters"] >= 4 for r in clusters)
+    assert 0 < json.loads((out / "results.json").read_text())["mAP"] <= 1
