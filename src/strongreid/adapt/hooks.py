@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 from yacs.config import CfgNode
 
 from strongreid.adapt.clustering import pseudo_labels
@@ -50,8 +51,6 @@ class PseudoLabelHook(HookBase):
             return  # a resumed run's checkpoint holds the statistics already
         # AdaBN (Li et al. 2016): the source model's BN statistics describe the source domain;
         # recomputed on the target images, the first clustering sees features of the new one.
-        from torch.optim.swa_utils import update_bn
-
         start = time.perf_counter()
         loader = build_test_loader(_one_view(t.cfg), self.records)
         update_bn((images for images, *_ in loader), t.model, device=t.device)
