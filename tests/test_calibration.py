@@ -97,3 +97,104 @@ def test_one_identity_cannot_calibrate():
     x = np.eye(4, dtype=np.float32)
     with pytest.raises(StrongReIDError, match="both matching and non-matching pairs"):
         calibrate(x[:2], x[2:], [1, 1], [1, 1], [0, 0], [1, 1])
+
+
+# -- the probability map and the decision, by hand and as properties ----------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from strongreid.evaluation.calibration import calibration_path, score_bins  # noqa: E402
+
+
+def test_logistic_by_hand_when_the_pairs_overlap():
+    # Two bins, centres -0.5 and 0.5: 1 of 4 pairs genuine below, 3 of 4 above. Two points, two
+    # parameters: the maximum-likelihood fit goes through 1/4 and 3/4, so
+    # slope * 0.5 + b = ln 3 and -slope * 0.5 + b = -ln 3: slope = 2 ln 3, b = 0.
+    cal = Calibration.from_counts([1, 3], [3, 1])
+    assert cal.slope == pytest.approx(2 * np.log(3), abs=1e-12)
+    assert cal.intercept == pytest.approx(0.0, abs=1e-12)
+    p = cal.probability([0.5, -0.5, 0.0, 0.25])
+    # sigmoid(ln 3 / 2) = sqrt(3) / (1 + sqrt(3)).
+    assert p == pytest.approx([0.75, 0.25, 0.5, np.sqrt(3) / (1 + np.sqrt(3))], abs=1e-12)
+
+
+def test_logistic_by_hand_when_the_pairs_separate():
+    # 5 genuine pairs all above 5 impostors: no maximum likelihood. Platt's targets
+    # (5+1)/(5+2) = 6/7 and 1/(5+2) = 1/7 give P(0.5) = 6/7, P(-0.5) = 1/7: slope = 2 ln 6.
+    cal = Calibration.from_counts([0, 5], [5, 0])
+    assert cal.slope == pytest.approx(2 * np.log(6), abs=1e-12)
+    assert cal.probability([0.5, -0.5]) == pytest.approx([6 / 7, 1 / 7], abs=1e-12)
+
+
+def test_reversed_scores_cannot_be_calibrated():
+    with pytest.raises(StrongReIDError, match="do not score higher"):
+        Calibration.from_counts([3, 1], [1, 3])
+
+
+def test_score_bins_by_hand():
+    # 4 bins over [-1, 1]: edges -1, -0.5, 0, 0.5; 1.0 falls in the last, outside values clip.
+    assert score_bins([-1.0, -0.5, -0.2500001, 0.0, 0.4999, 0.5, 1.0, 1.7, -3.0], 4).tolist() == \
+        [0, 1, 1, 2, 2, 3, 3, 3, 0]
+
+
+def test_calibration_path():
+    assert str(calibration_path("runs/x/best.pt")) == "runs/x/best.calibration.json"
+    assert str(calibration_path("model.safetensors")) == "model.calibration.json"
+    assert str(calibration_path("runs/model")) == "runs/model.calibration.json"
+
+
+_pairs = st.lists(
+    st.tuples(st.floats(-1.0, 1.0, allow_nan=False), st.booleans()), min_size=2, max_size=300,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs=_pairs, shift=st.floats(0.05, 1.0), grid=st.lists(st.floats(-1.5, 1.5), min_size=2))
+def test_probability_rises_with_the_score(pairs, shift, grid):
+    scores = np.array([min(1.0, s + shift) if same else s for s, same in pairs])
+    same = np.array([m for _, m in pairs])
+    try:
+        cal = Calibration.from_scores(scores, same, bins=64)
+    except StrongReIDError as exc:  # one kind missing, or impostors scoring higher
+        assert "both matching" in str(exc) or "do not score higher" in str(exc)
+        return
+    assert cal.slope > 0
+    g = np.sort(np.asarray(grid))
+    assert np.all(np.diff(cal.probability(g)) >= 0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(pairs=_pairs, precision=st.floats(0.05, 0.99), bins=st.sampled_from([4, 50, 2000]))
+def test_the_threshold_reaches_the_precision_on_its_own_pairs(pairs, precision, bins):
+    scores = np.array([s for s, _ in pairs])
+    same = np.array([m for _, m in pairs])
+    try:
+        cal = Calibration.from_scores(scores, same, bins=bins)
+        point = cal.operating_point(precision)
+    except StrongReIDError as exc:
+        assert any(m in str(exc) for m in ("both matching", "do not score higher", "no score threshold"))
+        return
+    accepted = cal.same_person(scores, precision)
+    empirical = same[accepted].mean()
+    assert empirical >= precision
+    assert empirical == pytest.approx(point["precision"], abs=1e-12)
+    assert same[accepted].sum() / same.sum() == pytest.approx(point["recall"], abs=1e-12)
+    # Every score at or above the reported threshold is accepted, every one below refused.
+    assert np.array_equal(accepted, score_bins(scores, bins) >= score_bins([point["threshold"]], bins)[0])
+
+
+def test_corrupt_counts_name_the_file(tmp_path):
+    cal = Calibration.from_counts([0, 1, 3, 9], [7, 5, 2, 1])
+    path = tmp_path / "best.calibration.json"
+    cal.save(path)
+    record = json.loads(path.read_text())
+    record["logistic"]["slope"] = -2.0
+    path.write_text(json.dumps(record))
+    with pytest.raises(StrongReIDError, match=f"{path} is not a readable calibration file"):
+        Calibration.load(path)
+    record["logistic"]["slope"] = 2.0
+    record["genuine"] = {"99": 1}
+    path.write_text(json.dumps(record))
+    with pytest.raises(StrongReIDError, match=f"{path} is not a readable calibration file"):
+        Calibration.load(path)

@@ -155,6 +155,53 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return report_command(args.results, out=args.out)
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from strongreid.adapt.calibrate import calibrate_command
+
+    calibrate_command(args.model, config=args.config, data=args.data,
+                      from_clusters=args.from_clusters, dataset=args.dataset, split=args.split,
+                      measure_on=args.measure_on, measure_dataset=args.measure_dataset,
+                      measure_split=args.measure_split,
+                      precision=args.precision, holdout=args.holdout, out=args.out,
+                      seed=args.seed, eps=args.eps, min_samples=args.min_samples,
+                      device=args.device)
+    return 0
+
+
+def _add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="same-person threshold and probability of a model, "
+                                         "written beside it (MODEL.calibration.json)")
+    p.add_argument("--model", required=True, help="trained checkpoint (best.pt) or .safetensors")
+    p.add_argument("--config", default=None, help="yaml config (default: the checkpoint's)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--data", help="labelled images the model did not train on: a folder or "
+                                      "list file (<pid>_c<camera>... names), or a dataset root "
+                                      "with --dataset")
+    given.add_argument("--from-clusters", help="unlabelled images: identities come from "
+                                               "clustering (k-reciprocal + DBSCAN)")
+    p.add_argument("--dataset", default=None,
+                   help="read --data / --from-clusters (and --measure-on) as this registered dataset")
+    p.add_argument("--split", default="train",
+                   choices=["train", "val", "query", "gallery", "test"],
+                   help="with --dataset: the split to calibrate on (default train)")
+    p.add_argument("--measure-on", default=None,
+                   help="labelled images to measure on instead of a held-out part of --data")
+    p.add_argument("--measure-dataset", default=None,
+                   help="read --measure-on as this registered dataset (default: --dataset)")
+    p.add_argument("--measure-split", default="test",
+                   choices=["train", "val", "query", "gallery", "test"],
+                   help="with --dataset: the split --measure-on reads (default test)")
+    p.add_argument("--precision", type=float, default=0.95, help="requested precision")
+    p.add_argument("--holdout", type=float, default=0.5,
+                   help="share of --data's identities held out to measure (0: none)")
+    p.add_argument("--out", default=None, help="JSON to write (default: beside the model)")
+    p.add_argument("--seed", type=int, default=0, help="draws the held-out identities")
+    p.add_argument("--eps", type=float, default=0.6, help="--from-clusters: DBSCAN eps")
+    p.add_argument("--min-samples", type=int, default=4, help="--from-clusters: DBSCAN min_samples")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.set_defaults(func=_cmd_calibrate)
+
+
 # -- gallery search (strongreid.search): footage, ingest, serve, demo ------------------------
 
 
@@ -473,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="HTML file (default RESULTS/report/index.html)")
     p.set_defaults(func=_cmd_report)
     _add_search_parsers(sub)
+    _add_calibrate_parser(sub)
     for p in sub.choices.values():
         p.set_defaults(_parser=p)
     return parser

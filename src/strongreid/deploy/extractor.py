@@ -27,6 +27,7 @@ from yacs.config import CfgNode
 
 from strongreid.engine.inference import test_feature, test_scales
 from strongreid.errors import ConfigError, DatasetError, StrongReIDError
+from strongreid.evaluation.calibration import Calibration, calibration_path
 from strongreid.modeling.checkpoint import read_checkpoint_info
 from strongreid.modeling.loading import config_for, load_inference_model
 
@@ -115,6 +116,11 @@ class FeatureExtractor:
     (then MODEL.AMP's autocast), as in `strongreid test`.
     TEST.FLIP_AUG averages the features of each image and its mirror BEFORE the TEST.FEAT_NORM
     L2 normalisation, as `strongreid test` does (see the module docstring).
+
+    `calibration`: the JSON `strongreid calibrate` wrote; by default the one beside the weights
+    (best.pt -> best.calibration.json) when it exists; False: none. With one, `probability(scores)` gives
+    P(same person) of cosine scores and `same_person(a, b, precision)` decides at a precision;
+    without one, everything else works as before and those two explain how to calibrate.
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class FeatureExtractor:
         device: str | torch.device | None = "auto",
         batch_size: int | None = None,
         opts: Sequence[str] | Mapping[str, Any] | None = None,
+        calibration: str | os.PathLike | bool | None = None,
     ) -> None:
         from strongreid.config import flag
         from strongreid.config.loader import with_user_options
@@ -163,6 +170,14 @@ class FeatureExtractor:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.feat_dim = int(model.feat_dim)
+        self.calibration_file: str | None = None
+        self.calibration: Calibration | None = None
+        beside = calibration_path(self.weights)
+        if calibration is True or calibration is None and beside.is_file():
+            calibration = beside
+        if calibration is not None and calibration is not False:
+            self.calibration_file = os.fspath(calibration)
+            self.calibration = Calibration.load(self.calibration_file)
 
     def __repr__(self) -> str:
         return (f"FeatureExtractor({self.cfg.MODEL.NAME}, weights={self.weights!r}, device={self.device}, "
@@ -260,6 +275,51 @@ class FeatureExtractor:
         x = batch.to(self.device, non_blocking=True)
         f = test_feature(self.model, x, self.flip, self.scales, self.feat_norm, self.amp_dtype, self.channels_last)
         return f.float().cpu()
+
+    # -- same person ----------------------------------------------------------------------------
+
+    def _calibrated(self) -> Calibration:
+        if self.calibration is None:
+            raise StrongReIDError(
+                f"{self.weights} has no calibration ({calibration_path(self.weights)} does not "
+                f"exist): run `strongreid calibrate --model {self.weights} --data LABELLED_IMAGES` "
+                "(or --from-clusters IMAGES), or pass calibration='file.calibration.json'"
+            )
+        return self.calibration
+
+    def probability(self, scores: Any) -> np.ndarray:
+        """P(same person) of cosine scores between features of this model."""
+        return self._calibrated().probability(scores)
+
+    def similarity(self, a: Any, b: Any) -> np.ndarray:
+        """Cosine scores of a[i] with b[i] (one side may be a single item); features or images."""
+        fa, fb = self._as_features(a, "a"), self._as_features(b, "b")
+        if fa.shape[0] != fb.shape[0] and 1 not in (fa.shape[0], fb.shape[0]):
+            raise StrongReIDError(f"same_person compares a[i] with b[i]: got {fa.shape[0]} and "
+                                  f"{fb.shape[0]} items (give equal numbers, or one against many)")
+        fa = fa / np.maximum(np.linalg.norm(fa, axis=1, keepdims=True), 1e-12)
+        fb = fb / np.maximum(np.linalg.norm(fb, axis=1, keepdims=True), 1e-12)
+        return (fa * fb).sum(axis=1)
+
+    def same_person(self, a: Any, b: Any, precision: float = 0.95) -> np.ndarray:
+        """Whether a[i] and b[i] show the same person, at the threshold that reaches `precision`
+        on the calibration data: features ((D,) or (N, D) floats) or images, as __call__ takes."""
+        calibration = self._calibrated()
+        return calibration.same_person(self.similarity(a, b), precision)
+
+    def _as_features(self, x: Any, name: str) -> np.ndarray:
+        """(N, D) float64 features: float arrays / tensors of D columns are features already;
+        anything else is embedded as images."""
+        is_array = isinstance(x, (np.ndarray, torch.Tensor))
+        floating = is_array and (x.is_floating_point() if isinstance(x, torch.Tensor)
+                                 else np.issubdtype(x.dtype, np.floating))
+        if floating and x.ndim in (1, 2) and x.shape[-1] == self.feat_dim:
+            arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+            return np.asarray(arr, np.float64).reshape(-1, self.feat_dim)
+        if floating and x.ndim in (1, 2):
+            raise StrongReIDError(f"{name}: features of this model have {self.feat_dim} values, "
+                                  f"got shape {tuple(x.shape)}")
+        return self(x).numpy().astype(np.float64)
 
     def __call__(self, images: Any) -> torch.Tensor:
         items = self._flatten(images)

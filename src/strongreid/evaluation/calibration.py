@@ -6,7 +6,16 @@ pairs score, and turns that into (a) the lowest cosine-similarity threshold whos
 a requested precision, with the recall there, and (b) P(same | score), a logistic fit. The
 population is the evaluation protocol's: every query x gallery pair except same-identity pairs
 from the query's own camera and gallery junk (pid -1). Scores are binned (BINS bins over
-[-1, 1]), so any data set size fits in a fixed, small record.
+[-1, 1]), so any data set size fits in a fixed, small record. Decisions compare bin indices
+(`score_bins`), the same function that filled the bins, so a threshold's precision on the
+calibration pairs is exactly what `operating_point` reports, whatever the float rounding.
+
+Why a logistic fit (Platt scaling) and not isotonic regression: the probability is shown next
+to every search hit, so it must rise with the score everywhere (a logistic with a positive
+slope does by construction; a fit whose slope is not positive is refused) and must not jump
+between neighbouring scores where genuine pairs are few, which is exactly the high-score tail
+a user looks at; isotonic regression is a staircase there. The decision at a precision does not
+use the fit at all: it reads the binned counts, which are exact on the calibration pairs.
 
 A precision measured on one population holds on another only as far as the share of genuine
 pairs is alike (a gallery with many more people lowers it); `measure` checks a calibration on
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +40,25 @@ from strongreid.evaluation.distance import as_features, l2_normalize
 
 BINS = 20_000
 FORMAT = 1
+SUFFIX = ".calibration.json"
+
+
+def calibration_path(model: str | os.PathLike) -> Path:
+    """Where a model's calibration lives: runs/x/best.pt -> runs/x/best.calibration.json."""
+    path = Path(model)
+    return path.with_name(path.stem + SUFFIX) if path.suffix else path.with_name(path.name + SUFFIX)
+
+
+def score_bins(scores: Any, bins: int) -> np.ndarray:
+    """Bin index of each cosine score: bin k holds [-1 + 2k/bins, -1 + 2(k+1)/bins); 1 is in the last."""
+    s = np.clip(np.asarray(scores, np.float64), -1.0, 1.0)
+    return np.clip(np.floor((s + 1.0) * (bins / 2)), 0, bins - 1).astype(np.int64)
+
+
+def _torch_bins(scores: torch.Tensor, bins: int) -> torch.Tensor:
+    """`score_bins` on a tensor, operation for operation (float64), so both agree on every score."""
+    s = scores.double().clamp(-1.0, 1.0)
+    return torch.floor((s + 1.0) * (bins / 2)).clamp_(0, bins - 1).long()
 
 
 @dataclass(frozen=True)
@@ -52,10 +81,14 @@ class Calibration:
         s = np.asarray(scores, np.float64)
         return 1.0 / (1.0 + np.exp(-(self.slope * s + self.intercept)))
 
-    def operating_point(self, precision: float) -> dict[str, float]:
-        """The lowest threshold whose matches (score >= threshold) reach `precision`:
-        {threshold, precision, recall} on the calibration pairs."""
-        if not 0.0 < precision < 1.0:
+    @property
+    def bins(self) -> int:
+        return len(self.genuine)
+
+    def _operating_bin(self, precision: float) -> tuple[int, float, float]:
+        """(first bin kept, precision, recall) of the lowest threshold reaching `precision`."""
+        if isinstance(precision, bool) or not isinstance(precision, numbers.Real) \
+                or not 0.0 < precision < 1.0:
             raise StrongReIDError(f"precision must be between 0 and 1 (exclusive), got {precision!r}")
         gen = np.cumsum(np.asarray(self.genuine, np.float64)[::-1])[::-1]
         imp = np.cumsum(np.asarray(self.impostor, np.float64)[::-1])[::-1]
@@ -68,15 +101,66 @@ class Calibration:
                 f"(best {prec.max():.3f}): ask for a lower precision, or calibrate a better model"
             )
         k = int(ok[0])
-        return {"threshold": float(self.edges[k]), "precision": float(prec[k]),
-                "recall": float(gen[k] / gen[0])}
+        return k, float(prec[k]), float(gen[k] / gen[0])
+
+    def operating_point(self, precision: float) -> dict[str, float]:
+        """The lowest threshold whose matches (score >= threshold) reach `precision`:
+        {threshold, precision, recall} on the calibration pairs."""
+        k, prec, recall = self._operating_bin(precision)
+        return {"threshold": self._edge(k), "precision": prec, "recall": recall}
+
+    def _edge(self, k: int) -> float:
+        """The lowest score in bin k (the float edge itself can round into bin k - 1)."""
+        t = float(self.edges[k])
+        while score_bins(t, self.bins) < k:
+            t = float(np.nextafter(t, 2.0))
+        return t
 
     def threshold(self, precision: float) -> float:
         return self.operating_point(precision)["threshold"]
 
     def same_person(self, scores: Any, precision: float = 0.95) -> np.ndarray:
         """True where a cosine score passes the threshold of `precision`."""
-        return np.asarray(scores) >= self.threshold(precision)
+        k = self._operating_bin(precision)[0]
+        return score_bins(scores, self.bins) >= k
+
+    @classmethod
+    def from_counts(cls, genuine: Any, impostor: Any, source: dict[str, Any] | None = None
+                    ) -> Calibration:
+        """A Calibration from binned genuine / impostor counts (the logistic is fitted here)."""
+        g = np.asarray(genuine, np.int64)
+        i = np.asarray(impostor, np.int64)
+        if g.shape != i.shape or g.ndim != 1 or g.size < 2:
+            raise StrongReIDError(f"genuine and impostor counts must be two equal 1-D lists of at "
+                                  f"least 2 bins, got shapes {g.shape} and {i.shape}")
+        if g.sum() == 0 or i.sum() == 0:
+            raise StrongReIDError(
+                f"calibration needs both matching and non-matching pairs; got {int(g.sum())} "
+                f"genuine and {int(i.sum())} impostor pairs (labelled data with at least two "
+                "identities, each seen by two cameras)"
+            )
+        centres = np.linspace(-1.0, 1.0, g.size, endpoint=False) + 1.0 / g.size
+        slope, intercept = _fit_logistic(centres, g, i)
+        if not (math.isfinite(slope) and math.isfinite(intercept)) or slope <= 0:
+            raise StrongReIDError(
+                "matching pairs do not score higher than non-matching ones on this data "
+                f"(logistic slope {slope:.3g}): the model cannot tell these people apart, so no "
+                "threshold means 'same person'; calibrate a trained model on data of its domain"
+            )
+        info = {"genuine_pairs": int(g.sum()), "impostor_pairs": int(i.sum()), **(source or {})}
+        return cls(tuple(g.tolist()), tuple(i.tolist()), slope, intercept, info)
+
+    @classmethod
+    def from_scores(cls, scores: Any, same: Any, *, bins: int = BINS,
+                    source: dict[str, Any] | None = None) -> Calibration:
+        """A Calibration from the cosine scores of pairs and whether each pair is the same person."""
+        s = np.asarray(scores, np.float64).ravel()
+        m = np.asarray(same, bool).ravel()
+        if s.shape != m.shape:
+            raise StrongReIDError(f"{s.size} scores but {m.size} same/different labels")
+        k = score_bins(s, bins)
+        return cls.from_counts(np.bincount(k[m], minlength=bins),
+                               np.bincount(k[~m], minlength=bins), source)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the calibration as JSON (sparse bins), atomically."""
@@ -105,8 +189,14 @@ class Calibration:
                 for k, v in counts.items():
                     target[int(k)] = int(v)
             logistic = record["logistic"]
-            return cls(tuple(genuine.tolist()), tuple(impostor.tolist()), float(logistic["slope"]),
-                       float(logistic["intercept"]), dict(record.get("source", {})))
+            slope, intercept = float(logistic["slope"]), float(logistic["intercept"])
+            if (genuine < 0).any() or (impostor < 0).any() or not genuine.any() \
+                    or not impostor.any():
+                raise ValueError("pair counts must be non-negative, with some of each kind")
+            if not (math.isfinite(slope) and math.isfinite(intercept) and slope > 0):
+                raise ValueError(f"the logistic slope must be a positive number, got {slope}")
+            return cls(tuple(genuine.tolist()), tuple(impostor.tolist()), slope, intercept,
+                       dict(record.get("source", {})))
         except FileNotFoundError:
             raise StrongReIDError(f"calibration file {path} does not exist: run `strongreid calibrate` "
                                   "first") from None
@@ -138,25 +228,53 @@ def pair_histograms(
         scores = q[s : s + chunk] @ g.t()
         same = qp[s : s + chunk, None] == gp[None, :]
         junk = (same & (qc[s : s + chunk, None] == gc[None, :])) | ~real[None, :]
-        k = ((scores.clamp(-1.0, 1.0 - 1e-7) + 1.0) * (bins / 2)).long().clamp_(0, bins - 1)
+        k = _torch_bins(scores, bins)
         genuine += torch.bincount(k[same & ~junk], minlength=bins)
         impostor += torch.bincount(k[~same & ~junk], minlength=bins)
     return genuine.numpy(), impostor.numpy()
 
 
 def _fit_logistic(centres: np.ndarray, genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float]:
-    """Maximum-likelihood (slope, intercept) of P(genuine | s) = sigmoid(slope s + intercept)."""
+    """(slope, intercept) of P(genuine | s) = sigmoid(slope s + intercept).
+
+    The maximum-likelihood fit when it exists, i.e. when genuine and impostor bins overlap
+    (then the expected genuine count equals the observed one). When the bins separate the
+    two kinds (common on small sets) the likelihood has no maximum: the slope would grow
+    without end, claiming certainty from a few dozen pairs. Then Platt's targets replace 1
+    and 0 by (N+ + 1) / (N+ + 2) and 1 / (N- + 2), which gives a finite slope. Newton's
+    method with step halving on the cross-entropy; two parameters, so the bins are the data.
+    """
     used = (genuine + impostor) > 0
-    s, g, n = centres[used], genuine[used].astype(np.float64), (genuine + impostor)[used].astype(np.float64)
-    a, b = 10.0, -5.0
-    for _ in range(100):  # Newton's method on two parameters, with a tiny ridge
+    s = centres[used]
+    g, i = genuine[used].astype(np.float64), impostor[used].astype(np.float64)
+    n = g + i
+    gb, ib = np.flatnonzero(g > 0), np.flatnonzero(i > 0)
+    separated = gb.min() >= ib.max() or gb.max() <= ib.min()
+    hi = (g.sum() + 1.0) / (g.sum() + 2.0) if separated else 1.0
+    lo = 1.0 / (i.sum() + 2.0) if separated else 0.0
+    t = g * hi + i * lo  # the target mass of "genuine" in each bin
+
+    def loss(a: float, b: float) -> float:
+        z = a * s + b
+        # n log(1 + e^z) - t z, written to stay finite for large |z|.
+        return float((n * np.logaddexp(0.0, z) - t * z).sum())
+
+    a, b = 1.0, 0.0
+    current = loss(a, b)
+    for _ in range(200):
         p = 1.0 / (1.0 + np.exp(-(a * s + b)))
         w = n * p * (1.0 - p)
-        grad = np.array([(s * (g - n * p)).sum(), (g - n * p).sum()])
-        hess = np.array([[(w * s * s).sum(), (w * s).sum()], [(w * s).sum(), w.sum()]]) + 1e-9 * np.eye(2)
+        grad = np.array([(s * (t - n * p)).sum(), (t - n * p).sum()])
+        hess = np.array([[(w * s * s).sum(), (w * s).sum()], [(w * s).sum(), w.sum()]]) + 1e-12 * np.eye(2)
         step = np.linalg.solve(hess, grad)
-        a, b = a + step[0], b + step[1]
-        if abs(step).max() < 1e-10:
+        scale = 1.0
+        while scale > 1e-10:
+            candidate = loss(a + scale * step[0], b + scale * step[1])
+            if candidate <= current:
+                break
+            scale /= 2
+        a, b, current = a + scale * step[0], b + scale * step[1], candidate
+        if abs(scale * step).max() < 1e-12:
             break
     return float(a), float(b)
 
@@ -167,16 +285,7 @@ def calibrate(
 ) -> Calibration:
     """A Calibration from labelled features that the model did not train on."""
     genuine, impostor = pair_histograms(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, bins)
-    if genuine.sum() == 0 or impostor.sum() == 0:
-        raise StrongReIDError(
-            f"calibration needs both matching and non-matching pairs; got {int(genuine.sum())} "
-            f"genuine and {int(impostor.sum())} impostor pairs (labelled data with at least two "
-            "identities, each seen by two cameras)"
-        )
-    centres = np.linspace(-1.0, 1.0, bins, endpoint=False) + 1.0 / bins
-    slope, intercept = _fit_logistic(centres, genuine, impostor)
-    info = {"genuine_pairs": int(genuine.sum()), "impostor_pairs": int(impostor.sum()), **(source or {})}
-    return Calibration(tuple(genuine.tolist()), tuple(impostor.tolist()), slope, intercept, info)
+    return Calibration.from_counts(genuine, impostor, source)
 
 
 def measure(
@@ -185,14 +294,15 @@ def measure(
 ) -> dict[str, float]:
     """The calibration's threshold for `precision`, applied to other labelled data:
     {requested, threshold, measured (precision there), recall}."""
-    threshold = calibration.threshold(precision)
-    bins = len(calibration.genuine)
+    k = calibration._operating_bin(precision)[0]
+    threshold = calibration._edge(k)
+    bins = calibration.bins
     genuine, impostor = pair_histograms(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, bins)
-    k = int(math.floor((threshold + 1.0) * bins / 2 + 0.5))
     tp, fp = float(genuine[k:].sum()), float(impostor[k:].sum())
     return {"requested": float(precision), "threshold": threshold,
             "measured": tp / (tp + fp) if tp + fp else float("nan"),
             "recall": tp / float(genuine.sum()) if genuine.sum() else float("nan")}
 
 
-__all__ = ["BINS", "Calibration", "calibrate", "measure", "pair_histograms"]
+__all__ = ["BINS", "SUFFIX", "Calibration", "calibrate", "calibration_path", "measure",
+           "pair_histograms", "score_bins"]
