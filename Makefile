@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15
 
-.PHONY: demo demo-search test venv clean-demo
+.PHONY: demo demo-search demo-adapt test venv clean-demo
 
 venv: $(STAMP)
 
@@ -32,6 +32,12 @@ demo: $(STAMP) data/synthetic/synthetic.json
 # prints the `strongreid serve` command that opens the search page (docs/search.md).
 demo-search: $(STAMP)
 	$(BIN)/strongreid demo search --model runs/demo/best.pt
+
+# After `make demo`: night footage -> tracklets -> adaptation of runs/demo/best.pt without labels
+# -> both models tested on the night test split -> calibration -> gallery, then prints the
+# `strongreid serve` command; writes runs/demo-adapt/results.json (docs/adaptation.md).
+demo-adapt: $(STAMP)
+	$(BIN)/python benchmarks/demo_adapt.py
 
 data/synthetic/synthetic.json: | $(STAMP)
 	rm -rf data/synthetic

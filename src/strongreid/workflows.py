@@ -12,6 +12,7 @@ from typing import Any
 
 from yacs.config import CfgNode
 
+from strongreid.adapt import AdaptTrainer
 from strongreid.engine import distributed as D
 from strongreid.engine.hooks import HookBase
 from strongreid.engine.trainer import Trainer
@@ -20,8 +21,10 @@ from strongreid.evaluation.runner import format_table
 
 
 def build_trainer(cfg: CfgNode, resume: bool | str = False, hooks: Iterable[HookBase] = ()) -> Trainer:
-    """A Trainer with the default hooks, evaluation (EvalHook) and `hooks`."""
-    return Trainer(cfg, resume=resume, hooks=[EvalHook(), *hooks])
+    """A Trainer with the default hooks, evaluation (EvalHook) and `hooks`; with ADAPT.ENABLED one
+    that learns from pseudo-identities (strongreid.adapt)."""
+    trainer = AdaptTrainer if cfg.ADAPT.ENABLED else Trainer
+    return trainer(cfg, resume=resume, hooks=[EvalHook(), *hooks])
 
 
 def train(cfg: CfgNode, resume: bool | str = False, hooks: Iterable[HookBase] = ()) -> dict[str, Any] | None:

@@ -356,3 +356,32 @@ _C.MODEL.HEAD_PRECISION = "amp"
 _C.MODEL.SEMANTIC_WEIGHT = 0.2
 # stochastic-depth rate of the last Swin block (0 for the first, linear in between; SOLIDER 0.1)
 _C.MODEL.DROP_PATH = 0.1
+
+# extension: learning without identity labels (strongreid.adapt, docs/adaptation.md). With
+# ENABLED the training split's identity labels are never read: every epoch the features of all
+# its images are clustered (k-reciprocal Jaccard distance -> DBSCAN) into pseudo-identities,
+# and MODEL.METRIC_LOSS_TYPE 'cluster_memory' trains against their centroids.
+# ---------------------------------------------------------------------------------------------
+_C.ADAPT = CN()
+_C.ADAPT.ENABLED = False
+# DBSCAN: neighbourhood radius on the Jaccard distance and the points a core point needs
+_C.ADAPT.EPS = 0.6
+_C.ADAPT.MIN_SAMPLES = 4
+# k-reciprocal neighbours (k1) and the query-expansion neighbours (k2) of the Jaccard distance
+_C.ADAPT.K1 = 30
+_C.ADAPT.K2 = 6
+# the cluster memory: InfoNCE temperature and the centroid momentum
+_C.ADAPT.TEMP = 0.05
+_C.ADAPT.MOMENTUM = 0.2
+# within-camera tracklets (the training records' (pid, camid) pairs): 'off' (the pid is never
+# read) | 'must_link' (a tracklet is never split by the clustering)
+_C.ADAPT.TRACKLETS = "off"
+# iterations per epoch (the P x K batches over the pseudo-identities are drawn again as needed)
+_C.ADAPT.ITERS = 50
+# recompute the BatchNorm statistics on the training images before the first clustering (AdaBN)
+_C.ADAPT.RESET_BN = False
+_C.SOLVER.CLUSTER_MEMORY_LOSS_WEIGHT = 1.0
+# extension: the feature the metric terms (triplet, cluster_memory...) train with, MODEL.HEAD
+# 'baseline' with MODEL.NECK 'bnneck': 'before' the BNNeck (Luo et al.) | 'after' it (as
+# cluster-contrast's memory, which also clusters the BN feature)
+_C.MODEL.METRIC_FEAT = "before"

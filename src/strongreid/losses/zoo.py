@@ -14,7 +14,14 @@ from strongreid.config import flag
 from strongreid.config.components import check_choices, config_check, lookup, selects
 from strongreid.data.build import SAMPLERS
 from strongreid.errors import ConfigError
-from strongreid.losses import classification, instance, margin, pairwise, triplet  # noqa: F401  (register)
+from strongreid.losses import (  # noqa: F401  (register)
+    classification,
+    cluster_memory,
+    instance,
+    margin,
+    pairwise,
+    triplet,
+)
 from strongreid.losses.registry import ID_LOSSES, PAIR_LOSSES
 
 # MODEL.METRIC_LOSS_TYPE words that are not pair terms: the center loss, and the original's

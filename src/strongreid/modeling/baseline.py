@@ -45,12 +45,15 @@ class ReIDModel(nn.Module):
         pooling: str = "avg",
         gem_p: float = 3.0,
         head_fp32: bool = False,
+        metric_feat: str = "before",
     ) -> None:
         super().__init__()
         if neck not in ("bnneck", "no"):
             raise ConfigError(f"MODEL.NECK = {neck!r}: use 'bnneck' or 'no'.")
         if neck_feat not in ("after", "before"):
             raise ConfigError(f"TEST.NECK_FEAT = {neck_feat!r}: use 'after' or 'before'.")
+        if metric_feat not in ("after", "before"):
+            raise ConfigError(f"MODEL.METRIC_FEAT = {metric_feat!r}: use 'before' or 'after'.")
         if num_classes < 1:
             raise ConfigError(f"the training split has {num_classes} identities; need at least 1.")
         self.backbone = backbone
@@ -59,6 +62,7 @@ class ReIDModel(nn.Module):
         self.num_classes = int(num_classes)
         self.neck = neck
         self.neck_feat = neck_feat
+        self.metric_feat = metric_feat
         # MODEL.HEAD_PRECISION 'fp32': pooling, BNNeck and classifier leave the autocast region
         self.head_fp32 = bool(head_fp32)
         self.arch = str(getattr(backbone, "arch", type(backbone).__name__))
@@ -75,7 +79,7 @@ class ReIDModel(nn.Module):
         """MODEL.HEAD 'baseline': MODEL.NECK, TEST.NECK_FEAT, MODEL.POOLING / GEM_P, HEAD_PRECISION."""
         return cls(backbone, num_classes, neck=cfg.MODEL.NECK, neck_feat=cfg.TEST.NECK_FEAT,
                    pooling=cfg.MODEL.POOLING, gem_p=cfg.MODEL.GEM_P,
-                   head_fp32=cfg.MODEL.HEAD_PRECISION == "fp32")
+                   head_fp32=cfg.MODEL.HEAD_PRECISION == "fp32", metric_feat=cfg.MODEL.METRIC_FEAT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | ModelOutput:
         fmap = self.backbone(x)
@@ -90,7 +94,7 @@ class ReIDModel(nn.Module):
         global_feat = self.pool(fmap)
         feat = global_feat if self.bottleneck is None else self.bottleneck(global_feat)
         if self.training:
-            return ModelOutput(self.classifier(feat), global_feat)
+            return ModelOutput(self.classifier(feat), global_feat if self.metric_feat == "before" else feat)
         return feat if self.neck_feat == "after" else global_feat
 
 

@@ -37,6 +37,7 @@ def check_head_keys(cfg: CfgNode) -> None:
         "MODEL.POOLING": ("avg", "gem"),
         "MODEL.HEAD_PRECISION": ("amp", "fp32"),
         "TEST.NECK_FEAT": ("after", "before"),
+        "MODEL.METRIC_FEAT": ("before", "after"),
     })
     m = cfg.MODEL
     if m.LINEAR_NUM < 0:
