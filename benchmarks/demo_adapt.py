@@ -49,6 +49,12 @@ def scores(results: Path) -> dict[str, float]:
     return {"mAP": round(100 * r["mAP"], 2), "rank1": round(100 * r["rank1"], 2)}
 
 
+def calibration_summary(path: Path) -> dict[str, float | None]:
+    """Requested and measured precision and the recall, from the file `strongreid calibrate` wrote."""
+    measured = json.loads(path.read_text()).get("source", {}).get("measurement") or {}
+    return {k: measured.get(k) for k in ("requested", "measured", "recall")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/demo/best.pt", help="the street model (make demo)")
@@ -97,10 +103,9 @@ def main() -> int:
     if has_command("calibrate"):
         calibration = out / "calibration.json"
         step("calibrate", "calibrate", "--model", adapted, "--from-clusters", data / "tracklets" / "bounding_box_train",
-             "--measure-on", data, "--dataset", "synthetic", "--measure-split", "test",
-             "--precision", args.precision, "--out", calibration)
-        cal = json.loads(calibration.read_text())
-        results["calibration"] = {k: cal.get(k) for k in ("requested", "measured", "recall")}
+             "--measure-on", data / "synthetic" / "bounding_box_test", "--precision", args.precision,
+             "--out", calibration)
+        results["calibration"] = calibration_summary(calibration)
     else:
         results["calibration"] = None
         print("demo-adapt: this strongreid has no `calibrate` command; no calibration written", flush=True)
