@@ -138,7 +138,8 @@ def test_pcb_prediction_sums_part_softmaxes():
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("MODEL.HEAD", "bnn", "MODEL.HEAD = 'bnn' is not allowed; choose one of 'baseline', 'layumi', 'pcb'"),
+    # every registered head is offered, in sorted order (more register themselves from heads/)
+    ("MODEL.HEAD", "bnn", "MODEL.HEAD = 'bnn' is not allowed; choose one of 'baseline', 'layumi', ('[a-z_]+', )*'pcb'"),
     ("MODEL.DROPRATE", "1.0", r"MODEL.DROPRATE = 1.0 must lie in \[0, 1\)"),
     ("MODEL.LINEAR_NUM", "-1", "MODEL.LINEAR_NUM = -1 must be >= 0"),
     ("MODEL.PCB_PARTS", "0", "MODEL.PCB_PARTS = 0 must be at least 1"),
