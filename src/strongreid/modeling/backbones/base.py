@@ -148,3 +148,16 @@ def create_backbone(name: str, last_stride: int, timm_kwargs: dict | None = None
     backbone = factory(last_stride)
     backbone.arch = name
     return backbone
+
+
+def init_transformer_weights(module: nn.Module, skip_prefix: str | None = None) -> None:
+    """The from-scratch initialisation ViT and Swin code shares: truncated N(0, 0.02) Linear
+    weights with zero biases, unit LayerNorms (Linear layers under `skip_prefix` keep theirs)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear) and not (skip_prefix and name.startswith(skip_prefix)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -31,7 +31,11 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 from strongreid.errors import ConfigError
-from strongreid.modeling.backbones.base import BACKBONES, check_last_stride
+from strongreid.modeling.backbones.base import (
+    BACKBONES,
+    check_last_stride,
+    init_transformer_weights,
+)
 
 # name -> (embed dims, blocks per stage, heads per stage): swin_{tiny,small,base}_patch4_window7_224.
 SOLIDER_SWINS = {
@@ -240,14 +244,7 @@ class SoliderSwin(nn.Module):
 
     def _init_weights(self) -> None:
         # SOLIDER's from-scratch initialisation: truncated N(0, 0.02) Linear layers, unit LayerNorms.
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear) and not name.startswith("semantic_embed"):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_weights(self, skip_prefix="semantic_embed")
         for m in self.modules():
             if isinstance(m, WindowMSA):
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)

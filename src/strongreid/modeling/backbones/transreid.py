@@ -30,7 +30,7 @@ from yacs.config import CfgNode
 
 from strongreid.config.components import config_check
 from strongreid.errors import ConfigError, StrongReIDError
-from strongreid.modeling.backbones.base import BACKBONE_FAMILIES
+from strongreid.modeling.backbones.base import BACKBONE_FAMILIES, init_transformer_weights
 
 PREFIX = "transreid:"
 PATCH = 16
@@ -238,14 +238,7 @@ class TransReIDViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.sie_embed is not None:
             nn.init.trunc_normal_(self.sie_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_weights(self)
 
     @property
     def num_local(self) -> int:
