@@ -11,6 +11,7 @@ with PyAV, front to back, once.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import math
 import os
 import re
@@ -50,10 +51,8 @@ class CameraSequence:
 def parse_time(value: str, where: str) -> float:
     """Seconds: a number, or an ISO-8601 time (UTC when it has no offset) as Unix time."""
     value = value.strip()
-    try:
+    with contextlib.suppress(ValueError):
         return float(value)
-    except ValueError:
-        pass
     try:
         t = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
