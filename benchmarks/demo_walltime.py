@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from strongreid.config import load_config  # noqa: E402
+from strongreid.engine.runtime import setup_logging  # noqa: E402
 from strongreid.engine.trainer import Trainer, evaluates_after  # noqa: E402
 from strongreid.evaluation.hooks import EvalHook  # noqa: E402
 
@@ -48,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"overrides come in KEY VALUE pairs; got {args.opts}")
 
     with tempfile.TemporaryDirectory(prefix="demo_walltime_") as tmp:  # the runs' files go with it
-        return _measure(args, Path(tmp))
+        try:
+            return _measure(args, Path(tmp))
+        finally:
+            # The runs' log.txt is deleted with the folder: the process (a test session, say)
+            # keeps logging to the console only, never to a file that no longer exists.
+            setup_logging(None)
 
 
 def _measure(args: argparse.Namespace, tmp: Path) -> int:
