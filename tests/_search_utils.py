@@ -6,6 +6,7 @@ on two shared cores.
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from strongreid.config import load_config
 from strongreid.config.loader import dump_config
 from strongreid.data.synthetic_video import generate_footage
 from strongreid.deploy.extractor import FeatureExtractor
+from strongreid.evaluation.calibration import Calibration
 from strongreid.modeling import build_model
 from strongreid.search.ingest import decode_crops, find_sequences, ingest, video_items
 from strongreid.search.store import open_store
@@ -32,6 +34,36 @@ OPTS = {
     "DATALOADER.NUM_WORKERS": "0", "TEST.IMS_PER_BATCH": "64",
 }
 PEOPLE, CAMS, FRAMES, FPS = 4, 3, 24, 5.0
+
+# A same-person calibration by hand (tests of the service's probabilities and decisions).
+CAL_BINS = 200  # bin k holds cosine scores in [-1 + k/100, -1 + (k+1)/100)
+SLOPE, INTERCEPT = 100.0, -97.0  # P(same | s) = 1 / (1 + exp(-(100 s - 97))): 0.5 at s = 0.97
+# (genuine, impostor) pairs in the bin starting at each score. Tail precision (pairs scoring at
+# least the bin's lower edge): 0.99 -> 99/100 = 0.99, 0.98 -> 190/200 = 0.95,
+# 0.97 -> 270/300 = 0.9, 0.96 -> 300/600 = 0.5, 0.95 and below -> 300/1000 = 0.3.
+CAL_COUNTS = {0.99: (99, 1), 0.98: (91, 9), 0.97: (80, 20), 0.96: (30, 270), 0.95: (0, 400)}
+# So: precision -> (threshold, recall out of 300 genuine pairs), by hand.
+CALIBRATION_POINTS = {0.8: (0.97, 270 / 300), 0.9: (0.97, 270 / 300),
+                      0.95: (0.98, 190 / 300), 0.99: (0.99, 99 / 300)}
+
+
+def platt(score: float) -> float:
+    """P(same person | score) of hand_calibration, by the Platt formula."""
+    return 1.0 / (1.0 + math.exp(-(SLOPE * score + INTERCEPT)))
+
+
+def hand_calibration(root: Path) -> Calibration:
+    """A calibration with the counts and logistic above (its source names folders under root)."""
+    genuine, impostor = [0] * CAL_BINS, [0] * CAL_BINS
+    for edge, (g, i) in CAL_COUNTS.items():
+        k = round((edge + 1) * CAL_BINS / 2)
+        genuine[k], impostor[k] = g, i
+    # The source names folders on disk, as `strongreid calibrate` writes them: /api/info must
+    # not repeat them.
+    source = {"kind": "labels", "model": "tiny.pt", "data": str(root / "labelled-people"),
+              "measurement": {"on": str(root / "held-out-people"), "requested": 0.95,
+                              "measured": 0.94, "recall": 0.6, "identities": 12}}
+    return Calibration(tuple(genuine), tuple(impostor), SLOPE, INTERCEPT, source)
 
 
 def make_footage(out: Path, **kw) -> dict:

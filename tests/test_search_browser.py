@@ -22,7 +22,15 @@ pytest.importorskip("uvicorn", reason="the server needs pip install 'strongreid[
 pytest.importorskip("av", reason="video ingest needs PyAV (strongreid[search])")
 httpx = pytest.importorskip("httpx", reason="the load test needs httpx (strongreid[search])")
 
-from _search_utils import footage_crops, make_footage, serving, tiny_model  # noqa: E402
+from _search_utils import (  # noqa: E402
+    CALIBRATION_POINTS,
+    footage_crops,
+    hand_calibration,
+    make_footage,
+    platt,
+    serving,
+    tiny_model,
+)
 
 from strongreid.deploy.extractor import FeatureExtractor  # noqa: E402
 from strongreid.search.ingest import ingest  # noqa: E402
@@ -241,6 +249,82 @@ def test_the_page_asks_for_the_token_once_and_shows_ingest_progress(server, tmp_
         page.wait_for_selector("#login:not([hidden])", timeout=60_000)
         assert errors == []
     service.close()
+
+
+@needs_chromium
+def test_the_page_marks_same_person_hits_at_the_chosen_precision(server, tmp_path) -> None:
+    """With a calibration, exactly the hits whose P(same person) passes the chosen precision's
+    threshold are marked; the choice comes from the address, then from the last one made.
+    Screenshot in tmp_path."""
+    service = SearchService(server["store"], server["extractor"], server["root"] / "gallery.thumbs",
+                            "tiny.pt", calibration=hand_calibration(tmp_path))
+
+    def cards(page) -> list[dict]:
+        return page.locator("#hits figure.hit").evaluate_all(
+            "f => f.map(x => ({key: x.dataset.key, p: +x.dataset.probability,"
+            " marked: x.classList.contains('same-person'), badge: !!x.querySelector('.badge'),"
+            " shown: x.querySelector('.probability').textContent}))")
+
+    def check(page, precision: float) -> int:
+        threshold = CALIBRATION_POINTS[precision][0]
+        # Platt is increasing: a score passes the threshold exactly when its probability
+        # passes the probability of the threshold.
+        passing = platt(threshold)
+        shown = cards(page)
+        assert len(shown) == 20
+        assert all(abs(c["p"] - passing) > 2e-5 for c in shown)  # no hit on the edge
+        for c in shown:
+            assert c["marked"] is c["badge"] is (c["p"] >= passing), (precision, c)
+            assert c["shown"] == f"{100 * c['p']:.1f}%"
+        marked = sum(c["marked"] for c in shown)
+        assert page.locator("#timeline .marker.same-person").count() == marked
+        assert f", {marked} same person at precision {precision}" in page.locator("#status").inner_text()
+        return marked
+
+    with serving(create_app(service)) as port, chromium_page() as (page, errors):
+        url = f"http://127.0.0.1:{port}/"
+        page.goto(url + "?precision=0.9")
+        page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        assert page.locator("#same-person").is_visible()
+        assert page.locator("#precision option").evaluate_all("o => o.map(x => x.value)") == \
+            ["0.8", "0.9", "0.95", "0.99"]
+        assert page.input_value("#precision") == "0.9"
+        page.set_input_files("#image", str(server["query"]))
+        page.wait_for_selector("#status:has-text('same person at precision')", timeout=60_000)
+        at_90 = check(page, 0.9)
+
+        page.select_option("#precision", "0.99")
+        page.wait_for_selector("#status:has-text('same person at precision 0.99')", timeout=60_000)
+        at_99 = check(page, 0.99)
+        assert 0 < at_99 < at_90 < 20  # the two thresholds fall inside these 20 hits
+        assert page.url.endswith("/?precision=0.99")
+        page.evaluate("() => window.scrollTo(0, 0)")
+        shot = tmp_path / "same-person.png"
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"\nscreenshot: {shot}")
+        assert shot.stat().st_size > 10_000
+
+        # Remembered: a new visit without ?precision= comes back with the last choice.
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        assert page.input_value("#precision") == "0.99"
+        assert errors == []
+    service.close()
+
+    # Without a calibration the choice is not offered and no card is marked.
+    with serving(create_app(SearchService(server["store"], server["extractor"],
+                                          server["root"] / "gallery.thumbs", "tiny.pt",
+                                          calibration=False))) as port, \
+            chromium_page() as (page, errors):
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        assert page.locator("#same-person").is_hidden()
+        page.set_input_files("#image", str(server["query"]))
+        page.wait_for_selector("#status:has-text('hits in')", timeout=60_000)
+        assert "same person" not in page.locator("#status").inner_text()
+        assert page.locator("#hits figure.hit").count() == 20
+        assert page.locator("#hits .same-person, #hits .probability, #hits .badge").count() == 0
+        assert errors == []
 
 
 def test_load_200_queries_8_concurrent(server) -> None:

@@ -257,7 +257,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          max_upload=args.max_upload, auth_file=args.auth_file,
                          allowed_host=tuple(args.allowed_host or ()), ingest_root=args.ingest_root,
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                         max_decodes=args.max_decodes)
+                         max_decodes=args.max_decodes, calibration=args.calibration,
+                         no_calibration=args.no_calibration)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -372,6 +373,11 @@ def _add_search_parsers(sub) -> None:
                    help="how long a forward pass waits for more queries to join it")
     p.add_argument("--max-decodes", type=int, default=2,
                    help="uploads decoded at once (each may take up to 4096x4096 pixels)")
+    p.add_argument("--calibration", default=None,
+                   help="same-person calibration (strongreid calibrate); default: "
+                        "MODEL.calibration.json beside --model when it exists")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="serve without same-person marks even if a calibration lies beside --model")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="demos")

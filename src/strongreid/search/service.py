@@ -7,7 +7,9 @@
     GET  /api/items/{key}  one stored crop's metadata
     POST /api/search       multipart: `image` (an uploaded crop) or `key` (a stored crop), and
                            k, cameras (comma-separated), start / end (seconds or ISO-8601),
-                           rerank (k-reciprocal over the top `pool`), exclude_camera
+                           rerank (k-reciprocal over the top `pool`), exclude_camera,
+                           precision (with a calibration: each hit's P(same person) and
+                           whether it passes the threshold of that precision)
     POST /api/ingest       footage under --ingest-root, added while serving -> a job id
     GET  /api/ingest/{id}  that job's progress
     GET  /thumbs/{key}.jpg a thumbnail; any other name (../, absolute, %2e%2e) is a 404
@@ -20,12 +22,19 @@ only as JPEG / MPO / PNG / BMP / WebP of at most MAX_PIXELS pixels, a few at a t
 (max_decodes), shrunk to QUERY_SIDE and turned upright by their EXIF orientation at once, so
 that what waits for the model is small. Concurrent uploads share forward passes (Batcher),
 run as a traced graph (TracedFeatures) that leaves the event loop free while it computes.
+
+Same person. With the model's calibration (`strongreid calibrate` writes it beside the model;
+`--calibration FILE` names another) every hit carries `probability`, P(same person | score),
+and `same_person`, whether its score reaches the threshold of the requested precision (on the
+calibration pairs); `/api/info` lists the precisions the calibration reaches. Without one the
+answers are as they always were, and asking for a precision is a 409 that says how to calibrate.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import queue
 import re
@@ -44,13 +53,14 @@ import numpy as np
 import torch
 
 # At module level: FastAPI resolves the endpoints' (string) annotations in these globals.
-from fastapi import Body, File, Form, Request, UploadFile
+from fastapi import Body, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from strongreid.deploy.extractor import FeatureExtractor
 from strongreid.engine.inference import test_feature
 from strongreid.errors import StrongReIDError
+from strongreid.evaluation.calibration import Calibration, calibration_path
 from strongreid.evaluation.reranking import re_ranking
 from strongreid.search.ingest import parse_time, thumb_path
 from strongreid.search.store import (
@@ -72,6 +82,10 @@ QUERY_SIDE = 768  # longest side of a decoded query: ReID models see 256 or 384 
 MAX_THUMB_BYTES = 4 * 1024 * 1024
 MAX_K = 200
 RERANK_POOL = 100
+# The precisions the page offers, where the calibration reaches them; any other in (0, 1) that
+# it reaches may be asked for over the API.
+PRECISIONS = (0.8, 0.9, 0.95, 0.99)
+DEFAULT_PRECISION = 0.95
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP")
 # fullmatch only: `$` would also accept a trailing newline.
 KEY = re.compile(r"[0-9a-f]{40}")
@@ -320,13 +334,27 @@ def rerank(query: np.ndarray, hits: list[Hit]) -> list[tuple[Hit, float]]:
 
 
 class SearchService:
-    """The gallery, the model and the thumbnails behind the app (usable without HTTP)."""
+    """The gallery, the model and the thumbnails behind the app (usable without HTTP).
+
+    `calibration`: the Calibration that turns scores into P(same person) and decisions; None:
+    the FeatureExtractor's own (the one beside its weights) if it has one; False: none.
+    """
 
     def __init__(self, store: GalleryStore, embed: Any, thumbs: str | Path,
                  model_name: str = "", *, max_upload: int = MAX_UPLOAD, max_batch: int = 16,
-                 batch_wait_ms: float = 3.0, max_decodes: int = 2) -> None:
+                 batch_wait_ms: float = 3.0, max_decodes: int = 2,
+                 calibration: Calibration | bool | None = None) -> None:
         if max_decodes < 1:
             raise StrongReIDError(f"--max-decodes must be >= 1, got {max_decodes}")
+        if calibration is None:
+            calibration = getattr(embed, "calibration", None) \
+                if isinstance(embed, FeatureExtractor) else None
+        if calibration is True or (calibration is not False and calibration is not None
+                                   and not isinstance(calibration, Calibration)):
+            raise StrongReIDError(f"calibration must be a Calibration, None or False, got "
+                                  f"{type(calibration).__name__}")
+        self.calibration: Calibration | None = calibration or None
+        self.operating_points = self._offered_points()
         self.store, self.thumbs = store, Path(thumbs)
         self.embed = TracedFeatures.wrap(embed)
         self._thumbs_root = self.thumbs.resolve()
@@ -371,7 +399,90 @@ class SearchService:
         return {"count": self.store.count(), "dim": self.store.dim, "model": self.model_name,
                 "cameras": f["cameras"], "videos": f["videos"], "start": f["start"],
                 "end": f["end"], "max_upload": self.max_upload, "max_k": MAX_K,
-                "ingest": self.jobs is not None}
+                "ingest": self.jobs is not None, "calibration": self.calibration_info()}
+
+    # -- same person ------------------------------------------------------------------------------
+
+    def _offered_points(self) -> dict[float, dict[str, float]]:
+        """The operating point of each of PRECISIONS that the calibration reaches."""
+        points: dict[float, dict[str, float]] = {}
+        if self.calibration is None:
+            return points
+        for p in PRECISIONS:
+            try:
+                points[p] = self.calibration.operating_point(p)
+            except StrongReIDError:  # this calibration's pairs never reach p
+                continue
+        return points
+
+    @property
+    def default_precision(self) -> float | None:
+        """DEFAULT_PRECISION when the calibration reaches it, else the highest offered one."""
+        if DEFAULT_PRECISION in self.operating_points:
+            return DEFAULT_PRECISION
+        return max(self.operating_points, default=None)
+
+    def calibration_info(self) -> dict[str, Any] | None:
+        """What /api/info says about the calibration: numbers only, no file or data path."""
+        cal = self.calibration
+        if cal is None:
+            return None
+        genuine = np.cumsum(np.asarray(cal.genuine, np.float64)[::-1])
+        kept = genuine + np.cumsum(np.asarray(cal.impostor, np.float64)[::-1])
+        measured = cal.source.get("measurement")
+        return {
+            "precisions": list(self.operating_points), "default": self.default_precision,
+            # The highest precision any threshold reaches (rounded down, so it can be asked
+            # for): a request above it is refused.
+            "max_precision": math.floor(float((genuine[kept > 0] / kept[kept > 0]).max())
+                                        * 1e6) / 1e6,
+            "points": [{"precision": p, "threshold": round(pt["threshold"], 6),
+                        "recall": round(pt["recall"], 6)}
+                       for p, pt in self.operating_points.items()],
+            "kind": cal.source.get("kind"),
+            "measured": None if not isinstance(measured, dict) else
+            {k: measured.get(k) for k in ("requested", "measured", "recall", "identities")},
+        }
+
+    def decision(self, precision: float | None) -> dict[str, float] | None:
+        """{precision, threshold, recall} of the requested precision (None: the default), or None
+        without a calibration. BadRequest: a precision without a calibration (409), or one
+        outside (0, 1) or above what the calibration reaches (400)."""
+        if self.calibration is None:
+            if precision is None:
+                return None
+            raise BadRequest(
+                f"this server has no same-person calibration for its model {self.model_name}: "
+                "search without 'precision', or restart `strongreid serve` after `strongreid "
+                "calibrate --model MODEL --data LABELLED_IMAGES` (or with --calibration FILE)", 409)
+        if precision is None:
+            precision = self.default_precision
+            if precision is None:
+                return None
+        if isinstance(precision, bool) or not isinstance(precision, (int, float)) \
+                or not 0.0 < precision < 1.0:
+            raise BadRequest(f"precision must be a number between 0 and 1 (exclusive), e.g. "
+                             f"{DEFAULT_PRECISION}, got {precision!r}")
+        point = self.operating_points.get(precision)
+        if point is None:
+            try:
+                point = self.calibration.operating_point(precision)
+            except StrongReIDError as exc:
+                raise BadRequest(str(exc)) from None
+        return {"precision": float(precision), "threshold": round(point["threshold"], 6),
+                "recall": round(point["recall"], 6)}
+
+    def _judge(self, hits: list[dict[str, Any]], scores: list[float],
+               decision: dict[str, float] | None) -> None:
+        """Each hit's P(same person) and, with a decision, whether it passes (in place)."""
+        if self.calibration is None or not hits:
+            return
+        probability = self.calibration.probability(scores)
+        same = self.calibration.same_person(scores, decision["precision"]) if decision else None
+        for i, h in enumerate(hits):
+            h["probability"] = round(float(probability[i]), 6)
+            if same is not None:
+                h["same_person"] = bool(same[i])
 
     def thumbnail(self, key: str) -> bytes | None:
         """A thumbnail's bytes, only from a regular file inside the folder (no symlink)."""
@@ -412,11 +523,14 @@ class SearchService:
 
     def search(self, image: Image.Image | None = None, key: str | None = None, *, k: int = 20,
                filters: Filters | None = None, exclude_camera: bool = False,
-               use_rerank: bool = False, pool: int = RERANK_POOL) -> dict[str, Any]:
-        """Top-k across cameras, grouped per camera on a timeline."""
+               use_rerank: bool = False, pool: int = RERANK_POOL,
+               precision: float | None = None) -> dict[str, Any]:
+        """Top-k across cameras, grouped per camera on a timeline; with a calibration, each
+        hit's P(same person) and its decision at `precision` (None: the default one)."""
         t0 = time.perf_counter()
         if not 1 <= k <= MAX_K:
             raise BadRequest(f"k must be between 1 and {MAX_K}, got {k}")
+        decision = self.decision(precision)
         if self.store.dim is None:
             raise BadRequest("the gallery is empty: ingest crops or videos first", 409)
         vec, query = self.query_vector(image, key)
@@ -427,7 +541,7 @@ class SearchService:
                 others = [c for c in (filters.cameras or self.facets()["cameras"])
                           if c != query["camera"]]
                 if not others:
-                    return self._answer(query, [], filters, use_rerank, t0)
+                    return self._answer(query, [], filters, use_rerank, t0, decision)
                 filters.cameras = others
         limit = max(k, pool) if use_rerank else k
         hits = self.store.search(vec, limit, filters, with_vectors=use_rerank)[0]
@@ -435,16 +549,21 @@ class SearchService:
             ranked = rerank(vec, hits)[:k]
             out = [{**hit_json(h.key, h.meta, h.score), "rerank_distance": round(d, 6)}
                    for h, d in ranked]
+            scores = [h.score for h, _ in ranked]
         else:
             out = [hit_json(h.key, h.meta, h.score) for h in hits[:k]]
-        return self._answer(query, out, filters, use_rerank, t0)
+            scores = [h.score for h in hits[:k]]
+        # Judged on the store's scores, not on the 6-digit ones the answer shows.
+        self._judge(out, scores, decision)
+        return self._answer(query, out, filters, use_rerank, t0, decision)
 
     @staticmethod
     def _answer(query: dict, hits: list[dict], filters: Filters, reranked: bool,
-                t0: float) -> dict[str, Any]:
+                t0: float, decision: dict[str, float] | None = None) -> dict[str, Any]:
         return {"query": query, "hits": hits, "timeline": group_by_camera(hits),
                 "filters": {k: v for k, v in asdict(filters).items() if k != "exclude_keys"},
-                "reranked": reranked, "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
+                "reranked": reranked, "decision": decision,
+                "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     def close(self) -> None:
         self.batcher.close()
@@ -463,6 +582,25 @@ def _filters(cameras: str, videos: str, start: str, end: str) -> Filters:
         raise BadRequest(str(exc)) from None
 
 
+def parse_precision(form: str, url: str = "") -> float | None:
+    """The `precision` of a search request (form field or URL query; None when neither)."""
+    form, url = form.strip(), url.strip()
+    if form and url and form != url:
+        raise BadRequest(f"precision is given twice, {form!r} in the form and {url!r} in the "
+                         "URL: give it once")
+    text = form or url
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < 1.0:  # NaN fails too
+        raise BadRequest(f"precision must be a number between 0 and 1 (exclusive), e.g. "
+                         f"{DEFAULT_PRECISION}, got {text!r}")
+    return value
+
+
 def create_app(service: SearchService, max_upload: int | None = None, *,
                auth: Any = None, allowed_hosts: Any = None,
                ingest_root: str | Path | None = None) -> Any:
@@ -472,7 +610,7 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
     names served (default: loopback names); `ingest_root`: the folder POST /api/ingest may read
     (needs `auth`).
     """
-    from fastapi import FastAPI, Query
+    from fastapi import FastAPI
 
     from strongreid.search import security
     from strongreid.search.jobs import IngestJobs, JobError, ingest_runner
@@ -568,10 +706,16 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
                      start: Annotated[str, Form()] = "", end: Annotated[str, Form()] = "",
                      rerank: Annotated[bool, Form()] = False,
                      exclude_camera: Annotated[bool, Form()] = False,
-                     pool: Annotated[int, Form(ge=2, le=1000)] = RERANK_POOL) -> Response:
-        """Top-k across cameras for an uploaded crop or a stored one, grouped per camera."""
+                     pool: Annotated[int, Form(ge=2, le=1000)] = RERANK_POOL,
+                     precision: Annotated[str, Form(max_length=40)] = "",
+                     precision_url: Annotated[str, Query(alias="precision", max_length=40)] = ""
+                     ) -> Response:
+        """Top-k across cameras for an uploaded crop or a stored one, grouped per camera.
+        `precision` (form field or URL query, with a calibration): each hit's P(same person)
+        and whether it passes that precision's threshold (default: /api/info's default)."""
         from starlette.concurrency import run_in_threadpool
 
+        wanted = parse_precision(precision, precision_url)
         img = None
         if image is not None and not key:
             data = await image.read(max_upload + 1)
@@ -583,7 +727,7 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
             # (validation, then a generic walk) cost more per query than the search itself.
             return JSONResponse(service.search(img, key or None, k=k, filters=filters,
                                                exclude_camera=exclude_camera,
-                                               use_rerank=rerank, pool=pool))
+                                               use_rerank=rerank, pool=pool, precision=wanted))
         return await run_in_threadpool(answer)
 
     def _jobs() -> Any:
@@ -625,12 +769,48 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
     return security.Guard(app, auth=auth, hosts=frozenset(hosts), max_body=max_upload + 65536)
 
 
+def serving_calibration(model: str, path: str | None = None, off: bool = False
+                        ) -> tuple[Calibration | None, Path | None]:
+    """The calibration `serve` uses and its file: `path`, else the one beside `model` if any."""
+    if off:
+        if path:
+            raise StrongReIDError("--calibration and --no-calibration contradict each other: "
+                                  "give one of them")
+        return None, None
+    file = Path(path) if path else calibration_path(model)
+    if path is None and not file.is_file():
+        return None, None
+    try:
+        return Calibration.load(file), file
+    except StrongReIDError as exc:
+        if path is not None:
+            raise
+        raise StrongReIDError(f"{exc} (it lies beside --model {model}; or serve without "
+                              "same-person marks: --no-calibration)") from None
+
+
+def _describe_calibration(service: SearchService, file: Path | None, model: str) -> str:
+    """The console line about the calibration (the operator may see its path; clients never)."""
+    if service.calibration is None:
+        return (f"no calibration (hits carry scores only); `strongreid calibrate --model {model} "
+                f"--data LABELLED_IMAGES` writes {calibration_path(model)}")
+    made_for = service.calibration.source.get("model")
+    note = ""
+    if made_for and made_for != Path(model).name:
+        note = f"; WARNING: it was made for the model {made_for}, not {Path(model).name}"
+    info = service.calibration_info() or {}
+    offered = ", ".join(f"{p:g}" for p in info.get("precisions", [])) or "none of the page's"
+    return (f"calibration {file}: precisions {offered} (at most {info.get('max_precision'):g}), "
+            f"default {service.default_precision}{note}")
+
+
 def serve_command(gallery: str, model: str, config: str | None = None, device: str = "auto",
                   token: str = "", thumbs: str | None = None, host: str = "127.0.0.1",
                   port: int = 8000, max_upload: int = 5 * 1024 * 1024,
                   auth_file: str | None = None, allowed_host: tuple[str, ...] = (),
                   ingest_root: str | None = None, max_batch: int = 16, batch_wait_ms: float = 3.0,
-                  max_decodes: int = 2) -> int:
+                  max_decodes: int = 2, calibration: str | None = None,
+                  no_calibration: bool = False) -> int:
     """`strongreid serve --gallery gallery.db --model best.pt` (127.0.0.1:8000 by default)."""
     import uvicorn
 
@@ -645,17 +825,20 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
             "(or keep --host 127.0.0.1 behind a TLS reverse proxy; see docs/search.md)")
     auth = security.TokenAuth.from_file(auth_file) if auth_file else None
     hosts = security.allowed_hosts(allowed_host or (), host)
+    # Before the model and the gallery: a broken calibration is found in a second, not a minute.
+    same_person, calibration_file = serving_calibration(model, calibration, no_calibration)
     # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     store = open_store(gallery, token=token or "", create=False)
-    extractor = FeatureExtractor(config, model, device=device)
+    extractor = FeatureExtractor(config, model, device=device, calibration=False)
     if store.dim is not None and store.dim != extractor.feat_dim:
         raise StoreError(f"the gallery {gallery} holds {store.dim}-dimensional features but "
                          f"{model} gives {extractor.feat_dim}: serve it with the model that "
                          "built it")
     service = SearchService(store, extractor, thumbs_dir_for(gallery, thumbs),
                             model_name=str(model), max_upload=max_upload, max_batch=max_batch,
-                            batch_wait_ms=batch_wait_ms, max_decodes=max_decodes)
+                            batch_wait_ms=batch_wait_ms, max_decodes=max_decodes,
+                            calibration=same_person or False)
     app = create_app(service, auth=auth, allowed_hosts=hosts, ingest_root=ingest_root)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {store.count()} crops of {gallery} on http://{shown}:{port}/ "
@@ -674,6 +857,7 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
     if ingest_root:
         print(f"  token holders may ingest footage under {ingest_root} (POST /api/ingest)",
               flush=True)
+    print(f"  same person: {_describe_calibration(service, calibration_file, model)}", flush=True)
     if isinstance(store, MilvusStore) and is_local(gallery):
         print("  note: an old Milvus Lite gallery's embedded server listens on a 127.0.0.1 port "
               "of its own, without authentication: other users of this machine can read the "

@@ -4,6 +4,7 @@
 "use strict";
 
 const state = { info: null, offset: 0, lastKey: null, file: null };
+const PRECISION_KEY = "strongreid.precision";
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs, text) {
@@ -61,6 +62,45 @@ async function loadInfo() {
     $("start").value = localInput(Math.floor(info.start));
     $("end").value = localInput(Math.ceil(info.end));
   }
+  setupPrecision(info.calibration);
+}
+
+function storedPrecision() {
+  try { return window.localStorage.getItem(PRECISION_KEY); } catch (e) { return null; }
+}
+
+function setupPrecision(calibration) {
+  // The precisions the model's calibration reaches; the choice comes from the address
+  // (?precision=0.99), else from this browser's last choice, else the server's default.
+  const box = $("same-person"), select = $("precision");
+  select.replaceChildren();
+  box.hidden = !calibration;
+  if (!calibration) return;
+  for (const p of calibration.points) {
+    select.appendChild(el("option", { value: String(p.precision) }, p.precision + " (score \u2265 " +
+      p.threshold.toFixed(3) + ", finds " + Math.round(p.recall * 100) + "%)"));
+  }
+  const offered = calibration.points.map((p) => String(p.precision));
+  const asked = new URLSearchParams(window.location.search).get("precision");
+  const wanted = [asked === null ? null : String(Number(asked)), storedPrecision(),
+    calibration.default === null ? null : String(calibration.default)];
+  const pick = wanted.find((p) => p !== null && offered.includes(p));
+  if (pick !== undefined) select.value = pick;
+  select.disabled = offered.length === 0;
+  $("calibration-note").textContent = offered.length
+    ? "Green cards are judged the same person: on the calibration pairs, that share of such " +
+      "judgements was right. The % on a card is P(same person)."
+    : "This model's calibration reaches precision " + calibration.max_precision +
+      " at most: cards show P(same person) only.";
+}
+
+function precisionChanged() {
+  const value = $("precision").value;
+  try { window.localStorage.setItem(PRECISION_KEY, value); } catch (e) { /* private mode */ }
+  const url = new URL(window.location.href);
+  url.searchParams.set("precision", value);
+  window.history.replaceState(null, "", url.pathname + url.search);
+  return rerun();
 }
 
 async function loadGallery() {
@@ -86,6 +126,7 @@ function formData() {
   }
   form.append("rerank", $("rerank").checked ? "true" : "false");
   form.append("exclude_camera", $("exclude-camera").checked ? "true" : "false");
+  if (!$("same-person").hidden && $("precision").value) form.append("precision", $("precision").value);
   return form;
 }
 
@@ -99,8 +140,10 @@ async function run(form) {
   try {
     const result = await getJSON("/api/search", { method: "POST", body: form });
     render(result);
+    const same = result.hits.filter((h) => h.same_person).length;
     status(result.hits.length + " hits in " + result.timeline.length + " cameras (" + result.took_ms + " ms" +
-      (result.reranked ? ", re-ranked" : "") + ")");
+      (result.reranked ? ", re-ranked" : "") + ")" +
+      (result.decision ? ", " + same + " same person at precision " + result.decision.precision : ""));
   } catch (e) {
     render({ hits: [], timeline: [] });
     status(e.message, true);
@@ -162,9 +205,19 @@ function render(result) {
     caption.appendChild(el("span", { class: "rank" }, "#" + r));
     caption.appendChild(document.createTextNode(" "));
     caption.appendChild(el("span", { class: "score" }, h.score.toFixed(3)));
+    if (typeof h.probability === "number") {
+      fig.setAttribute("data-probability", h.probability);
+      caption.appendChild(document.createTextNode(" "));
+      caption.appendChild(el("span", { class: "probability", title: "P(same person) " + h.probability },
+        (100 * h.probability).toFixed(1) + "%"));
+    }
     caption.appendChild(el("span", { class: "camera" }, h.camera));
     // The time of day fits a card; the full time is the card's tooltip.
     caption.appendChild(el("span", { class: "time", title: h.time }, shortTime(h.time)));
+    if (h.same_person) {
+      fig.classList.add("same-person");
+      caption.appendChild(el("span", { class: "badge" }, "same person"));
+    }
     fig.appendChild(caption);
     const item = el("li");
     item.appendChild(fig);
@@ -183,7 +236,8 @@ function render(result) {
     const ordered = row.hits.slice().sort((a, b) => rankOf.get(b.key) - rankOf.get(a.key));
     for (const h of ordered) {
       const r = rankOf.get(h.key);
-      const marker = el("button", { type: "button", class: r === 1 ? "marker top" : "marker",
+      const marker = el("button", { type: "button",
+        class: (r === 1 ? "marker top" : "marker") + (h.same_person ? " same-person" : ""),
         "data-key": h.key, "data-rank": r, title: "#" + r + " " + h.score.toFixed(3) + " " + h.time },
         r <= 99 ? r : "");
       marker.style.left = (1 + 98 * (h.timestamp - lo) / span) + "%";
@@ -289,6 +343,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("image").addEventListener("change", (e) => { if (e.target.files.length) searchFile(e.target.files[0]); });
   $("search-form").addEventListener("submit", (e) => { e.preventDefault(); rerun(); });
   $("cameras").addEventListener("change", rerun);
+  $("precision").addEventListener("change", precisionChanged);
   $("more").addEventListener("click", loadGallery);
   $("login").addEventListener("submit", login);
   $("logout").addEventListener("click", logout);
