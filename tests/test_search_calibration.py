@@ -29,7 +29,12 @@ from _search_utils import SLOPE, footage_crops, hand_calibration, ingested_galle
 from strongreid.cli import main  # noqa: E402
 from strongreid.deploy.extractor import FeatureExtractor  # noqa: E402
 from strongreid.evaluation.calibration import calibrate, calibration_path  # noqa: E402
-from strongreid.search.service import SearchService, create_app  # noqa: E402
+from strongreid.search.service import (  # noqa: E402
+    SearchService,
+    _describe_calibration,
+    create_app,
+    serving_calibration,
+)
 from strongreid.search.store import Filters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,6 +250,26 @@ def test_serve_refuses_a_broken_calibration_beside_the_model(world, tmp_path, ca
     assert main(args) == 2
     err = one_line_error(capsys)
     assert str(beside) in err and "--no-calibration" in err and "strongreid calibrate" in err
+
+
+def test_which_calibration_serve_takes(world, tmp_path) -> None:
+    beside = calibration_path(world["model"])
+    cal, file = serving_calibration(str(world["model"]))
+    assert file == beside and cal.slope == SLOPE
+    assert serving_calibration(str(world["model"]), off=True) == (None, None)
+    assert serving_calibration(str(tmp_path / "uncalibrated.pt")) == (None, None)
+    # Made for another model: served, with a warning on the console.
+    other = tmp_path / "other.calibration.json"
+    hand_calibration(tmp_path).save(other)
+    cal, file = serving_calibration("runs/x/best.pt", str(other))
+    service = SearchService(world["store"], world["extractor"], world["thumbs"], "best.pt",
+                            calibration=cal)
+    try:
+        line = _describe_calibration(service, file, "runs/x/best.pt")
+        assert line.startswith(f"calibration {other}: precisions 0.8, 0.9, 0.95, 0.99")
+        assert "WARNING: it was made for the model tiny.pt, not best.pt" in line
+    finally:
+        service.close()
 
 
 def test_serve_loads_the_calibration_beside_the_model(world, tmp_path) -> None:
