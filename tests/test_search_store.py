@@ -380,7 +380,6 @@ def test_a_growing_ivf_retrains_and_keeps_every_row_once(tmp_path, monkeypatch) 
     import strongreid.search.faiss_store as fs
 
     monkeypatch.setattr(fs, "IVF_FROM", 100)  # exact below 100 rows, then IVF
-    monkeypatch.setattr(fs, "TWO_LEVEL_FROM", 4)  # 8 and 16 cells: k-means in two levels
     x = clustered(700)
     rows = rows_of(x)
     store = FaissStore(str(tmp_path / "g.db"), index_type="IVF_FLAT", search_params={"nprobe": 64})
@@ -416,7 +415,6 @@ def test_a_growing_ivf_killed_between_saves_is_rebuilt_from_the_rows(tmp_path, m
     import strongreid.search.faiss_store as fs
 
     monkeypatch.setattr(fs, "IVF_FROM", 100)
-    monkeypatch.setattr(fs, "TWO_LEVEL_FROM", 4)
     x = clustered(900)
     rows = rows_of(x)
     path = str(tmp_path / "k.db")
@@ -465,17 +463,3 @@ def test_new_embedded_galleries_grow_an_ivf_and_older_ones_keep_their_index(tmp_
     assert type(new.index).__name__ == "IndexFlatIP"  # exact until IVF_FROM rows
     new.close()
 
-
-def test_two_level_cells_are_as_many_as_asked_even_for_a_lopsided_gallery() -> None:
-    from strongreid.search.faiss_store import _two_level
-
-    rng = np.random.default_rng(5)
-    blob = unit(rng.standard_normal(DIM).astype(np.float32) + 0.05 * rng.standard_normal((3990, DIM)).astype(np.float32))
-    x = unit(np.concatenate([blob, rng.standard_normal((10, DIM)).astype(np.float32)]))
-    for nlist in (64, 100):  # 8 and 10 groups; a group of a few stray rows still gets a cell
-        cells = _two_level(x, nlist)
-        assert cells.shape == (nlist, DIM) and cells.dtype == np.float32
-        np.testing.assert_allclose(np.linalg.norm(cells, axis=1), 1.0, atol=1e-4)
-        assert len(np.unique(cells.round(4), axis=0)) == nlist
-        # The blob's rows sit near a cell of their own.
-        assert np.median((x @ cells.T).max(axis=1)) > 0.99

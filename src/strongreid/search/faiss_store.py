@@ -16,8 +16,7 @@ approximate index cannot fill k from a narrow selection, the selection is scanne
 Index types: FLAT (exact), IVF_FLAT (nlist cells, nprobe searched; an exact flat index until
 the gallery holds TRAIN_PER_LIST * nlist rows to train on, then trained once on a random sample
 of them; nlist 0: exact below IVF_FROM rows, then cells_for(rows) cells, trained again on a
-sample of every row each time the gallery grows fourfold, in two levels past TWO_LEVEL_FROM
-cells) and HNSW (M links, efConstruction;
+sample of every row each time the gallery grows fourfold) and HNSW (M links, efConstruction;
 ef at search). The parameters are faiss' own: they reach the index.
 Other processes may read and write the same file (SQLite serialises writers); a search first
 catches up with rows another process committed.
@@ -59,9 +58,6 @@ FORMAT = "strongreid-gallery-1"
 # faiss' k-means wants at least 39 points per centroid; a random sample of this many per cell
 # is what it trains on (more rows only cost time: 1M rows, 4096 cells, recall@10 1.000).
 TRAIN_PER_LIST = 40
-# Past this many cells, k-means in two levels (_two_level): 8192 cells over 1M rows trained in
-# 131 s in one level, most of a growing gallery's ingest time.
-TWO_LEVEL_FROM = 1024
 IVF_FROM = 40_960  # a growing IVF_FLAT (nlist 0) is exact (flat) below this many rows
 EXACT_BELOW = 20_000  # a narrower filtered selection is scanned exactly
 # The embedded IVF_FLAT grows its cells with the gallery (nlist 0); Milvus sets its own nlist.
@@ -93,39 +89,6 @@ def cells_for(n: int) -> int:
     nearest = 2 + n.bit_length() // 2
     most = max(0, (n // TRAIN_PER_LIST).bit_length() - 1)
     return 1 << min(nearest, most)
-
-
-def _two_level(x: np.ndarray, nlist: int) -> np.ndarray:
-    """nlist spherical k-means centroids of the rows x in two levels: sqrt(nlist) groups, then
-    each group split into cells in proportion to its rows; about 2 sqrt(nlist) distances per
-    row and iteration instead of nlist (as faiss.contrib.clustering.two_level_clustering, which
-    can give a group no cell at all)."""
-    faiss = _faiss()
-    d = x.shape[1]
-    groups = int(np.sqrt(nlist))
-    top = faiss.Kmeans(d, groups, niter=10, spherical=True, seed=1, max_points_per_centroid=2000)
-    top.train(x)
-    which = top.index.search(x, 1)[1].ravel()
-    order = np.argsort(which, kind="stable")
-    sizes = np.bincount(which, minlength=groups)
-    share = sizes * (nlist / len(x))
-    cells = np.floor(share).astype(np.int64)
-    # The cells left go to the largest remainders: groups with rows (an empty one has none).
-    cells[np.argsort(cells - share, kind="stable")[:nlist - int(cells.sum())]] += 1
-    out, start = [], 0
-    for g, (size, k) in enumerate(zip(sizes.tolist(), cells.tolist())):
-        part = x[order[start:start + size]]
-        start += size
-        if k == 1:
-            out.append(_normalised(part.mean(0, keepdims=True)))
-        elif k > 1:
-            # About TRAIN_PER_LIST rows a cell by construction (a group's rounding may leave
-            # a few less, which is no reason for faiss' warning).
-            km = faiss.Kmeans(d, k, niter=10, spherical=True, seed=g + 2,
-                              min_points_per_centroid=1)
-            km.train(part)
-            out.append(km.centroids)
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
@@ -400,11 +363,12 @@ class FaissStore:
                                                   replace=False)))
         ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist,
                                  faiss.METRIC_INNER_PRODUCT)
-        if nlist > TWO_LEVEL_FROM:
-            ivf.quantizer.add(_two_level(sample, nlist))
-            ivf.is_trained = True
-        else:
-            ivf.train(sample)
+        # One level of k-means over every cell. Two levels (sqrt(nlist) groups, then cells
+        # within each) trained 8192 cells in 46 s instead of 131 s at 1M rows, but recall@10
+        # fell from 1.000 to 0.52 at nprobe 32 on the benchmark's gallery: 64 coarse groups
+        # cut through what the fine cells should keep together (a person's views from other
+        # cameras ended in cells the query's nprobe did not reach).
+        ivf.train(sample)
         # An array direct map (slot -> list entry) lets narrow selections be scanned exactly.
         ivf.set_direct_map_type(faiss.DirectMap.Array)
         for lo in range(0, n, 65536):  # in slot order: slot i stays entry i
