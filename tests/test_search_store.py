@@ -199,8 +199,10 @@ _WRITER = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, {tests!r})
     from test_search_store import clustered, rows_of
+    import strongreid.search.faiss_store as fs
     from strongreid.search.faiss_store import FaissStore
-    store = FaissStore({path!r}, index_type="HNSW", index_params={{"M": 8}})
+    fs.IVF_FROM = 100  # a growing IVF_FLAT trains from 100 rows (as the reading test process)
+    store = FaissStore({path!r}, index_type={index!r}, index_params={params!r})
     store.open(16)
     x = clustered(100_000, seed=3)
     for b in range(0, 100_000, 50):
@@ -209,12 +211,16 @@ _WRITER = textwrap.dedent("""
 """)
 
 
-def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path) -> None:
+@pytest.mark.parametrize("index, params", [("HNSW", {"M": 8}), ("IVF_FLAT", {})])
+def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path, monkeypatch, index, params) -> None:
+    import strongreid.search.faiss_store as fs
+
+    monkeypatch.setattr(fs, "IVF_FROM", 100)
     path = tmp_path / "k.db"
     reader = FaissStore(str(path))  # open in this process while another one writes
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(tests=str(ROOT / "tests"),
-                                                                   path=str(path))],
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(
+        tests=str(ROOT / "tests"), path=str(path), index=index, params=params)],
                             stdout=subprocess.PIPE, text=True, env=env)
     acked = 0
     try:
@@ -234,7 +240,10 @@ def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path) -> None:
         assert store.existing([key(i) for i in range(acked)]) == {key(i) for i in range(acked)}
         for i in (0, acked // 2, acked - 1):
             assert store.search(x[i], 1)[0][0].key == key(i)
-        assert store.index.ntotal == n
+        assert store.index.ntotal == n and store.index_type == index
+        if index == "IVF_FLAT":  # trained again as it grew, in the writer and in each reader
+            assert store.index.nlist == fs.cells_for(n) and store.index_params == {"nlist": 0}
+            np.testing.assert_array_equal(ivf_ids(store), np.arange(n))
         store.close()
 
 
