@@ -13,7 +13,8 @@ its own:
 
 * insert: rows of precomputed vectors + metadata upserted BATCH at a time through the store
   (durable and indexed when each call returns: FaissStore commits each batch to SQLite and
-  adds it to the faiss index, training IVF once enough rows exist); rows/s, and the part of
+  adds it to the faiss index, training IVF when enough rows exist and, nlist 0, again each
+  time the gallery has grown fourfold: those trainings are inside the rate); rows/s, and the part of
   that time spent adding to the index ("index_s");
 * search: store.search(v, 10) one query at a time, as the service calls it (metadata fetched
   too): p50/p95 ms and recall@10 against exact cosine top-10 (numpy over all N, whose
