@@ -13,7 +13,8 @@ its own:
 
 * insert: rows of precomputed vectors + metadata upserted BATCH at a time through the store
   (durable and indexed when each call returns: FaissStore commits each batch to SQLite and
-  adds it to the faiss index, training IVF once enough rows exist); rows/s, and the part of
+  adds it to the faiss index, training IVF when enough rows exist and, nlist 0, again each
+  time the gallery has grown fourfold: those trainings are inside the rate); rows/s, and the part of
   that time spent adding to the index ("index_s");
 * search: store.search(v, 10) one query at a time, as the service calls it (metadata fetched
   too): p50/p95 ms and recall@10 against exact cosine top-10 (numpy over all N, whose
@@ -143,7 +144,8 @@ def wait_for_milvus_index(store, n: int, limit: float = 120.0) -> tuple[float, d
 
 
 def run_one(backend: str, n: int, dim: int, index: str, queries: int, batch: int,
-            work: Path, params: dict) -> dict:
+            work: Path, params: dict, search: list[dict] | None = None,
+            next_training: bool = False) -> dict:
     """One (backend, N, index type) in this process."""
     from strongreid.search.store import Filters, MilvusStore
 
@@ -189,11 +191,16 @@ def run_one(backend: str, n: int, dim: int, index: str, queries: int, batch: int
         out["index_params"] = store.index_params
         out["faiss_index"] = type(store.index).__name__
         out["index_ntotal"] = int(store.index.ntotal)
-        from strongreid.search.faiss_store import TRAIN_PER_LIST
+        from strongreid.search.faiss_store import IVF_FROM, TRAIN_PER_LIST, cells_for
         expected = {"FLAT": "IndexFlatIP", "IVF_FLAT": "IndexIVFFlat", "HNSW": "IndexHNSWFlat"}
-        if index == "IVF_FLAT" and n < TRAIN_PER_LIST * store.index_params["nlist"]:
+        nlist = store.index_params.get("nlist")
+        if index == "IVF_FLAT" and n < (IVF_FROM if nlist == 0 else TRAIN_PER_LIST * nlist):
             expected[index] = "IndexFlatIP"  # too few rows to train on: still exact
         assert out["faiss_index"] == expected[index] and store.index.ntotal == n, out
+        if out["faiss_index"] == "IndexIVFFlat":
+            out["ivf_nlist"] = int(store.index.nlist)
+            assert out["ivf_nlist"] == (cells_for(n) if nlist == 0 else nlist), out
+            out["trainings"] = list(store.trainings)  # each one's time is inside insert_s
     else:
         import milvus_lite
 
@@ -203,7 +210,7 @@ def run_one(backend: str, n: int, dim: int, index: str, queries: int, batch: int
         out["milvus_lite"] = milvus_lite.__file__
     out["exact_numpy"] = percentiles(exact_ms)
     out["search"] = []
-    for setting in SETTINGS[index]:
+    for setting in search or SETTINGS[index]:
         store.search_params = {**store.search_params, **setting}
         r = {"params": dict(setting), **timed_search(store, q, truth)}
         r["over_exact"] = round(r["p50_ms"] / out["exact_numpy"]["p50_ms"], 3)
@@ -211,6 +218,15 @@ def run_one(backend: str, n: int, dim: int, index: str, queries: int, batch: int
         print(json.dumps({"n": n, "index": index, **r}), file=sys.stderr, flush=True)
     out["camera_filtered"] = {"params": dict(store.search_params),
                               **timed_search(store, q, cam_truth, Filters(cameras=["cam0"]))}
+    if next_training and out.get("ivf_nlist") and store.index_params["nlist"] == 0:
+        # The gallery's next training (twice the cells, every row moved in), timed now: a
+        # rate measured just before it would flatter a growing IVF.
+        out["before_next_training"] = rss_mb()
+        t0 = time.perf_counter()
+        store._train(2 * out["ivf_nlist"])
+        out["next_training_s"] = round(time.perf_counter() - t0, 1)
+        out["insert_rows_per_s_with_next_training"] = round(
+            n / (insert_s + out["next_training_s"]), 1)
     out.update(rss_mb())
     t0 = time.perf_counter()
     store.close()
@@ -234,14 +250,20 @@ def main() -> int:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--batch", type=int, default=5000, help="rows per upsert call")
     p.add_argument("--params", default="{}", help="JSON index build parameters (e.g. '{\"M\": 32}')")
+    p.add_argument("--search", default=None,
+                   help="JSON list of search settings to sweep (default: the index type's own)")
+    p.add_argument("--next-training", action="store_true",
+                   help="a growing IVF_FLAT (nlist 0): also time its next training, at the end")
+    p.add_argument("--work", default=None, help="folder for the gallery files (default: /tmp)")
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:  # the child: one size, one index type, its result as JSON on stdout
-        work = Path(tempfile.mkdtemp(prefix="search_bench_"))
+        work = Path(tempfile.mkdtemp(prefix="search_bench_", dir=args.work))
         try:
             r = run_one(args.backend, args.sizes[0], args.dim, args.index[0], args.queries,
-                        args.batch, work, json.loads(args.params))
+                        args.batch, work, json.loads(args.params),
+                        json.loads(args.search) if args.search else None, args.next_training)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(json.dumps(r))
@@ -252,7 +274,10 @@ def main() -> int:
         for index in args.index:
             cmd = [sys.executable, __file__, "--one", "--sizes", str(n), "--index", index,
                    "--dim", str(args.dim), "--backend", args.backend, "--queries",
-                   str(args.queries), "--batch", str(args.batch), "--params", args.params]
+                   str(args.queries), "--batch", str(args.batch), "--params", args.params,
+                   *(["--search", args.search] if args.search else []),
+                   *(["--work", args.work] if args.work else []),
+                   *(["--next-training"] if args.next_training else [])]
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
             r = json.loads(done.stdout.strip().splitlines()[-1])
             r["load_avg_after"] = os.getloadavg()

@@ -199,8 +199,10 @@ _WRITER = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, {tests!r})
     from test_search_store import clustered, rows_of
+    import strongreid.search.faiss_store as fs
     from strongreid.search.faiss_store import FaissStore
-    store = FaissStore({path!r}, index_type="HNSW", index_params={{"M": 8}})
+    fs.IVF_FROM = 100  # a growing IVF_FLAT trains from 100 rows (as the reading test process)
+    store = FaissStore({path!r}, index_type={index!r}, index_params={params!r})
     store.open(16)
     x = clustered(100_000, seed=3)
     for b in range(0, 100_000, 50):
@@ -209,12 +211,16 @@ _WRITER = textwrap.dedent("""
 """)
 
 
-def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path) -> None:
+@pytest.mark.parametrize("index, params", [("HNSW", {"M": 8}), ("IVF_FLAT", {})])
+def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path, monkeypatch, index, params) -> None:
+    import strongreid.search.faiss_store as fs
+
+    monkeypatch.setattr(fs, "IVF_FROM", 100)
     path = tmp_path / "k.db"
     reader = FaissStore(str(path))  # open in this process while another one writes
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(tests=str(ROOT / "tests"),
-                                                                   path=str(path))],
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(
+        tests=str(ROOT / "tests"), path=str(path), index=index, params=params)],
                             stdout=subprocess.PIPE, text=True, env=env)
     acked = 0
     try:
@@ -234,7 +240,10 @@ def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path) -> None:
         assert store.existing([key(i) for i in range(acked)]) == {key(i) for i in range(acked)}
         for i in (0, acked // 2, acked - 1):
             assert store.search(x[i], 1)[0][0].key == key(i)
-        assert store.index.ntotal == n
+        assert store.index.ntotal == n and store.index_type == index
+        if index == "IVF_FLAT":  # trained again as it grew, in the writer and in each reader
+            assert store.index.nlist == fs.cells_for(n) and store.index_params == {"nlist": 0}
+            np.testing.assert_array_equal(ivf_ids(store), np.arange(n))
         store.close()
 
 
@@ -351,3 +360,115 @@ def test_search_over_http_on_the_embedded_store(server) -> None:
     assert len(hits) == 5 and {h["camera"] for h in hits} == {"north"}
     assert first["key"] not in {h["key"] for h in hits}
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+# -- a growing IVF_FLAT (nlist 0): trained again as the gallery grows --------------------------
+
+
+def ivf_ids(store: FaissStore) -> np.ndarray:
+    """Every id held in the IVF's inverted lists, sorted (each slot must be there once)."""
+    from strongreid.search.faiss_store import _faiss
+
+    faiss = _faiss()
+    lists = faiss.extract_index_ivf(store.index).invlists
+    ids = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+           for i in range(lists.nlist) if lists.list_size(i)]
+    return np.sort(np.concatenate(ids))
+
+
+def test_cells_grow_as_a_power_of_two_with_the_gallery() -> None:
+    from strongreid.search.faiss_store import cells_for
+
+    # The power of two nearest 4 sqrt(n) (rounded half up in log2: 2^10.5 = 4 sqrt(131 072)),
+    # at most n / 40 (k-means' minimum per cell).
+    sizes = (1, 100, 160, 320, 640, 40_960, 131_071, 131_072, 524_288, 1_000_000, 2_097_152)
+    assert [cells_for(n) for n in sizes] == [1, 2, 4, 8, 16, 1024, 1024, 2048, 4096, 4096, 8192]
+
+
+def test_a_growing_ivf_retrains_and_keeps_every_row_once(tmp_path, monkeypatch) -> None:
+    import strongreid.search.faiss_store as fs
+
+    monkeypatch.setattr(fs, "IVF_FROM", 100)  # exact below 100 rows, then IVF
+    x = clustered(700)
+    rows = rows_of(x)
+    store = FaissStore(str(tmp_path / "g.db"), index_type="IVF_FLAT", search_params={"nprobe": 64})
+    assert store.index_params == {"nlist": 0}  # the embedded IVF_FLAT grows by default
+    store.open(DIM)
+    store.upsert(rows[:99])
+    assert type(store.index).__name__ == "IndexFlatIP"  # exact until IVF_FROM rows
+    for i in range(99, 700, 50):
+        store.upsert(rows[i:i + 50])
+    # Trained at 149 rows (2 cells), again at 199 (4), 349 (8) and 649 (16): a random sample of
+    # every row each time, every slot moved into the new cells.
+    assert [(t["rows"], t["nlist"]) for t in store.trainings] == \
+        [(149, 2), (199, 4), (349, 8), (649, 16)]
+    assert store.index.nlist == fs.cells_for(700) == 16 and store._params().nprobe == 64
+    np.testing.assert_array_equal(ivf_ids(store), np.arange(700))
+    # nprobe >= nlist searches every cell: exact, with and without filters.
+    rng = np.random.default_rng(4)
+    for q in x[rng.choice(700, 10, replace=False)] + 0.2 * rng.standard_normal((10, DIM)).astype(np.float32):
+        for f in (Filters(), Filters(cameras=["north"]), Filters(start=30, end=90)):
+            assert [h.key for h in store.search(q, 10, f)[0]] == brute_force(x, rows, q, 10, f)
+    # A key replaced after the trainings: its old slot is dead, its new one found.
+    store.upsert([{**rows[5], "vector": -x[5], "camera": "garage"}])
+    assert store.search(-x[5], 1)[0][0].meta["camera"] == "garage" and store.count() == 700
+    store.close()
+    again = FaissStore(str(tmp_path / "g.db"))
+    assert (again.index_type, again.index_params) == ("IVF_FLAT", {"nlist": 0})
+    assert again.index.nlist == 16 and again.index.ntotal == 701 and again.trainings == []
+    assert [h.key for h in again.search(x[9], 10)[0]] == brute_force(x, rows, x[9], 10, Filters())
+    again.close()
+
+
+def test_a_growing_ivf_killed_between_saves_is_rebuilt_from_the_rows(tmp_path, monkeypatch) -> None:
+    import strongreid.search.faiss_store as fs
+
+    monkeypatch.setattr(fs, "IVF_FROM", 100)
+    x = clustered(900)
+    rows = rows_of(x)
+    path = str(tmp_path / "k.db")
+    store = FaissStore(path, index_type="IVF_FLAT", search_params={"nprobe": 64})
+    store.open(DIM)
+    store.upsert(rows[:300])
+    store.close()  # the index file: 300 rows in 4 cells
+    store = FaissStore(path)
+    store.upsert(rows[300:900])  # trained again (16 cells) but never saved: then "killed"
+    assert store.index.nlist == 16
+    store.db.close()
+    again = FaissStore(path, search_params={"nprobe": 64})
+    # The stale file (4 cells, 300 rows) was loaded, caught up with 600 rows and retrained.
+    assert [(t["rows"], t["nlist"]) for t in again.trainings] == [(900, 16)]
+    assert again.index.ntotal == 900 and again.count() == 900
+    np.testing.assert_array_equal(ivf_ids(again), np.arange(900))
+    for i in (0, 450, 899):
+        assert again.search(x[i], 1)[0][0].key == key(i)
+    f = Filters(cameras=["lobby"], start=10, end=150)
+    assert [h.key for h in again.search(x[7], 10, f)[0]] == brute_force(x, rows, x[7], 10, f)
+    (tmp_path / "k.faiss").unlink()  # no index file at all: built from the rows
+    again.db.close()
+    rebuilt = FaissStore(path, search_params={"nprobe": 64})
+    assert rebuilt.index.nlist == 16 and rebuilt.index.ntotal == 900
+    np.testing.assert_array_equal(ivf_ids(rebuilt), np.arange(900))
+    rebuilt.close()
+
+
+def test_new_embedded_galleries_grow_an_ivf_and_older_ones_keep_their_index(tmp_path, capsys) -> None:
+    x = clustered(60)
+    old = FaissStore(str(tmp_path / "hnsw.db"), index_type="HNSW", index_params={"M": 12})
+    old.open(DIM)
+    old.upsert(rows_of(x))
+    old.close()
+    again = open_store(str(tmp_path / "hnsw.db"))  # the default is now IVF_FLAT: not for this one
+    assert (again.index_type, again.index_params["M"]) == ("HNSW", 12)
+    assert type(again.index).__name__ == "IndexHNSWFlat" and again.index.ntotal == 60
+    assert again.search(x[3], 1)[0][0].key == key(3)
+    again.close()
+    assert main(["gallery", "migrate", "--from", str(tmp_path / "hnsw.db"),
+                 "--to", str(tmp_path / "new.db")]) == 0
+    assert "60 rows copied" in capsys.readouterr().out
+    new = open_store(str(tmp_path / "new.db"), create=False)
+    assert (new.index_type, new.index_params, new.search_params) == \
+        ("IVF_FLAT", {"nlist": 0}, {"nprobe": 32})
+    assert type(new.index).__name__ == "IndexFlatIP"  # exact until IVF_FROM rows
+    new.close()
+

@@ -335,9 +335,10 @@ def _add_search_parsers(sub) -> None:
     s.add_argument("--min-score", type=float, default=0.0, help="skip weaker detections")
     s.add_argument("--start-time", default=None, help="time of frame 1 (default: seqinfo.ini)")
     s.add_argument("--batch", type=int, default=256, help="crops embedded per batch")
-    s.add_argument("--index", choices=["FLAT", "IVF_FLAT", "HNSW"], default="HNSW",
-                   help="vector index of a new gallery (FLAT: exact; IVF_FLAT: exact until it "
-                        "has 40 960 rows to train on)")
+    s.add_argument("--index", choices=["FLAT", "IVF_FLAT", "HNSW"], default=None,
+                   help="vector index of a new gallery (default: IVF_FLAT in a gallery file, "
+                        "exact until it has 40 960 rows, then cells that grow with it; HNSW "
+                        "on a Milvus server; FLAT: exact)")
     s.set_defaults(func=_cmd_gallery)
     s = gsub.add_parser("migrate", help="copy a gallery into a new one (Milvus Lite -> gallery.db)")
     s.add_argument("--from", dest="source", required=True, help="the gallery to copy")
@@ -346,8 +347,9 @@ def _add_search_parsers(sub) -> None:
     s.add_argument("--target-token", default="", help="Milvus server token of --to")
     s.add_argument("--thumbs-from", default=None, help="thumbnails of --from (default beside it)")
     s.add_argument("--thumbs-to", default=None, help="thumbnails of --to (default beside it)")
-    s.add_argument("--index", choices=["FLAT", "IVF_FLAT", "HNSW"], default="HNSW",
-                   help="vector index of the new gallery")
+    s.add_argument("--index", choices=["FLAT", "IVF_FLAT", "HNSW"], default=None,
+                   help="vector index of the new gallery (default: IVF_FLAT in a gallery "
+                        "file, HNSW on a Milvus server)")
     s.set_defaults(func=_cmd_gallery_migrate)
     s = gsub.add_parser("token", help="create an access token for `strongreid serve --auth-file`")
     s.add_argument("--auth-file", required=True,

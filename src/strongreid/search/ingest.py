@@ -291,7 +291,7 @@ def ingest_command(gallery: str, model: str, config: str | None = None, device: 
                    token: str = "", thumbs: str | None = None, crops: Sequence[str] = (),
                    meta: str | None = None, videos: Sequence[str] = (), detections: str = "auto",
                    frame_step: int = 1, min_score: float = 0.0, start_time: str | None = None,
-                   batch: int = 256, index_type: str = "FLAT") -> int:
+                   batch: int = 256, index_type: str | None = None) -> int:
     """`strongreid gallery ingest --gallery gallery.db --model best.pt --crops DIR --videos DIR`."""
     if not crops and not videos:
         raise StrongReIDError("nothing to ingest: pass --crops DIR and/or --videos DIR")

@@ -33,8 +33,8 @@ from strongreid.registry import Registry
 COLLECTION = "gallery"
 KEY_LENGTH = 40  # hex sha1
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW")
-# HNSW by default: the one index that held recall@10 >= 0.95 at 1M rows within a few ms
-# (docs/search.md, benchmarks/search_store.py); IVF_FLAT lost recall there, FLAT took 80+ ms.
+# A backend's own default index when none is asked for (its `default_index`), else this one:
+# HNSW on a Milvus server. The embedded store's is IVF_FLAT (faiss_store.py says why).
 DEFAULT_INDEX = "HNSW"
 # Build and search parameters per index type (Milvus and faiss use the same names).
 DEFAULT_INDEX_PARAMS: dict[str, dict[str, int]] = {
@@ -192,7 +192,7 @@ def query_matrix(vectors: np.ndarray, dim: int | None) -> np.ndarray:
     return q
 
 
-def open_store(uri: str, *, token: str = "", index_type: str = DEFAULT_INDEX,
+def open_store(uri: str, *, token: str = "", index_type: str | None = None,
                index_params: dict[str, Any] | None = None,
                search_params: dict[str, Any] | None = None, create: bool = True) -> GalleryStore:
     """The gallery at `uri`, opened by the first registered backend that claims it."""
@@ -200,7 +200,8 @@ def open_store(uri: str, *, token: str = "", index_type: str = DEFAULT_INDEX,
     for name in STORES.names_in_order():
         backend = STORES.get(name)
         if backend.claims(uri):
-            return backend(uri, token=token, index_type=index_type, index_params=index_params,
+            kind = index_type or getattr(backend, "default_index", DEFAULT_INDEX)
+            return backend(uri, token=token, index_type=kind, index_params=index_params,
                            search_params=search_params, create=create)
     raise StoreError(f"no gallery store opens {uri!r}: give a file path (gallery.db) or a "
                      "Milvus server URI (http://host:19530)")
@@ -447,7 +448,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def migrate_command(source: str, target: str, token: str = "", target_token: str = "",
                     thumbs_from: str | None = None, thumbs_to: str | None = None,
-                    index_type: str = DEFAULT_INDEX) -> int:
+                    index_type: str | None = None) -> int:
     """`strongreid gallery migrate --from old.db --to new.db`: any gallery into any other
     (a Milvus Lite file into the embedded store, or the embedded store into a Milvus server);
     the thumbnails follow (hard links where the file system allows)."""
