@@ -513,7 +513,11 @@ def test_sharded_evaluation_equals_single_process(tiny_synthetic_root, tmp_path)
 
 
 def test_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tiny_synthetic_root, tmp_path):
-    over = {"SOLVER.MAX_EPOCHS": 4, "SOLVER.EVAL_PERIOD": 100, "SOLVER.CHECKPOINT_PERIOD": 100}
+    # 3 steps of 2 x 16 images at 32x16 an epoch: each step is dozens of lock-step collectives
+    # (SyncBN's all-reduces), so while another test competes for the cores the number of steps,
+    # not their size, sets the time. Both runs see the same settings; only the kill differs.
+    over = {"SOLVER.MAX_EPOCHS": 4, "SOLVER.EVAL_PERIOD": 100, "SOLVER.CHECKPOINT_PERIOD": 100,
+            "SOLVER.IMS_PER_BATCH": 32, "INPUT.SIZE_TRAIN": "[32, 16]", "INPUT.SIZE_TEST": "[32, 16]"}
     straight_log, killed_log = tmp_path / "straight.log", tmp_path / "killed.log"
     straight = _torchrun(["train", *tiny_train_opts(tiny_synthetic_root, tmp_path / "straight", **over)],
                          straight_log)

@@ -326,16 +326,6 @@ needs_onnx = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def few_people(tmp_path_factory):
-    """A synthetic set small enough for ResNet-50-sized models at 384x128 on one core."""
-    from strongreid.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("few")
-    generate(str(root / "synthetic"), ids=4, cams=2, images_per_id=4, seed=2)
-    return root
-
-
 @needs_onnx
 @pytest.mark.parametrize("kind", ["mgn", "bot_s50"])
 def test_fastreid_file_through_every_command(kind, few_people, tmp_path, capsys):

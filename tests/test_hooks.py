@@ -52,7 +52,10 @@ class StepCounter(HookBase):
 def test_a_hook_from_the_test_file_sees_every_point_of_a_real_run(tiny_synthetic_root, tmp_path):
     out = tmp_path / "run"
     counter = StepCounter()
-    trainer = build_trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, out)), hooks=[counter])
+    # CHECKPOINT_PERIOD 1: the epoch file exists after every epoch, so the hook can see it is not
+    # written yet when it runs.
+    cfg = load_config(None, tiny_train_opts(tiny_synthetic_root, out, **{"SOLVER.CHECKPOINT_PERIOD": 1}))
+    trainer = build_trainer(cfg, hooks=[counter])
     per_epoch = len(trainer.loader)
     final = trainer.fit()
 

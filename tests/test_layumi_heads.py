@@ -167,7 +167,7 @@ def test_layumi_heads_train_and_test_from_the_cli(tiny_synthetic_root, tmp_path,
         # layumi's default recipe: cross-entropy alone on a shuffled loader.
         "MODEL.HEAD": head, "MODEL.IF_WITH_CENTER": "no", "MODEL.METRIC_LOSS_TYPE": "triplet",
         "DATALOADER.SAMPLER": "softmax", "MODEL.IF_LABELSMOOTH": "off",
-        "SOLVER.MAX_EPOCHS": 3, "SOLVER.EVAL_PERIOD": 3, "SOLVER.CHECKPOINT_PERIOD": 3, **extra,
+        "SOLVER.MAX_EPOCHS": 3, "SOLVER.EVAL_PERIOD": 3, **extra,
     })
     assert main(["train", *opts]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -120,7 +120,7 @@ def test_averaging_formula(mode):
 def test_weight_averaging_writes_its_own_checkpoint(tiny_synthetic_root, tmp_path, capsys):
     out = tmp_path / "wa"
     opts = tiny_train_opts(tiny_synthetic_root, out, **{
-        "SOLVER.MAX_EPOCHS": 3, "SOLVER.EVAL_PERIOD": 3, "SOLVER.CHECKPOINT_PERIOD": 3,
+        "SOLVER.MAX_EPOCHS": 3, "SOLVER.EVAL_PERIOD": 3,
         "SOLVER.WA": "swa", "SOLVER.WA_START": 0.5, "SOLVER.OPTIMIZER_NAME": "SGD",
         "SOLVER.NESTEROV": True, "SOLVER.BACKBONE_LR_FACTOR": 0.1, "SOLVER.BASE_LR": 0.02,
         "INPUT.COLOR_JITTER": True,

@@ -280,17 +280,17 @@ def test_preset_loads_and_trains_one_step(tmp_path):
     assert model.backbone.stages[0].blocks[0].attn.w_msa.qkv.weight.grad is not None
 
 
-def test_solider_file_through_every_entry(tiny_file, tiny_synthetic_root, tmp_path):
+def test_solider_file_through_every_entry(tiny_file, few_people, tmp_path):
     path, state = tiny_file
 
     def reference(x):
         with torch.no_grad():
             return solider_forward(state, x)
 
-    through_every_entry(path, tiny_synthetic_root, tmp_path, source="SOLIDER-REID solider_swin_tiny",
+    through_every_entry(path, few_people, tmp_path, source="SOLIDER-REID solider_swin_tiny",
                         fmt="solider", size=(384, 128), reference=reference,
                         resample=Image.Resampling.BILINEAR, mean=[0.5] * 3, std=[0.5] * 3,
-                        train_opts=tiny_train_opts(tiny_synthetic_root, tmp_path / "unused"))
+                        train_opts=tiny_train_opts(few_people, tmp_path / "unused"))
 
 
 def test_solider_pretrained_teacher_as_pretrain_path(tiny_file, tmp_path):

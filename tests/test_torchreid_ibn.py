@@ -132,7 +132,7 @@ def test_an_ibn_file_of_another_depth_is_refused_by_name(tmp_path):
         load_inference_model(load_config(None, OPTS), tmp_path / "odd.pth")
 
 
-def test_torchreid_ibn_b_through_every_entry(tiny_synthetic_root, tmp_path):
+def test_torchreid_ibn_b_through_every_entry(few_people, tmp_path):
     state = torchreid_ibn_file("b", classes=751, seed=2)
     path = tmp_path / "resnet50_ibn_b_market.pth"
     torch.save(state, path)
@@ -141,7 +141,7 @@ def test_torchreid_ibn_b_through_every_entry(tiny_synthetic_root, tmp_path):
         with torch.no_grad():
             return torchreid_forward(state, x, "b")
 
-    through_every_entry(path, tiny_synthetic_root, tmp_path, source="torchreid resnet50_ibn_b", fmt="torchreid",
+    through_every_entry(path, few_people, tmp_path, source="torchreid resnet50_ibn_b", fmt="torchreid",
                         size=(256, 128), reference=reference, resample=Image.Resampling.BILINEAR,
                         mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-                        train_opts=tiny_train_opts(tiny_synthetic_root, tmp_path / "unused"))
+                        train_opts=tiny_train_opts(few_people, tmp_path / "unused"))

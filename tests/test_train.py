@@ -37,7 +37,8 @@ def _metrics(out):
 
 def test_train_then_test_through_the_cli(tiny_synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
-    opts = tiny_train_opts(tiny_synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 6, "SOLVER.EVAL_PERIOD": 3})
+    opts = tiny_train_opts(tiny_synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 6, "SOLVER.EVAL_PERIOD": 3,
+                                                               "SOLVER.CHECKPOINT_PERIOD": 6})
     assert main(["train", *opts]) == 0
     for name in ("config.yaml", "log.txt", "metrics.jsonl", "last.pt", "best.pt", "results.json",
                  "ranking.npz", "resnet18_epoch6.pt"):
