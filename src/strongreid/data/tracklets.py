@@ -398,6 +398,28 @@ def _iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def crop_people(out: str | os.PathLike, footage: str | os.PathLike,
+                min_iou: float = 0.5) -> list[tuple[dict[str, str], int | None]]:
+    """Each row of a cut's tracklets.csv with the gt id of the best-overlapping gt box of its
+    frame in the footage's gt.txt (IoU >= `min_iou`, else None): who a crop really shows."""
+    rows = _read_csv_rows(Path(out) / CSV_NAME)
+    names = {int(s["camera"]): s["name"] for s in _read_manifest(Path(out))["sequences"]}
+    gt: dict[tuple[int, int], list[tuple[int, tuple[float, float, float, float]]]] = {}
+    for camera, name in names.items():
+        for frame, tid, left, top, w, h, _ in read_mot(Path(footage) / name / "gt" / "gt.txt"):
+            gt.setdefault((camera, frame), []).append((tid, (left, top, w, h)))
+    people: list[tuple[dict[str, str], int | None]] = []
+    for row in rows:
+        camera, box = int(row["camera"]), [float(row[k]) for k in ("left", "top", "width", "height")]
+        best, best_iou = None, min_iou
+        for tid, gbox in gt.get((camera, int(row["frame"])), []):
+            iou = _iou(box, gbox)
+            if iou >= best_iou:
+                best, best_iou = tid, iou
+        people.append((row, best))
+    return people
+
+
 def tracklet_purity(out: str | os.PathLike, footage: str | os.PathLike,
                     min_iou: float = 0.5) -> dict[str, float]:
     """How often a tracklet's crops show one person, against the footage's gt.txt.
@@ -407,31 +429,20 @@ def tracklet_purity(out: str | os.PathLike, footage: str | os.PathLike,
     `fragmentation` is tracklets per (camera, gt id) seen: 1.0 when no person's pass through
     a camera was split.
     """
-    rows = _read_csv_rows(Path(out) / CSV_NAME)
-    names = {int(s["camera"]): s["name"] for s in _read_manifest(Path(out))["sequences"]}
-    gt: dict[tuple[int, int], list[tuple[int, tuple[float, float, float, float]]]] = {}
-    for camera, name in names.items():
-        for frame, tid, left, top, w, h, _ in read_mot(Path(footage) / name / "gt" / "gt.txt"):
-            gt.setdefault((camera, frame), []).append((tid, (left, top, w, h)))
+    people = crop_people(out, footage, min_iou)
     ids: dict[int, list[int | None]] = {}
     pairs: set[tuple[int, int]] = set()
-    for row in rows:
-        camera, box = int(row["camera"]), [float(row[k]) for k in ("left", "top", "width", "height")]
-        best, best_iou = None, min_iou
-        for tid, gbox in gt.get((camera, int(row["frame"])), []):
-            iou = _iou(box, gbox)
-            if iou >= best_iou:
-                best, best_iou = tid, iou
+    for row, best in people:
         ids.setdefault(int(row["tracklet"]), []).append(best)
         if best is not None:
-            pairs.add((camera, best))
+            pairs.add((int(row["camera"]), best))
     majority = 0
     for seen in ids.values():
         named = [i for i in seen if i is not None]
         if named:
             majority += max(named.count(i) for i in set(named))
-    return {"crops": float(len(rows)), "tracklets": float(len(ids)),
-            "purity": majority / len(rows) if rows else 0.0,
+    return {"crops": float(len(people)), "tracklets": float(len(ids)),
+            "purity": majority / len(people) if people else 0.0,
             "fragmentation": len(ids) / len(pairs) if pairs else 0.0}
 
 
