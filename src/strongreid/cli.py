@@ -257,7 +257,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          max_upload=args.max_upload, auth_file=args.auth_file,
                          allowed_host=tuple(args.allowed_host or ()), ingest_root=args.ingest_root,
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                         max_decodes=args.max_decodes)
+                         max_decodes=args.max_decodes, workers=args.workers)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -372,6 +372,9 @@ def _add_search_parsers(sub) -> None:
                    help="how long a forward pass waits for more queries to join it")
     p.add_argument("--max-decodes", type=int, default=2,
                    help="uploads decoded at once (each may take up to 4096x4096 pixels)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port, each with the model and the index "
+                        "(embedded store only; not with --auth-file or --ingest-root)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="demos")
