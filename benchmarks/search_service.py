@@ -5,6 +5,8 @@
     PYTHONPATH=src python benchmarks/search_service.py --server-src /path/to/other/src
     # uploads as a raw image body instead of multipart; server options passed through:
     PYTHONPATH=src python benchmarks/search_service.py --body raw --server-arg=--workers=2
+    # the traced forward pass alone, by batch size and torch threads:
+    PYTHONPATH=src python benchmarks/search_service.py --forward-only
 
 The server is a real `python -m strongreid serve` subprocess on 127.0.0.1 (a free port) over a
 gallery (the default store) of the synthetic test footage, embedded by a random-weight ResNet-18
@@ -203,6 +205,34 @@ def bench_memory(url: str, pid: int, big: int) -> dict:
             "rss_after_3s_mib": round(status_kb(pid, "VmRSS") * mib), "latency": pct(ms)}
 
 
+def forward_costs(model: Path) -> dict:
+    """The served forward pass alone (the traced graph): wall time and CPU per image by batch
+    size, on one and on two torch threads."""
+    import torch
+
+    from strongreid.deploy.extractor import FeatureExtractor
+    from strongreid.search.service import TracedFeatures
+
+    traced = TracedFeatures.wrap(FeatureExtractor(None, model, device="cpu"))
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for batch in (1, 4, 8, 16):
+            x = torch.randn(batch, 3, *traced.extractor.input_size)
+            walls, cpus = [], []
+            with torch.inference_mode():
+                for i in range(35):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    traced.graph(x)
+                    if i >= 5:  # the first passes warm the allocator and oneDNN
+                        walls.append(time.perf_counter() - w0)
+                        cpus.append(time.process_time() - c0)
+            out[f"threads{threads}_batch{batch}"] = {
+                "wall_ms": round(float(np.median(walls)) * 1000, 2),
+                "cpu_ms_per_image": round(float(np.median(cpus)) * 1000 / batch, 2)}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server-src", default=str(ROOT / "src"),
@@ -215,10 +245,15 @@ def main() -> int:
                     help="uploads as a multipart form or as a raw image body (Content-Type image/png)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="an option passed to `strongreid serve` (repeatable: --server-arg=--workers=2)")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="time the traced forward pass alone (no server)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         gallery, model, uploads = build(Path(tmp))
+        if args.forward_only:
+            print(json.dumps(forward_costs(model), indent=2))
+            return 0
         extra = tuple(args.server_arg)
         result: dict = {"server_src": args.server_src, "server_args": list(extra),
                         "body": args.body, "load_before": os.getloadavg()}
