@@ -3,14 +3,20 @@
     PYTHONPATH=src python benchmarks/search_service.py --out runs/bench/search_service.json
     # the same measurements against another checkout's code (e.g. before a change):
     PYTHONPATH=src python benchmarks/search_service.py --server-src /path/to/other/src
+    # uploads as a raw image body instead of multipart; server options passed through:
+    PYTHONPATH=src python benchmarks/search_service.py --body raw --server-arg=--workers=2
+    # the traced forward pass alone, by batch size and torch threads:
+    PYTHONPATH=src python benchmarks/search_service.py --forward-only
 
 The server is a real `python -m strongreid serve` subprocess on 127.0.0.1 (a free port) over a
-Milvus Lite gallery of the synthetic test footage, embedded by a random-weight ResNet-18 at
-64x32 (tests/_search_utils.py); the clients are httpx threads in this process.
+gallery (the default store) of the synthetic test footage, embedded by a random-weight ResNet-18
+at 64x32 (tests/_search_utils.py); the clients are httpx threads in this process.
 
 1. Latency: `--single` upload queries one at a time on the idle server (p50 / p95), then
    `--clients` concurrent clients sending `--per-client` uploads each (p50 / p95); the figure
-   of merit is p95 at 16 clients / p50 of one query alone.
+   of merit is p95 at 16 clients / p50 of one query alone. Over the concurrent phase, the
+   CPU time per query of the server (its processes, from /proc) and of the clients (this
+   process) says where the two shared cores went.
 2. Memory: the server's RSS (VmRSS sampled every 20 ms from /proc) while `--big` concurrent
    clients upload one 4096 x 4096 PNG each (a few KB: one colour), its peak (VmHWM) and its
    RSS 3 s after the last answer.
@@ -54,6 +60,22 @@ def status_kb(pid: int, field: str) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live children (a server's workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                pids += [int(c) for c in f.read().split()]
+    for p in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def build(work: Path) -> tuple[Path, Path, list[bytes]]:
     """A gallery of the test footage, its model, and PNG uploads of some of its crops."""
     from _search_utils import footage_crops, ingested_gallery
@@ -73,19 +95,21 @@ def build(work: Path) -> tuple[Path, Path, list[bytes]]:
     return work / "gallery.db", world["model"], uploads
 
 
-def start_server(gallery: Path, model: Path, server_src: Path) -> tuple[subprocess.Popen, str]:
+def start_server(gallery: Path, model: Path, server_src: Path,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(server_src)}
     proc = subprocess.Popen([sys.executable, "-m", "strongreid", "serve", "--gallery", str(gallery),
                              "--model", str(model), "--device", "cpu", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
+                             "--port", str(port), *extra], env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):  # not listening yet: poll again
             if httpx.get(url + "/api/info", timeout=5).status_code == 200:
+                wait_idle(proc.pid, deadline)
                 return proc, url
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode}")
@@ -94,9 +118,25 @@ def start_server(gallery: Path, model: Path, server_src: Path) -> tuple[subproce
     raise SystemExit("the server did not start within 120 s")
 
 
-def upload(client, data: bytes) -> float:
+def wait_idle(pid: int, deadline: float) -> None:
+    """Until the server's processes stop using CPU: every worker has loaded its model."""
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_seconds(pid)
+        if now - before < 0.05:
+            return
+        before = now
+
+
+def upload(client, data: bytes, raw: bool = False) -> float:
     t0 = time.perf_counter()
-    r = client.post("/api/search", files={"image": ("q.png", data, "image/png")}, data={"k": "10"})
+    if raw:
+        r = client.post("/api/search", params={"k": "10"}, content=data,
+                        headers={"content-type": "image/png"})
+    else:
+        r = client.post("/api/search", files={"image": ("q.png", data, "image/png")},
+                        data={"k": "10"})
     if r.status_code != 200:
         raise SystemExit(f"upload answered {r.status_code}: {r.text[:200]}")
     return (time.perf_counter() - t0) * 1000
@@ -107,27 +147,32 @@ def pct(ms: list[float]) -> dict[str, float]:
             "p95_ms": round(float(np.percentile(ms, 95)), 1), "n": len(ms)}
 
 
-def bench_latency(url: str, uploads: list[bytes], single: int, clients: int,
-                  per_client: int) -> dict:
+def bench_latency(url: str, pid: int, uploads: list[bytes], single: int, clients: int,
+                  per_client: int, raw: bool = False) -> dict:
     import httpx
 
     with httpx.Client(base_url=url, timeout=300) as client:
-        for data in uploads[:3]:  # warm-up: first forward passes, allocator
-            upload(client, data)
-        alone = [upload(client, uploads[i % len(uploads)]) for i in range(single)]
+        for data in uploads[:3] * 2:  # warm-up: first forward passes, allocator, every worker
+            upload(client, data, raw)
+        alone = [upload(client, uploads[i % len(uploads)], raw) for i in range(single)]
 
         def worker(c: int) -> list[float]:
-            return [upload(client, uploads[(c * per_client + i) % len(uploads)])
+            return [upload(client, uploads[(c * per_client + i) % len(uploads)], raw)
                     for i in range(per_client)]
 
-        t0 = time.perf_counter()
+        server0, client0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             loaded = [ms for part in pool.map(worker, range(clients)) for ms in part]
         wall = time.perf_counter() - t0
+        server_cpu, client_cpu = cpu_seconds(pid) - server0, time.process_time() - client0
     single_p50 = float(np.percentile(alone, 50))
+    n = len(loaded)
     return {"single": pct(alone), f"concurrent_{clients}": pct(loaded),
-            "throughput_qps": round(len(loaded) / wall, 1),
-            "p95_concurrent_over_single_p50": round(float(np.percentile(loaded, 95)) / single_p50, 2)}
+            "throughput_qps": round(n / wall, 1),
+            "p95_concurrent_over_single_p50": round(float(np.percentile(loaded, 95)) / single_p50, 2),
+            "server_cpu_ms_per_query": round(server_cpu * 1000 / n, 2),
+            "client_cpu_ms_per_query": round(client_cpu * 1000 / n, 2),
+            "cores_busy": round((server_cpu + client_cpu) / wall, 2)}
 
 
 def bench_memory(url: str, pid: int, big: int) -> dict:
@@ -160,6 +205,34 @@ def bench_memory(url: str, pid: int, big: int) -> dict:
             "rss_after_3s_mib": round(status_kb(pid, "VmRSS") * mib), "latency": pct(ms)}
 
 
+def forward_costs(model: Path) -> dict:
+    """The served forward pass alone (the traced graph): wall time and CPU per image by batch
+    size, on one and on two torch threads."""
+    import torch
+
+    from strongreid.deploy.extractor import FeatureExtractor
+    from strongreid.search.service import TracedFeatures
+
+    traced = TracedFeatures.wrap(FeatureExtractor(None, model, device="cpu"))
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for batch in (1, 4, 8, 16):
+            x = torch.randn(batch, 3, *traced.extractor.input_size)
+            walls, cpus = [], []
+            with torch.inference_mode():
+                for i in range(35):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    traced.graph(x)
+                    if i >= 5:  # the first passes warm the allocator and oneDNN
+                        walls.append(time.perf_counter() - w0)
+                        cpus.append(time.process_time() - c0)
+            out[f"threads{threads}_batch{batch}"] = {
+                "wall_ms": round(float(np.median(walls)) * 1000, 2),
+                "cpu_ms_per_image": round(float(np.median(cpus)) * 1000 / batch, 2)}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server-src", default=str(ROOT / "src"),
@@ -167,23 +240,35 @@ def main() -> int:
     ap.add_argument("--single", type=int, default=40, help="uploads one at a time")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--per-client", type=int, default=10)
-    ap.add_argument("--big", type=int, default=32, help="concurrent 4096x4096 uploads")
+    ap.add_argument("--big", type=int, default=32, help="concurrent 4096x4096 uploads (0: no memory phase)")
+    ap.add_argument("--body", choices=("multipart", "raw"), default="multipart",
+                    help="uploads as a multipart form or as a raw image body (Content-Type image/png)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="an option passed to `strongreid serve` (repeatable: --server-arg=--workers=2)")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="time the traced forward pass alone (no server)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         gallery, model, uploads = build(Path(tmp))
-        result: dict = {"server_src": args.server_src, "load_before": os.getloadavg()}
+        if args.forward_only:
+            print(json.dumps(forward_costs(model), indent=2))
+            return 0
+        extra = tuple(args.server_arg)
+        result: dict = {"server_src": args.server_src, "server_args": list(extra),
+                        "body": args.body, "load_before": os.getloadavg()}
         # Memory first, on a fresh server: its RSS says what the big uploads cost.
-        proc, url = start_server(gallery, model, Path(args.server_src))
+        if args.big > 0:
+            proc, url = start_server(gallery, model, Path(args.server_src), extra)
+            try:
+                result["memory"] = bench_memory(url, proc.pid, args.big)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+        proc, url = start_server(gallery, model, Path(args.server_src), extra)
         try:
-            result["memory"] = bench_memory(url, proc.pid, args.big)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-        proc, url = start_server(gallery, model, Path(args.server_src))
-        try:
-            result["latency"] = bench_latency(url, uploads, args.single, args.clients,
-                                              args.per_client)
+            result["latency"] = bench_latency(url, proc.pid, uploads, args.single, args.clients,
+                                              args.per_client, args.body == "raw")
         finally:
             proc.terminate()
             proc.wait(timeout=60)

@@ -114,6 +114,25 @@ def test_uploads_get_platt_probabilities_and_decisions(world) -> None:
             assert h["same_person"] == by_key[h["key"]]["same_person"]
 
 
+def test_an_image_body_takes_the_precision_in_its_query_string(world) -> None:
+    crops, _, _ = footage_crops(world["footage"])
+    form = world["client"].post("/api/search", files={"image": ("q.png", png(crops[10]), "image/png")},
+                                data={"k": "30", "precision": "0.9"}).json()
+    r = world["client"].post("/api/search?k=30&precision=0.9", content=png(crops[10]),
+                             headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["decision"] == form["decision"] == {"precision": 0.9, "threshold": 0.97, "recall": 0.9}
+    assert [(h["key"], h["same_person"]) for h in body["hits"]] == \
+        [(h["key"], h["same_person"]) for h in form["hits"]]
+    bad = world["client"].post("/api/search?precision=1.5", content=png(crops[10]),
+                               headers={"Content-Type": "image/png"})
+    assert bad.status_code == 400 and "precision" in bad.text
+    plain = world["plain"].post("/api/search?precision=0.9", content=png(crops[10]),
+                                headers={"Content-Type": "image/png"})
+    assert plain.status_code == 409, plain.text
+
+
 def test_stored_crop_queries_are_judged_on_the_stores_scores(world) -> None:
     key = world["store"].browse(1, 30)[0]["key"]
     raw = raw_scores(world, key, 25)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import json
 import os
 import select
 import socket
@@ -298,6 +299,60 @@ def test_huge_pixel_counts_are_decoded_a_few_at_a_time_and_shrunk(world) -> None
         answers = list(pool.map(post, range(8)))
     assert [r.status_code for r in answers] == [200] * 8
     assert all(r.json()["query"]["size"] == [768, 768] for r in answers)
+
+
+def test_a_raw_image_body_is_searched_like_a_form_upload(world) -> None:
+    """POST /api/search with the crop as the body, the parameters in the query string."""
+    crops, client, port, token = world["crops"], world["client"], world["port"], world["token"]
+    data = image_bytes(crops[10])
+    params = {"k": "8", "cameras": "cam1,cam3", "exclude_camera": "false"}
+    form = client.post("/api/search", files={"image": ("q.png", data, "image/png")}, data=params)
+    body = client.post("/api/search", params=params, content=data,
+                       headers={"Content-Type": "image/png"})
+    assert form.status_code == body.status_code == 200, body.text
+    hits = body.json()["hits"]
+    assert len(hits) == 8 and {h["camera"] for h in hits} <= {"cam1", "cam3"}
+    assert hits == form.json()["hits"] and body.json()["query"] == form.json()["query"]
+    assert body.headers["content-security-policy"].startswith("default-src 'none'")
+    # The same guards as every request: a token, an allowed Host, the same origin.
+    plain = {"Content-Type": "image/png"}
+    assert raw(port, "POST", "/api/search?k=3", plain, data)[0] == 401
+    bearer = {**plain, "Authorization": f"Bearer {token}"}
+    assert raw(port, "POST", "/api/search?k=3", {**bearer, "Host": "evil.example"}, data)[0] == 403
+    assert raw(port, "POST", "/api/search?k=3", {**bearer, "Origin": "http://evil.example"},
+               data)[0] == 403
+    status, _, answer = raw(port, "POST", "/api/search?k=3", bearer, data)
+    assert status == 200 and len(json.loads(answer)["hits"]) == 3
+
+
+def test_a_raw_body_is_counted_checked_and_explained(world) -> None:
+    client, crop = world["client"], world["crops"][0]
+
+    def post(content, query: str = "", mime: str = "image/jpeg"):
+        return client.post(f"/api/search{query}", content=content,
+                           headers={"Content-Type": mime})
+
+    # Over the upload limit but under the request's: counted by the upload path itself.
+    r = post(os.urandom(MAX_UPLOAD + 1000))
+    assert r.status_code == 413 and f"limit is {MAX_UPLOAD}" in r.json()["detail"]
+    # Chunked (no Content-Length): counted while it arrives.
+    r = post(iter([os.urandom(64 * 1024)] * 4))
+    assert r.status_code == 413 and f"limit is {MAX_UPLOAD}" in r.json()["detail"]
+    gif = io.BytesIO()
+    crop.save(gif, "GIF")
+    r = post(gif.getvalue(), mime="image/gif")
+    assert r.status_code == 400 and "GIF" in r.json()["detail"]
+    assert post(b"", mime="image/png").status_code == 400
+    png = image_bytes(crop)
+    for query, words in [("?k=abc", "k must be a whole number"), ("?k=0", "k must be between"),
+                         ("?pool=1", "pool must be between 2 and 1000"),
+                         ("?rerank=maybe", "rerank must be true or false"),
+                         ("?start=noon", "neither seconds nor ISO-8601"),
+                         (f"?key={'0' * 40}", "unknown parameter(s) key")]:
+        r = post(png, query, "image/png")
+        assert r.status_code == 400 and words in r.json()["detail"], (query, r.text)
+    r = post(png, "?k=2&rerank=true&pool=20", "image/png")
+    assert r.status_code == 200 and r.json()["reranked"] and len(r.json()["hits"]) == 2
 
 
 def search_keys(client, data: bytes, name: str, mime: str, k: int = 10) -> list[str]:

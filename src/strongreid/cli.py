@@ -258,7 +258,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          allowed_host=tuple(args.allowed_host or ()), ingest_root=args.ingest_root,
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          max_decodes=args.max_decodes, calibration=args.calibration,
-                         no_calibration=args.no_calibration)
+                         no_calibration=args.no_calibration, workers=args.workers)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -380,6 +380,9 @@ def _add_search_parsers(sub) -> None:
                         "MODEL.calibration.json beside --model when it exists")
     p.add_argument("--no-calibration", action="store_true",
                    help="serve without same-person marks even if a calibration lies beside --model")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port, each with the model and the index "
+                        "(embedded store only; not with --auth-file or --ingest-root)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="demos")

@@ -8,8 +8,10 @@
     POST /api/search       multipart: `image` (an uploaded crop) or `key` (a stored crop), and
                            k, cameras (comma-separated), start / end (seconds or ISO-8601),
                            rerank (k-reciprocal over the top `pool`), exclude_camera,
-                           precision (with a calibration: each hit's P(same person) and
-                           whether it passes the threshold of that precision)
+                           precision (with a calibration: each hit's P(same person)
+                           and whether it passes the threshold of that precision);
+                           or the crop itself as the body (Content-Type image/...), the
+                           same parameters in the query string (RawUploads)
     POST /api/ingest       footage under --ingest-root, added while serving -> a job id
     GET  /api/ingest/{id}  that job's progress
     GET  /thumbs/{key}.jpg a thumbnail; any other name (../, absolute, %2e%2e) is a 404
@@ -47,15 +49,17 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+import uvicorn
 
 # At module level: FastAPI resolves the endpoints' (string) annotations in these globals.
 from fastapi import Body, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
+from uvicorn.config import STARTUP_FAILURE
 
 from strongreid.deploy.extractor import FeatureExtractor
 from strongreid.engine.inference import test_feature
@@ -70,6 +74,7 @@ from strongreid.search.store import (
     MilvusStore,
     StoreError,
     is_local,
+    is_milvus_lite,
     open_store,
     thumbs_dir_for,
 )
@@ -286,6 +291,102 @@ class TracedFeatures:
         out = [self.features(self.extractor.preprocess(items[i:i + size]))
                for i in range(0, len(items), size)]
         return torch.cat(out) if out else torch.empty(0, self.feat_dim)
+
+
+UPLOAD_PARAMS = ("k", "cameras", "videos", "start", "end", "rerank", "exclude_camera", "pool",
+                 "precision")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def upload_params(query: bytes) -> dict[str, Any]:
+    """The query string of a raw-body upload as search() arguments, checked as the form's are."""
+    from urllib.parse import parse_qs
+
+    try:
+        given = parse_qs(query.decode("ascii"), keep_blank_values=True, max_num_fields=32)
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("the query string cannot be read: send k, cameras, videos, start, end, "
+                         "rerank, exclude_camera, pool and precision as ASCII name=value pairs") from None
+    unknown = sorted(set(given) - set(UPLOAD_PARAMS))
+    if unknown:
+        raise BadRequest(f"unknown parameter(s) {', '.join(unknown)} for an image body: use "
+                         f"{', '.join(UPLOAD_PARAMS)} (a stored crop's key goes in a form)")
+    one = {name: values[-1] for name, values in given.items()}
+
+    def integer(name: str, default: int) -> int:
+        text = one.get(name, str(default)).strip()
+        if not text.lstrip("-").isdigit() or len(text) > 9:
+            raise BadRequest(f"{name} must be a whole number, got {text[:20]!r}")
+        return int(text)
+
+    def flag(name: str) -> bool:
+        text = one.get(name, "false").strip().lower()
+        if text not in _TRUE + _FALSE:
+            raise BadRequest(f"{name} must be true or false, got {text[:20]!r}")
+        return text in _TRUE
+
+    pool = integer("pool", RERANK_POOL)
+    if not 2 <= pool <= 1000:
+        raise BadRequest(f"pool must be between 2 and 1000, got {pool}")
+    return {"k": integer("k", 20), "use_rerank": flag("rerank"), "pool": pool,
+            "exclude_camera": flag("exclude_camera"),
+            "precision": parse_precision(one.get("precision", "")),
+            "filters": _filters(one.get("cameras", ""), one.get("videos", ""),
+                                one.get("start", ""), one.get("end", ""))}
+
+
+class RawUploads:
+    """POST /api/search with the crop as the body (Content-Type image/...), parameters in the
+    query string: no multipart parsing, no form validation, no spooled temporary file.
+
+    Sits inside security.Guard (Host, tokens and the request's byte limit are checked first)
+    and counts the body's bytes against the upload limit while it arrives (413 beyond).
+    Any other request goes to the FastAPI app unchanged.
+    """
+
+    def __init__(self, app: Any, service: SearchService) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/api/search" and \
+                scope["method"] == "POST" and _content_type(scope).startswith(b"image/"):
+            try:
+                response = await self._search(scope, receive)
+            except BadRequest as exc:
+                response = JSONResponse({"detail": str(exc)}, status_code=exc.status)
+            except StoreError as exc:
+                response = JSONResponse({"detail": str(exc)}, status_code=400)
+            if response is not None:
+                await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _search(self, scope: dict, receive: Any) -> Response | None:
+        from starlette.concurrency import run_in_threadpool
+
+        service, limit = self.service, self.service.max_upload
+        params = upload_params(scope.get("query_string", b""))
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                response = JSONResponse({"detail": f"the upload is more than {limit} bytes; the "
+                                                   f"limit is {limit}"}, status_code=413)
+                response.headers["connection"] = "close"
+                return response
+        img = await service.decode(bytes(body))
+        return await run_in_threadpool(service.answer, img, None, params)
+
+
+def _content_type(scope: dict) -> bytes:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-type":
+            return value.split(b";", 1)[0].strip().lower()
+    return b""
 
 
 def iso(t: float) -> str:
@@ -557,6 +658,13 @@ class SearchService:
         self._judge(out, scores, decision)
         return self._answer(query, out, filters, use_rerank, t0, decision)
 
+    def answer(self, image: Image.Image | None, key: str | None, params: dict[str, Any]
+               ) -> Response:
+        """search() rendered as the JSON response (in the caller's thread: FastAPI's own
+        encoding of a returned dict, validation and then a generic walk, cost more per query
+        than the search itself)."""
+        return JSONResponse(self.search(image, key, **params))
+
     @staticmethod
     def _answer(query: dict, hits: list[dict], filters: Filters, reranked: bool,
                 t0: float, decision: dict[str, float] | None = None) -> dict[str, Any]:
@@ -712,7 +820,11 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
                      ) -> Response:
         """Top-k across cameras for an uploaded crop or a stored one, grouped per camera.
         `precision` (form field or URL query, with a calibration): each hit's P(same person)
-        and whether it passes that precision's threshold (default: /api/info's default)."""
+        and whether it passes that precision's threshold (default: /api/info's default).
+
+        An upload may also be the request's whole body (Content-Type image/jpeg, image/png,
+        ...) with these parameters in the query string: the lighter path for API clients.
+        """
         from starlette.concurrency import run_in_threadpool
 
         wanted = parse_precision(precision, precision_url)
@@ -720,15 +832,10 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
         if image is not None and not key:
             data = await image.read(max_upload + 1)
             img = await service.decode(data)
-        filters = _filters(cameras, videos, start, end)
-
-        def answer() -> Response:
-            # Rendered here, in the worker thread: FastAPI's own encoding of a returned dict
-            # (validation, then a generic walk) cost more per query than the search itself.
-            return JSONResponse(service.search(img, key or None, k=k, filters=filters,
-                                               exclude_camera=exclude_camera,
-                                               use_rerank=rerank, pool=pool, precision=wanted))
-        return await run_in_threadpool(answer)
+        params = {"k": k, "filters": _filters(cameras, videos, start, end),
+                  "exclude_camera": exclude_camera, "use_rerank": rerank, "pool": pool,
+                  "precision": wanted}
+        return await run_in_threadpool(service.answer, img, key or None, params)
 
     def _jobs() -> Any:
         if service.jobs is None:
@@ -766,7 +873,86 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
                         headers={"Cache-Control": "private, max-age=86400, immutable"})
 
     hosts = allowed_hosts if allowed_hosts is not None else security.allowed_hosts()
-    return security.Guard(app, auth=auth, hosts=frozenset(hosts), max_body=max_upload + 65536)
+    return security.Guard(RawUploads(app, service), auth=auth, hosts=frozenset(hosts),
+                          max_body=max_upload + 65536)
+
+
+def _open_service(gallery: str, model: str, config: str | None, device: str, token: str,
+                  thumbs: str | None, max_upload: int, max_batch: int, batch_wait_ms: float,
+                  max_decodes: int, calibration: Calibration | Literal[False] = False
+                  ) -> SearchService:
+    """The gallery and the model behind a SearchService (the caller closes service and store);
+    `calibration`: the same-person calibration serve_command read, or False for none."""
+    # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    store = open_store(gallery, token=token or "", create=False)
+    extractor = FeatureExtractor(config, model, device=device, calibration=False)
+    if store.dim is not None and store.dim != extractor.feat_dim:
+        store.close()
+        raise StoreError(f"the gallery {gallery} holds {store.dim}-dimensional features but "
+                         f"{model} gives {extractor.feat_dim}: serve it with the model that "
+                         "built it")
+    return SearchService(store, extractor, thumbs_dir_for(gallery, thumbs),
+                         model_name=str(model), max_upload=max_upload, max_batch=max_batch,
+                         batch_wait_ms=batch_wait_ms, max_decodes=max_decodes,
+                         calibration=calibration)
+
+
+class _ClosingOnShutdown:
+    """Closes a worker's service and store when uvicorn ends the app's lifespan."""
+
+    def __init__(self, app: Any, service: SearchService) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.service.close()
+                self.service.store.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+class WorkerConfig(uvicorn.Config):
+    """uvicorn's settings plus the service's: each worker process (spawned, so it shares no
+    torch or faiss state with the parent) opens the gallery and loads the model itself."""
+
+    def __init__(self, service_args: dict[str, Any], hosts: frozenset[str], workers: int,
+                 **kwargs: Any) -> None:
+        self.service_args, self.hosts = service_args, hosts
+        super().__init__(app="strongreid.search.service:create_app", workers=workers,
+                         lifespan="on", **kwargs)
+
+    def load_app(self) -> Any:
+        # Each worker takes its share of the CPU threads: N workers with every core each would
+        # make N x cores threads compete for the same cores.
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, self.workers)))
+        try:
+            service = _open_service(**self.service_args)
+        except StrongReIDError as exc:
+            print(f"error: {exc}", flush=True)
+            raise SystemExit(STARTUP_FAILURE) from None  # the parent stops too
+        return _ClosingOnShutdown(create_app(service, allowed_hosts=self.hosts), service)
+
+
+def _serve_workers(workers: int, service_args: dict[str, Any], hosts: frozenset[str],
+                   host: str, port: int) -> int:
+    """`workers` processes answering on one listening socket (uvicorn's supervisor restarts a
+    worker that dies)."""
+    from uvicorn.supervisors import Multiprocess
+
+    config = WorkerConfig(service_args, hosts, workers, host=host, port=port,
+                          log_level="warning")
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        raise StrongReIDError("a worker process could not start (its error is printed above)")
+    return 0
 
 
 def serving_calibration(model: str, path: str | None = None, off: bool = False
@@ -810,7 +996,7 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
                   auth_file: str | None = None, allowed_host: tuple[str, ...] = (),
                   ingest_root: str | None = None, max_batch: int = 16, batch_wait_ms: float = 3.0,
                   max_decodes: int = 2, calibration: str | None = None,
-                  no_calibration: bool = False) -> int:
+                  no_calibration: bool = False, workers: int = 1) -> int:
     """`strongreid serve --gallery gallery.db --model best.pt` (127.0.0.1:8000 by default)."""
     import uvicorn
 
@@ -823,24 +1009,36 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
             "address would see every crop of the gallery. Create a token with `strongreid "
             "gallery token --auth-file tokens.txt`, then pass --auth-file tokens.txt "
             "(or keep --host 127.0.0.1 behind a TLS reverse proxy; see docs/search.md)")
+    if workers < 1:
+        raise StrongReIDError(f"--workers must be >= 1, got {workers}")
+    if workers > 1 and (auth_file or ingest_root):
+        raise StrongReIDError(
+            f"--workers {workers} cannot be combined with --auth-file or --ingest-root: page "
+            "sessions and ingest jobs live in one process's memory, so another worker would not "
+            "know them. Serve with --workers 1, or several workers on loopback behind a proxy "
+            "that authenticates (docs/search.md)")
+    if workers > 1 and is_local(gallery) and is_milvus_lite(gallery):
+        raise StrongReIDError(f"{gallery} is a Milvus Lite gallery, which one process at a time "
+                              "may open: serve it with --workers 1, or migrate it to the embedded "
+                              "store (`strongreid gallery migrate`)")
     auth = security.TokenAuth.from_file(auth_file) if auth_file else None
     hosts = security.allowed_hosts(allowed_host or (), host)
     # Before the model and the gallery: a broken calibration is found in a second, not a minute.
     same_person, calibration_file = serving_calibration(model, calibration, no_calibration)
-    # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    store = open_store(gallery, token=token or "", create=False)
-    extractor = FeatureExtractor(config, model, device=device, calibration=False)
-    if store.dim is not None and store.dim != extractor.feat_dim:
-        raise StoreError(f"the gallery {gallery} holds {store.dim}-dimensional features but "
-                         f"{model} gives {extractor.feat_dim}: serve it with the model that "
-                         "built it")
-    service = SearchService(store, extractor, thumbs_dir_for(gallery, thumbs),
-                            model_name=str(model), max_upload=max_upload, max_batch=max_batch,
-                            batch_wait_ms=batch_wait_ms, max_decodes=max_decodes,
-                            calibration=same_person or False)
-    app = create_app(service, auth=auth, allowed_hosts=hosts, ingest_root=ingest_root)
+    service_args = {"gallery": gallery, "model": model, "config": config, "device": device,
+                    "token": token, "thumbs": thumbs, "max_upload": max_upload,
+                    "max_batch": max_batch, "batch_wait_ms": batch_wait_ms,
+                    "max_decodes": max_decodes,
+                    "calibration": same_person or False}
     shown = f"[{host}]" if ":" in host else host
+    if workers > 1:
+        print(f"serving {gallery} with {workers} worker processes on http://{shown}:{port}/ "
+              "(Ctrl-C stops)", flush=True)
+        print(f"  Host names answered: {', '.join(sorted(hosts))}", flush=True)
+        return _serve_workers(workers, service_args, hosts, host, port)
+    service = _open_service(**service_args)
+    store = service.store
+    app = create_app(service, auth=auth, allowed_hosts=hosts, ingest_root=ingest_root)
     print(f"serving {store.count()} crops of {gallery} on http://{shown}:{port}/ "
           "(Ctrl-C stops)", flush=True)
     print(f"  Host names answered: {', '.join(sorted(hosts))}", flush=True)
