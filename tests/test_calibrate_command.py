@@ -18,7 +18,14 @@ from _train_utils import tiny_train_opts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strongreid.adapt.calibrate import calibrate_command, read_images, split_identities
+from strongreid.adapt.calibrate import (
+    Images,
+    calibrate_command,
+    footage_tracklets,
+    read_images,
+    seen_together,
+    split_identities,
+)
 from strongreid.cli import main
 from strongreid.config import load_config
 from strongreid.deploy.extractor import FeatureExtractor
@@ -115,7 +122,7 @@ def test_the_library_call_returns_what_it_wrote(trained, tmp_path):
     out = tmp_path / "elsewhere.json"
     res = calibrate_command(str(model), data=str(trained["val"]), dataset="synthetic",
                             split="test", precision=P, holdout=0.4, seed=3, out=str(out),
-                            device="cpu", quiet=True)
+                            device="cpu", quiet=True, rule="counts")
     assert res["path"] == str(out) and not calibration_path(model).exists()
     cal = Calibration.load(out)
     point = cal.operating_point(P)
@@ -149,6 +156,116 @@ def test_from_clusters_measured_on_labels(trained, tmp_path, capsys):
     res = calibrate_command(str(model), from_clusters=str(unlabelled), precision=P, eps=0.3,
                             min_samples=3, device="cpu", quiet=True)
     assert res["measured"] is None and res["recall"] is None
+
+
+def test_distractors_are_gallery_images_only(trained, tmp_path):
+    # The test split has distractors (identity 0): each its own person, never a query.
+    model = _fresh_model(trained, tmp_path)
+    # Below the share of genuine pairs (about 1 in 18 here): every pair is accepted.
+    res = calibrate_command(str(model), data=str(trained["val"]), dataset="synthetic",
+                            split="test", precision=0.04, holdout=0, device="cpu", quiet=True)
+    images = read_images(str(trained["val"]), "synthetic", "test")
+    assert 0 < (~images.queries).sum() < len(images)
+    feats = FeatureExtractor(None, model, device="cpu")(images.paths).numpy()
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    genuine = impostor = 0
+    for i in np.flatnonzero(images.queries):
+        for j in range(len(f)):
+            if images.pids[i] == images.pids[j]:
+                genuine += int(images.camids[i] != images.camids[j])
+            else:
+                impostor += 1
+    cal = Calibration.load(res["path"])
+    assert (sum(cal.genuine), sum(cal.impostor)) == (genuine, impostor)
+    assert cal.rule == "logistic" and res["rule"] == "logistic"
+    assert res["genuine_above"] == cal.counted(res["threshold"])["genuine"] >= 20
+    assert res["measured"] is None and res["held_out_genuine_pairs"] is None
+
+
+def test_the_counts_rule_from_the_command_line(trained, tmp_path, capsys):
+    model = _fresh_model(trained, tmp_path)
+    rc = main(["calibrate", "--model", str(model), "--data", str(trained["val"]), "--dataset",
+               "synthetic", "--precision", str(P), "--rule", "counts", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    cal = Calibration.load(calibration_path(model))
+    point = cal.operating_point(P)
+    assert cal.rule == "counts" and point["precision"] == cal.counted(point["threshold"])["precision"]
+    assert f"cosine threshold {point['threshold']:.4f}; on the calibration pairs counted" in out
+    m = cal.source["measurement"]
+    assert f"({m['genuine_accepted']} of {m['genuine_pairs']} same-person pairs accepted)" in out
+
+
+def test_a_precision_the_data_cannot_support_is_refused(trained, tmp_path, capsys):
+    model = _fresh_model(trained, tmp_path)
+    err = _error(capsys, "--model", str(model), "--data", str(trained["val"]), "--dataset",
+                 "synthetic", "--precision", "0.999", "--device", "cpu")
+    assert ("no score threshold reaches precision 0.999" in err
+            or "same-person pair(s) of" in err and "at least 20 are needed" in err)
+    assert not calibration_path(model).exists()
+
+
+def _tracklet_set(trained: dict, root: Path) -> Path:
+    """The val people as `strongreid tracklets` writes them: one tracklet per person and camera
+    (frames 10 apart), and people 1 and 2 seen at the same time by their first camera."""
+    folder = root / "tracklets" / "bounding_box_train"
+    folder.mkdir(parents=True)
+    (root / "tracklets" / "manifest.json").write_text(json.dumps({"format": "strongreid-tracklets/1"}))
+    images = read_images(str(trained["val"]), "synthetic", "train")
+    tracklet: dict[tuple[int, int], int] = {}
+    length: dict[int, int] = {}
+    for i, (pid, cam) in enumerate(zip(images.pids, images.camids)):
+        t = tracklet.setdefault((pid, cam), len(tracklet) + 1)
+        length[t] = length.get(t, 0) + 1
+        frame = (0 if pid in (1, 2) else 1000 * t) + 10 * length[t]
+        shutil.copy(images.paths[i], folder / f"{t:06d}_c{cam + 1}s1_{frame:06d}_00.jpg")
+    return folder
+
+
+def test_tracklets_from_footage(trained, tmp_path):
+    folder = _tracklet_set(trained, tmp_path)
+    images = read_images(str(folder))
+    tracklets, frames = footage_tracklets(images)
+    assert np.array_equal(tracklets, images.pids)
+    assert all(f"_{fr:06d}_00.jpg" in p for p, fr in zip(images.paths, frames))
+    # Without the manifest the names alone do not make a tracklet set.
+    (folder.parent / "manifest.json").unlink()
+    assert footage_tracklets(read_images(str(folder))) is None
+
+
+def test_seen_together_by_hand():
+    # Camera 1: tracklet 1 frames 0-10, 2 frames 5-15 (overlap), 3 frames 20-30; camera 2:
+    # tracklet 4 frames 0-10, at the same time as 1 but elsewhere.
+    tracklets = np.array([1, 1, 2, 2, 3, 3, 4, 4])
+    frames = np.array([0, 10, 5, 15, 20, 30, 0, 10])
+    cams = np.array([1, 1, 1, 1, 1, 1, 2, 2])
+    # 1 and 3 one after the other, 2 and 4 in two cameras: nobody merged.
+    assert seen_together(np.repeat([0, 1, 0, 1], 2), tracklets, frames, cams) == set()
+    # 1 and 2 in one cluster: seen at the same time by camera 1.
+    assert seen_together(np.repeat([0, 0, 1, 1], 2), tracklets, frames, cams) == {0}
+    # Outliers (-1) are no cluster.
+    assert seen_together(np.repeat([-1, -1, 3, 3], 2), tracklets, frames, cams) == set()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 2), st.integers(0, 50), st.integers(0, 20),
+                          st.integers(-1, 3)), min_size=1, max_size=12))
+def test_seen_together_finds_every_merge(spans):
+    # One tracklet per entry: (camera, first frame, length, cluster), two images each.
+    tracklets = np.repeat(np.arange(len(spans)), 2)
+    cams = np.repeat([c for c, _, _, _ in spans], 2)
+    frames = np.array([f for _, a, n, _ in spans for f in (a, a + n)])
+    labels = np.repeat([c for _, _, _, c in spans], 2)
+    expected = {ca for i, (c, a, n, ca) in enumerate(spans) for j, (d, b, m, cb) in enumerate(spans)
+                if i < j and c == d and ca == cb >= 0 and a <= b + m and b <= a + n}
+    assert seen_together(labels, tracklets, frames, cams) == expected
+
+
+def test_images_keep_their_queries_when_subset():
+    images = Images(["a", "b", "c"], np.array([1, 2, 3]), np.array([0, 0, 1]), "x",
+                    np.array([True, False, True]))
+    assert images.subset(np.array([False, True, True])).queries.tolist() == [False, True]
+    assert Images(["a"], np.array([1]), np.array([0]), "x").queries.tolist() == [True]
 
 
 def test_test_images_are_never_read(trained, tmp_path):

@@ -198,3 +198,103 @@ def test_corrupt_counts_name_the_file(tmp_path):
     path.write_text(json.dumps(record))
     with pytest.raises(StrongReIDError, match=f"{path} is not a readable calibration file"):
         Calibration.load(path)
+
+
+# -- the "logistic" rule: the threshold where the fitted precision of the accepted pairs reaches it
+
+
+def test_fitted_precision_by_hand():
+    # 4 bins, centres -0.75, -0.25, 0.25, 0.75; slope 4 ln 3, intercept 0: P(same) at the
+    # centres is 1/28, 1/4, 3/4, 27/28. Pairs per bin 2, 4, 4, 4. Mean P(same) of the pairs in
+    # bin k and above: k=3 27/28; k=2 (3 + 27/7)/8 = 6/7; k=1 (1 + 3 + 27/7)/12 = 55/84;
+    # k=0 (1/14 + 1 + 3 + 27/7)/14 = 111/196.
+    cal = Calibration((1, 1, 2, 3), (1, 3, 2, 1), 4 * np.log(3), 0.0, rule="logistic")
+    assert cal.fitted_precision() == pytest.approx([111 / 196, 55 / 84, 6 / 7, 27 / 28], abs=1e-12)
+    # Counted: genuine at or above each bin 7, 6, 5, 3; impostor 7, 6, 3, 1.
+    assert cal.counted_precision() == pytest.approx([0.5, 0.5, 5 / 8, 3 / 4], abs=1e-12)
+    point = cal.operating_point(0.85)
+    assert point["threshold"] == 0.0 and point["precision"] == pytest.approx(6 / 7, abs=1e-12)
+    assert point["recall"] == pytest.approx(5 / 7, abs=1e-12)
+    assert cal.counted(0.0) == {"precision": 5 / 8, "recall": 5 / 7, "genuine": 5, "impostor": 3}
+    assert cal.counted(0.5) == {"precision": 3 / 4, "recall": 3 / 7, "genuine": 3, "impostor": 1}
+    assert cal.same_person([0.1, -0.1], precision=0.85).tolist() == [True, False]
+    # The counts never reach 0.85 on these pairs; the fit says the top bins do.
+    counts = Calibration(cal.genuine, cal.impostor, cal.slope, cal.intercept, rule="counts")
+    with pytest.raises(StrongReIDError, match="counted precision is at most 0.750"):
+        counts.operating_point(0.85)
+    with pytest.raises(StrongReIDError, match="fitted precision is at most 0.964"):
+        cal.operating_point(0.97)
+
+
+def test_fitted_precision_of_a_fitted_logistic_by_hand():
+    # The two-bin fit of test_logistic_by_hand_when_the_pairs_overlap: P = 1/4 and 3/4 at the
+    # centres, 4 pairs in each bin: fitted precision 1/2 from bin 0, 3/4 from bin 1.
+    cal = Calibration.from_counts([1, 3], [3, 1], rule="logistic")
+    assert cal.fitted_precision() == pytest.approx([0.5, 0.75], abs=1e-12)
+    assert cal.operating_point(0.7) == {"threshold": 0.0, "precision": pytest.approx(0.75),
+                                        "recall": 0.75}
+    # No threshold above the highest pair: there the fitted precision is 0.
+    empty = Calibration((1, 3, 0), (3, 1, 0), 1.0, 0.0, rule="logistic")
+    assert empty.fitted_precision()[2] == 0.0
+
+
+def test_the_rule_is_saved_and_checked(tmp_path):
+    cal = Calibration.from_counts([0, 1, 3, 9], [7, 5, 2, 1], {"model": "m.pt"}, "logistic")
+    path = tmp_path / "c.json"
+    cal.save(path)
+    assert json.loads(path.read_text())["rule"] == "logistic" and Calibration.load(path) == cal
+    record = json.loads(path.read_text())
+    del record["rule"]  # a file written before the rule was recorded used the counts
+    path.write_text(json.dumps(record))
+    assert Calibration.load(path).rule == "counts"
+    record["rule"] = "median"
+    path.write_text(json.dumps(record))
+    with pytest.raises(StrongReIDError, match=f"{path} is not a readable calibration file"):
+        Calibration.load(path)
+    with pytest.raises(StrongReIDError, match="rule must be one of logistic, counts"):
+        Calibration((1, 2), (2, 1), 1.0, 0.0, rule="median")
+
+
+def test_measure_counts_the_pairs_behind_it():
+    # Query A (cam 0) at 0 degrees; gallery A cam 1 at 10 (cos .985), B cam 1 at 20 (cos .94),
+    # A cam 1 at 80 (cos .17). Bins of 0.5: threshold 0.5 accepts the first two.
+    cal = Calibration((0, 0, 1, 3), (0, 6, 3, 1), 10.0, 0.0)
+    res = measure(cal, 0.7, [_unit(0)], [_unit(10), _unit(20), _unit(80)], [1], [1, 2, 1],
+                  [0], [1, 1, 1])
+    assert res["threshold"] == 0.5 and res["measured"] == 0.5 and res["recall"] == 0.5
+    assert (res["genuine_pairs"], res["genuine_accepted"], res["impostor_accepted"]) == (2, 1, 1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(pairs=_pairs, precisions=st.lists(st.floats(0.05, 0.99), min_size=2, max_size=4),
+       bins=st.sampled_from([4, 50, 2000]))
+def test_the_fitted_threshold_is_the_lowest_and_rises_with_the_precision(pairs, precisions, bins):
+    scores = np.array([s for s, _ in pairs])
+    same = np.array([m for _, m in pairs])
+    try:
+        cal = Calibration.from_scores(scores, same, bins=bins, rule="logistic")
+    except StrongReIDError as exc:
+        assert "both matching" in str(exc) or "do not score higher" in str(exc)
+        return
+    fitted = cal.fitted_precision()
+    # P(same) rises with the score, so the mean over the kept pairs rises with the threshold
+    # (until no pair is left).
+    occupied = np.flatnonzero(np.asarray(cal.genuine) + np.asarray(cal.impostor))
+    assert np.all(np.diff(fitted[: occupied[-1] + 1]) >= -1e-12)
+    last = -2.0
+    for p in sorted(precisions):
+        try:
+            point = cal.operating_point(p)
+        except StrongReIDError as exc:
+            assert "no score threshold" in str(exc) and fitted.max() < p
+            break
+        k = int(score_bins([point["threshold"]], bins)[0])
+        assert fitted[k] >= p and (k == 0 or fitted[k - 1] < p) and point["precision"] == fitted[k]
+        assert point["threshold"] >= last
+        last = point["threshold"]
+        accepted = cal.same_person(scores, p)
+        assert np.array_equal(accepted, score_bins(scores, bins) >= k)
+        counted = cal.counted(point["threshold"])
+        assert counted["genuine"] == same[accepted].sum()
+        assert counted["impostor"] == (~same[accepted]).sum()
+        assert counted["recall"] == pytest.approx(same[accepted].sum() / same.sum(), abs=1e-12)

@@ -162,7 +162,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                       from_clusters=args.from_clusters, dataset=args.dataset, split=args.split,
                       measure_on=args.measure_on, measure_dataset=args.measure_dataset,
                       measure_split=args.measure_split,
-                      precision=args.precision, holdout=args.holdout, out=args.out,
+                      precision=args.precision, holdout=args.holdout, rule=args.rule,
+                      out=args.out,
                       seed=args.seed, eps=args.eps, min_samples=args.min_samples,
                       device=args.device)
     return 0
@@ -194,10 +195,15 @@ def _add_calibrate_parser(sub) -> None:
     p.add_argument("--precision", type=float, default=0.95, help="requested precision")
     p.add_argument("--holdout", type=float, default=0.5,
                    help="share of --data's identities held out to measure (0: none)")
+    p.add_argument("--rule", default="logistic", choices=["logistic", "counts"],
+                   help="threshold where the fitted (default) or the counted precision of the "
+                        "calibration pairs reaches --precision")
     p.add_argument("--out", default=None, help="JSON to write (default: beside the model)")
     p.add_argument("--seed", type=int, default=0, help="draws the held-out identities")
-    p.add_argument("--eps", type=float, default=0.6, help="--from-clusters: DBSCAN eps")
-    p.add_argument("--min-samples", type=int, default=4, help="--from-clusters: DBSCAN min_samples")
+    p.add_argument("--eps", type=float, default=None,
+                   help="--from-clusters: DBSCAN eps (default: the model's ADAPT.EPS, 0.6)")
+    p.add_argument("--min-samples", type=int, default=None,
+                   help="--from-clusters: DBSCAN min_samples (default: its ADAPT.MIN_SAMPLES, 4)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.set_defaults(func=_cmd_calibrate)
 
