@@ -10,7 +10,8 @@ same-person threshold from its own clusters, measured on that labelled test spli
     .venv/bin/python benchmarks/demo_adapt.py            # what make demo-adapt runs
 
 Writes runs/demo-adapt/results.json: `direct` and `adapted` (mAP, rank1 on the night test
-split), `calibration` (requested, measured, recall), the steps' seconds. Data already made
+split), `calibration` (requested, measured, recall; with `refused`, the reason, when the
+clusters cannot back the requested precision and no calibration is written), the steps' seconds. Data already made
 (the image set, the footage, a finished tracklet cut) is reused; the runs start afresh.
 """
 
@@ -37,6 +38,18 @@ def strongreid(*args: object) -> None:
     if subprocess.run(cmd).returncode != 0:
         sys.exit(f"demo-adapt: `strongreid {args[0]}` failed (its message is above); results so "
                  "far are kept")
+
+
+def try_strongreid(*args: object) -> str | None:
+    """One CLI step that may refuse: None when it succeeds, else its error message."""
+    cmd = [sys.executable, "-m", "strongreid", *map(str, args)]
+    print("$ strongreid " + " ".join(shlex.quote(str(a)) for a in args), flush=True)
+    done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(done.stderr)
+    if done.returncode == 0:
+        return None
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {done.returncode}"
 
 
 def has_command(name: str) -> bool:
@@ -102,10 +115,20 @@ def main() -> int:
 
     if has_command("calibrate"):
         calibration = out / "calibration.json"
-        step("calibrate", "calibrate", "--model", adapted, "--from-clusters", data / "tracklets" / "bounding_box_train",
-             "--measure-on", data / "synthetic" / "bounding_box_test", "--precision", args.precision,
-             "--out", calibration)
-        results["calibration"] = calibration_summary(calibration)
+        calibration.unlink(missing_ok=True)
+        start = time.perf_counter()
+        refused = try_strongreid("calibrate", "--model", adapted, "--from-clusters",
+                                 data / "tracklets" / "bounding_box_train", "--measure-on",
+                                 data / "synthetic" / "bounding_box_test", "--precision",
+                                 args.precision, "--out", calibration)
+        steps["calibrate"] = round(time.perf_counter() - start, 1)
+        if refused is None:
+            results["calibration"] = calibration_summary(calibration)
+        else:
+            # A calibration that cannot back the requested precision is refused, not written:
+            # the gallery is then served with scores only, and the results say why.
+            results["calibration"] = {"requested": args.precision, "measured": None, "recall": None,
+                                      "refused": refused}
     else:
         results["calibration"] = None
         print("demo-adapt: this strongreid has no `calibrate` command; no calibration written", flush=True)
@@ -122,7 +145,15 @@ def main() -> int:
     d, a = results["direct"], results["adapted"]
     print(f"night test split: direct transfer mAP {d['mAP']:.1f} / rank-1 {d['rank1']:.1f}; adapted "
           f"without labels mAP {a['mAP']:.1f} / rank-1 {a['rank1']:.1f} ({out / 'results.json'})")
+    c = results["calibration"]
+    if c and c.get("refused"):
+        print(f"same person: no calibration at precision {c['requested']} ({c['refused']})")
+    elif c:
+        print(f"same person: requested precision {c['requested']}, measured {c['measured']} "
+              f"at recall {c['recall']} on the night test split")
     cmd = ["strongreid", "serve", "--gallery", str(gallery), "--model", str(adapted)]
+    if c and not c.get("refused"):
+        cmd += ["--calibration", str(out / "calibration.json")]
     print("open the search page with:")
     print("  " + " ".join(shlex.quote(c) for c in cmd) + "   # then browse http://127.0.0.1:8000/")
     return 0
