@@ -49,7 +49,7 @@ def try_strongreid(*args: object) -> str | None:
     if done.returncode == 0:
         return None
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else f"exit code {done.returncode}"
+    return lines[-1].removeprefix("error: ") if lines else f"exit code {done.returncode}"
 
 
 def has_command(name: str) -> bool:
