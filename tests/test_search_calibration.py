@@ -164,7 +164,7 @@ def test_stored_crop_queries_are_judged_on_the_stores_scores(world) -> None:
 @pytest.mark.parametrize("value, status, words", [
     ("1.5", 400, "between 0 and 1"), ("0", 400, "between 0 and 1"), ("abc", 400, "between 0 and 1"),
     ("nan", 400, "between 0 and 1"), ("-0.2", 400, "between 0 and 1"),
-    ("0.995", 400, "no score threshold reaches precision 0.995 on the calibration data (best 0.990)"),
+    ("0.995", 400, "no score threshold reaches precision 0.995 on the calibration data (the counted precision is at most 0.990)"),
 ])
 def test_a_precision_the_calibration_cannot_give_is_refused(world, value, status, words) -> None:
     key = world["store"].browse(1)[0]["key"]
@@ -209,7 +209,7 @@ def test_a_real_calibration_of_the_tiny_model(world) -> None:
             assert [h["probability"] for h in body["hits"]] == pytest.approx(
                 [float(cal.probability(h["score"])) for h in body["hits"]], abs=1e-3)
             r = client.post("/api/search", data={"key": key, "precision": "0.9"})
-            assert r.status_code == 400 and f"best {best:.3f}" in r.json()["detail"]
+            assert r.status_code == 400 and f"precision is at most {best:.3f}" in r.json()["detail"]
             # The best precision /api/info names can itself be asked for.
             r = client.post("/api/search", data={"key": key, "precision": str(best)})
             assert r.status_code == 200 and r.json()["decision"]["precision"] == best

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -43,6 +44,9 @@ def test_train_then_test_through_the_cli(tiny_synthetic_root, tmp_path, capsys):
     for name in ("config.yaml", "log.txt", "metrics.jsonl", "last.pt", "best.pt", "results.json",
                  "ranking.npz", "resnet18_epoch6.pt"):
         assert (out / name).is_file(), name
+    # Once the command returns its log file is closed: nothing later writes into this folder.
+    handlers = logging.getLogger("strongreid").handlers
+    assert not [h for h in handlers if isinstance(h, logging.FileHandler)], handlers
     train_rows = [m for m in _metrics(out) if m["type"] == "train"]
     assert [m["epoch"] for m in train_rows] == [1, 2, 3, 4, 5, 6]
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]

@@ -567,6 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        from strongreid.engine.runtime import close_log_file
+
+        close_log_file()
 
 
 if __name__ == "__main__":

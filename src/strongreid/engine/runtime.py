@@ -206,6 +206,16 @@ def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0) -> loggin
     return log
 
 
+def close_log_file() -> None:
+    """Detach and close the run's OUTPUT_DIR/log.txt handler: once a command returns, its log
+    file is no longer held open (an in-process caller may move or delete the folder)."""
+    log = logging.getLogger("strongreid")
+    for h in list(log.handlers):
+        if isinstance(h, logging.FileHandler):
+            log.removeHandler(h)
+            h.close()
+
+
 @config_check("runtime")
 def check_runtime_keys(cfg: CfgNode) -> None:
     """MODEL.DEVICE, precision, memory format, BN sync, and how often a run logs, saves, tests."""
