@@ -31,20 +31,22 @@ TRACKLET_CLUSTERING = ["ADAPT.TRACKLETS", "must_link", "ADAPT.K1", 6, "ADAPT.K2"
                        "ADAPT.MIN_SAMPLES", 2]
 
 
+def announced(args: tuple[object, ...]) -> list[str]:
+    """The command line of one CLI step, printed as a user would type it."""
+    print("$ strongreid " + " ".join(shlex.quote(str(a)) for a in args), flush=True)
+    return [sys.executable, "-m", "strongreid", *map(str, args)]
+
+
 def strongreid(*args: object) -> None:
     """One CLI step in its own process, as a user would type it; stop the demo if it fails."""
-    cmd = [sys.executable, "-m", "strongreid", *map(str, args)]
-    print("$ strongreid " + " ".join(shlex.quote(str(a)) for a in args), flush=True)
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(announced(args)).returncode != 0:
         sys.exit(f"demo-adapt: `strongreid {args[0]}` failed (its message is above); results so "
                  "far are kept")
 
 
 def try_strongreid(*args: object) -> str | None:
     """One CLI step that may refuse: None when it succeeds, else its error message."""
-    cmd = [sys.executable, "-m", "strongreid", *map(str, args)]
-    print("$ strongreid " + " ".join(shlex.quote(str(a)) for a in args), flush=True)
-    done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(announced(args), stderr=subprocess.PIPE, text=True)
     sys.stderr.write(done.stderr)
     if done.returncode == 0:
         return None
