@@ -15,52 +15,18 @@ Prints the final mAP / rank-1, the wall time, and whether the target was reached
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from target_demo import demo_parser, train_against_target
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = demo_parser(__doc__, "pcb_demo", (96, 48), 0.60)
     parser.add_argument("--parts", type=int, default=6)
-    parser.add_argument("--size", type=int, nargs=2, default=[96, 48], metavar=("H", "W"))
-    parser.add_argument("--data", default=str(ROOT / "data"), help="DATASETS.ROOT_DIR")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "pcb_demo"))
-    parser.add_argument("--target", type=float, default=0.60)
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="more KEY VALUE pairs")
     args = parser.parse_args(argv)
-
-    from strongreid.config import load_config
-    from strongreid.data.synthetic import generate
-    from strongreid.workflows import train
-
-    data = Path(args.data)
-    if not (data / "synthetic").is_dir():
-        generate(str(data / "synthetic"))
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)  # a benchmark always starts afresh
-    h, w = args.size
-    cfg = load_config(str(ROOT / "configs" / "demo_bot.yml"), [
-        "MODEL.HEAD", "pcb", "MODEL.PCB_PARTS", str(args.parts),
-        "INPUT.SIZE_TRAIN", f"[{h}, {w}]", "INPUT.SIZE_TEST", f"[{h}, {w}]",
-        "DATASETS.ROOT_DIR", str(data), "OUTPUT_DIR", str(out), *args.opts,
-    ])
-    t0 = time.perf_counter()
-    train(cfg)
-    elapsed = time.perf_counter() - t0
-    res = json.loads((out / "results.json").read_text())
-    ok = res["mAP"] >= args.target
-    print(json.dumps({"benchmark": "pcb_demo", "parts": args.parts, "size": [h, w],
-                      "mAP": round(res["mAP"], 4), "rank1": round(res["rank1"], 4),
-                      "mINP": round(res["mINP"], 4), "target_mAP": args.target,
-                      "reached": ok, "wall_s": round(elapsed, 1)}))
-    return 0 if ok else 1
+    return train_against_target("pcb_demo", "demo_bot.yml",
+                                ["MODEL.HEAD", "pcb", "MODEL.PCB_PARTS", str(args.parts)],
+                                args, parts=args.parts)
 
 
 if __name__ == "__main__":

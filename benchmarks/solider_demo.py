@@ -15,57 +15,25 @@ Prints the final mAP / rank-1, the wall time, and whether the target was reached
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from target_demo import demo_parser, train_against_target
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, nargs=2, default=[64, 32], metavar=("H", "W"))
+    parser = demo_parser(__doc__, "solider_demo", (64, 32), 0.20)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--data", default=str(ROOT / "data"), help="DATASETS.ROOT_DIR")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "solider_demo"))
-    parser.add_argument("--target", type=float, default=0.20)
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="more KEY VALUE pairs")
     args = parser.parse_args(argv)
-
-    from strongreid.config import load_config
-    from strongreid.data.synthetic import generate
-    from strongreid.workflows import train
-
-    data = Path(args.data)
-    if not (data / "synthetic").is_dir():
-        generate(str(data / "synthetic"))
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)  # a benchmark always starts afresh
-    h, w = args.size
-    cfg = load_config(str(ROOT / "configs" / "solider_swin_base.yml"), [
+    epochs = str(args.epochs)
+    return train_against_target("solider_demo", "solider_swin_base.yml", [
         "MODEL.NAME", "solider_swin_tiny", "MODEL.PRETRAIN_CHOICE", "none", "MODEL.DEVICE", "cpu",
-        "INPUT.SIZE_TRAIN", f"[{h}, {w}]", "INPUT.SIZE_TEST", f"[{h}, {w}]", "INPUT.PADDING", "3",
-        "DATASETS.NAMES", "synthetic", "DATASETS.ROOT_DIR", str(data), "DATALOADER.NUM_WORKERS", "2",
-        "SOLVER.OPTIMIZER_NAME", "AdamW", "SOLVER.BASE_LR", "0.001", "SOLVER.COSINE_MIN_LR_FACTOR", "0.05", "SOLVER.WEIGHT_DECAY", "0.05",
-        "SOLVER.WEIGHT_DECAY_BIAS", "0.0", "SOLVER.BIAS_LR_FACTOR", "1", "SOLVER.MAX_EPOCHS", str(args.epochs),
-        "SOLVER.WARMUP_ITERS", "1", "SOLVER.WARMUP_FACTOR", "0.1", "SOLVER.EVAL_PERIOD", str(args.epochs),
-        "SOLVER.CHECKPOINT_PERIOD", str(args.epochs), "SOLVER.LOG_PERIOD", "20", "TEST.IMS_PER_BATCH", "128",
-        "OUTPUT_DIR", str(out), *args.opts,
-    ])
-    t0 = time.perf_counter()
-    train(cfg)
-    elapsed = time.perf_counter() - t0
-    res = json.loads((out / "results.json").read_text())
-    ok = res["mAP"] >= args.target
-    print(json.dumps({"benchmark": "solider_demo", "model": cfg.MODEL.NAME, "size": [h, w],
-                      "epochs": cfg.SOLVER.MAX_EPOCHS, "mAP": round(res["mAP"], 4),
-                      "rank1": round(res["rank1"], 4), "target_mAP": args.target,
-                      "reached": ok, "wall_s": round(elapsed, 1)}))
-    return 0 if ok else 1
+        "INPUT.PADDING", "3", "DATASETS.NAMES", "synthetic", "DATALOADER.NUM_WORKERS", "2",
+        "SOLVER.OPTIMIZER_NAME", "AdamW", "SOLVER.BASE_LR", "0.001", "SOLVER.COSINE_MIN_LR_FACTOR", "0.05",
+        "SOLVER.WEIGHT_DECAY", "0.05", "SOLVER.WEIGHT_DECAY_BIAS", "0.0", "SOLVER.BIAS_LR_FACTOR", "1",
+        "SOLVER.MAX_EPOCHS", epochs, "SOLVER.WARMUP_ITERS", "1", "SOLVER.WARMUP_FACTOR", "0.1",
+        "SOLVER.EVAL_PERIOD", epochs, "SOLVER.CHECKPOINT_PERIOD", epochs, "SOLVER.LOG_PERIOD", "20",
+        "TEST.IMS_PER_BATCH", "128",
+    ], args, model="solider_swin_tiny")
 
 
 if __name__ == "__main__":
