@@ -496,17 +496,79 @@ def test_documented_preprocessing_reproduces_the_test_transform(run) -> None:
         assert np.abs(x - fe.preprocess([path])[0].numpy()).max() < 1e-6
 
 
+class UnderAutocast(nn.Module):
+    """A stand-in whose feature is the first four pixels, rounded to bf16 under autocast, or
+    broken there as `fault` says ('zero', 'nan', or 'nan_later': NaN from the second call on)."""
+
+    def __init__(self, fault: str | None = None) -> None:
+        super().__init__()
+        self.fault, self.autocast_calls, self.fp32_calls = fault, 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.flatten(1)[:, :4].float()
+        if not torch.is_autocast_enabled("cpu"):
+            self.fp32_calls += 1
+            return out
+        self.autocast_calls += 1
+        if self.fault == "zero":
+            return torch.zeros_like(out)
+        if self.fault == "nan" or (self.fault == "nan_later" and self.autocast_calls > 1):
+            return out * float("nan")
+        return out.bfloat16()
+
+
+def test_autocast_agrees_by_row_cosine() -> None:
+    from strongreid.engine.runtime import autocast_agrees
+
+    full = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # Row cosines 1 and 1/sqrt(2) = 0.7071.
+    reduced = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    assert not autocast_agrees(reduced, full)
+    assert autocast_agrees(reduced, full, min_cosine=0.70)
+    assert not autocast_agrees(reduced, full, min_cosine=0.71)
+    assert autocast_agrees(full * 3, full)
+    assert not autocast_agrees(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), full)  # a zero row
+    assert not autocast_agrees(torch.tensor([[1.0, float("nan")], [1.0, 1.0]]), full)
+    assert not autocast_agrees(full[:1], full)
+
+
+def test_a_shape_whose_mixed_precision_features_are_wrong_is_computed_in_fp32(caplog) -> None:
+    from strongreid.engine.inference import test_feature
+
+    model, images = UnderAutocast("zero"), torch.rand(2, 3, 8, 4)
+    with caplog.at_level("WARNING", logger="strongreid"):
+        feats = test_feature(model, images, amp_dtype=torch.bfloat16)
+    assert torch.equal(feats, images.flatten(1)[:, :4])
+    assert "disagree with fp32" in caplog.text and "[2, 3, 8, 4]" in caplog.text
+    assert (model.autocast_calls, model.fp32_calls) == (1, 1)
+    # That shape goes straight to fp32 from now on; another shape is checked once more.
+    assert torch.equal(test_feature(model, images * 2, amp_dtype=torch.bfloat16), (images * 2).flatten(1)[:, :4])
+    assert (model.autocast_calls, model.fp32_calls) == (1, 2)
+    test_feature(model, torch.rand(3, 3, 8, 4), amp_dtype=torch.bfloat16)
+    assert (model.autocast_calls, model.fp32_calls) == (2, 3)
+
+
+def test_sound_mixed_precision_is_checked_once_per_shape_and_kept() -> None:
+    from strongreid.engine.inference import test_feature
+
+    model, images = UnderAutocast(), torch.rand(2, 3, 8, 4)
+    first = test_feature(model, images, amp_dtype=torch.bfloat16)
+    assert torch.equal(first, images.flatten(1)[:, :4].bfloat16().float())  # the bf16 result
+    assert (model.autocast_calls, model.fp32_calls) == (1, 1)
+    test_feature(model, images, amp_dtype=torch.bfloat16)
+    assert (model.autocast_calls, model.fp32_calls) == (2, 1)
+    # Flipped views are another computation, so they get their own check.
+    test_feature(model, images, flip=True, amp_dtype=torch.bfloat16)
+    assert (model.autocast_calls, model.fp32_calls) == (4, 3)
+
+
 def test_non_finite_mixed_precision_features_are_recomputed_in_fp32(caplog) -> None:
     from strongreid.engine.inference import test_feature
 
-    class NaNUnderAutocast(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = x.flatten(1)[:, :4].float()
-            return out * float("nan") if torch.is_autocast_enabled("cpu") else out
-
-    images = torch.rand(2, 3, 8, 4)
+    model, images = UnderAutocast("nan_later"), torch.rand(2, 3, 8, 4)
+    test_feature(model, images, amp_dtype=torch.bfloat16)  # sound at the check
     with caplog.at_level("WARNING", logger="strongreid"):
-        feats = test_feature(NaNUnderAutocast(), images, amp_dtype=torch.bfloat16)
+        feats = test_feature(model, images, amp_dtype=torch.bfloat16)
     assert torch.equal(feats, images.flatten(1)[:, :4])
     assert "recomputed in fp32" in caplog.text
     # fp32 never takes the second pass (the exported graphs hold no such branch).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -167,3 +168,35 @@ def test_training_into_a_finished_run_refuses_to_overwrite_it(tiny_synthetic_roo
     assert rc == 2
     assert "--resume" in capsys.readouterr().err
     assert (out / "last.pt").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("broken", [True, False])
+def test_training_falls_back_to_fp32_when_autocast_gets_the_features_wrong(tiny_synthetic_root, tmp_path,
+                                                                        monkeypatch, broken):
+    out = tmp_path / "amp"
+    trainer = Trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, out, **{"MODEL.AMP": "bf16"})))
+    assert trainer.amp_dtype == torch.bfloat16
+    real_forward = trainer.model.forward
+    seen = []
+
+    def forward(x, **kwargs):
+        out = real_forward(x, **kwargs)
+        seen.append((trainer.model.training, torch.is_autocast_enabled("cpu")))
+        if broken and not trainer.model.training and torch.is_autocast_enabled("cpu"):
+            return torch.zeros_like(out)
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    images, pids, camids, _ = next(iter(trainer.loader))
+    stats_before = trainer.model.bottleneck.running_mean.clone()
+    trainer.run_step(images, pids, camids)
+    trainer.run_step(images, pids, camids)
+    # The check: one eval forward in fp32 and one under autocast, then the training steps.
+    assert seen[:2] == [(False, False), (False, True)]
+    assert seen[2:] == [(True, not broken)] * 2
+    assert trainer.model.training
+    assert ("this run trains in fp32" in (out / "log.txt").read_text()) == broken
+    assert trainer.amp_dtype == (None if broken else torch.bfloat16)
+    # Only the two training steps moved the batch-norm statistics (momentum 0.1 each).
+    assert not torch.equal(trainer.model.bottleneck.running_mean, stats_before)
+    assert all(math.isfinite(v) for v in trainer.step_values.values())

@@ -29,10 +29,13 @@ def build_trainer(cfg: CfgNode, resume: bool | str = False, hooks: Iterable[Hook
 
 def train(cfg: CfgNode, resume: bool | str = False, hooks: Iterable[HookBase] = ()) -> dict[str, Any] | None:
     """Train and evaluate; the final results (results.json's content) on rank 0, else None."""
+    finished = False
     try:
-        return build_trainer(cfg, resume=resume, hooks=hooks).fit()
+        results = build_trainer(cfg, resume=resume, hooks=hooks).fit()
+        finished = True
+        return results
     finally:
-        D.cleanup()
+        D.cleanup(wait=finished)
 
 
 def train_command(cfg: CfgNode, resume: bool = False) -> int:

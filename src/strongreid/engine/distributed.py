@@ -357,6 +357,11 @@ def local_batch_size(cfg: CfgNode, world_size: int) -> int:
     return batch // w
 
 
-def cleanup() -> None:
+def cleanup(wait: bool = False) -> None:
+    """Leave the process group. With `wait` (the run ended well on every rank), the ranks first
+    meet at a barrier: a rank that tore its gloo group down while another was still evaluating
+    sometimes aborted at exit ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

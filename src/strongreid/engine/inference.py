@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,9 +17,18 @@ from torch import nn
 from yacs.config import CfgNode
 
 from strongreid.engine import distributed as D
-from strongreid.engine.runtime import autocast, feature_channels_last, feature_dtype
+from strongreid.engine.runtime import (
+    autocast,
+    autocast_agrees,
+    feature_channels_last,
+    feature_dtype,
+)
 
 logger = logging.getLogger("strongreid")
+
+# model -> {(input shape, device, dtype, views): autocast agreed with fp32}; weak, so a model
+# that goes away takes its verdicts along.
+_AUTOCAST_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def test_scales(cfg: CfgNode) -> tuple[float, ...]:
@@ -72,6 +82,13 @@ def tta_forward(model: nn.Module, images: torch.Tensor, flip: bool = False,
     return total / count
 
 
+def _autocast_verdicts(model: object) -> dict:
+    try:
+        return _AUTOCAST_VERDICTS.setdefault(model, {})
+    except TypeError:  # not weakly referable (a bound method): checked on every call
+        return {}
+
+
 def test_feature(model: nn.Module, images: torch.Tensor, flip: bool = False,
                  scales: Sequence[float] = (1.0,), normalize: bool = False,
                  amp_dtype: torch.dtype | None = None, channels_last: bool = False,
@@ -87,15 +104,27 @@ def test_feature(model: nn.Module, images: torch.Tensor, flip: bool = False,
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     cams = camera_inputs(model, camids, images.device).get("camids")
-    with autocast(images.device, amp_dtype):
+    verdicts = _autocast_verdicts(model) if amp_dtype is not None else {}
+    key = (tuple(images.shape), str(images.device), amp_dtype, flip, tuple(scales))
+    if amp_dtype is None or verdicts.get(key) is False:
         f = tta_forward(model, images, flip, scales, cams)
-    if amp_dtype is not None and not bool(torch.isfinite(f).all()):
-        # Seen with torch 2.14.1 on AMX CPUs: oneDNN's first bf16 convolution of a process
-        # returned NaN from finite input. A NaN feature would poison a gallery or a ranking, so
-        # the batch is computed again in fp32.
-        logger.warning("mixed-precision (%s) features of a batch were not finite; that batch was "
-                       "recomputed in fp32 (TEST.PRECISION fp32 avoids mixed precision)", amp_dtype)
-        f = tta_forward(model, images.float(), flip, scales, cams).float()
+    else:
+        with autocast(images.device, amp_dtype):
+            f = tta_forward(model, images, flip, scales, cams)
+        if key not in verdicts:
+            # The first batch of each shape is also computed in fp32: a fault of the reduced-
+            # precision kernels (runtime.autocast_agrees) sends that shape to fp32 for good.
+            full = tta_forward(model, images, flip, scales, cams).float()
+            verdicts[key] = autocast_agrees(f, full)
+            if not verdicts[key]:
+                logger.warning("mixed-precision (%s) features of input shape %s disagree with fp32 "
+                               "ones on this machine; that shape is computed in fp32 from now on "
+                               "(TEST.PRECISION fp32 skips this check)", amp_dtype, list(images.shape))
+                f = full
+        elif not bool(torch.isfinite(f).all()):
+            logger.warning("mixed-precision (%s) features of a batch were not finite; that batch was "
+                           "recomputed in fp32 (TEST.PRECISION fp32 avoids mixed precision)", amp_dtype)
+            f = tta_forward(model, images, flip, scales, cams).float()
     if normalize:
         f = F.normalize(f, p=2, dim=1, eps=1e-12)
     return f

@@ -128,6 +128,25 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# A mixed-precision feature counts as sound when every row's cosine to the fp32 one reaches this:
+# bf16 rounding leaves ResNet features above 0.999, the faults it guards against leave them near 0.
+AUTOCAST_MIN_COSINE = 0.98
+
+
+def autocast_agrees(reduced: torch.Tensor, full: torch.Tensor, min_cosine: float = AUTOCAST_MIN_COSINE) -> bool:
+    """Whether features computed under autocast match the fp32 ones of the same batch.
+
+    With torch 2.14.1 on AMX CPUs, oneDNN's bf16 3x3 stride-2 convolution of a 4 x 2 feature map
+    (a 32 x 16 crop at ResNet's layer3, 64 x 32 at layer4 with last stride 2) returns wrong, zero
+    or NaN values for most batch sizes; other shapes agree. A wrong feature poisons a gallery or
+    a training run without any error, so each new input shape is checked once against fp32.
+    """
+    if reduced.shape != full.shape or not bool(torch.isfinite(reduced).all()):
+        return False
+    cos = torch.nn.functional.cosine_similarity(reduced.float().flatten(1), full.float().flatten(1), dim=1)
+    return bool((cos >= min_cosine).all())
+
+
 def inference_autocast(device: torch.device, mode: str = "auto"):
     """Autocast for feature extraction (bf16 on capable CPUs, fp16/bf16 on CUDA)."""
     return autocast(device, amp_dtype(mode, device))

@@ -32,10 +32,11 @@ from strongreid.engine import distributed as D
 from strongreid.engine import hooks as H
 from strongreid.engine.averaging import WeightAveraging
 from strongreid.engine.hooks import EpochMeter, HookBase
-from strongreid.engine.inference import camera_inputs
+from strongreid.engine.inference import camera_inputs, tta_forward
 from strongreid.engine.runtime import (
     amp_dtype,
     autocast,
+    autocast_agrees,
     rng_state,
     seed_everything,
     select_device,
@@ -183,6 +184,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.amp_dtype = amp_dtype(cfg.MODEL.AMP, self.device)
+        self._autocast_checked = self.amp_dtype is None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def _build_solver(self) -> None:
@@ -359,6 +361,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.center_optimizer is not None:
             self.center_optimizer.zero_grad(set_to_none=True)
+        if not self._autocast_checked:
+            self._check_autocast(images, camids)
         with autocast(self.device, self.amp_dtype):
             outputs = self.train_model(images, **camera_inputs(self.model, camids, self.device))
         # Losses in fp32: the triplet distances and center terms lose too much in bf16.
@@ -378,6 +382,28 @@ class Trainer:
             # Before scaler.update(): the center step unscales with this iteration's scale.
             self._center_step()
         self.scaler.update()
+
+    def _check_autocast(self, images: torch.Tensor, camids: torch.Tensor | None) -> None:
+        """Train in fp32 when this machine's autocast kernels get the first batch's features wrong
+        (runtime.autocast_agrees). Eval-mode forwards without gradients, so the batch-norm
+        statistics and the weights stay as they were; the backward kernels are not checked."""
+        self._autocast_checked = True
+        model, was_training = self.model, self.model.training
+        cams = camera_inputs(model, camids, self.device).get("camids")
+        model.eval()
+        try:
+            with torch.no_grad():
+                full = tta_forward(model, images, camids=cams)
+                with autocast(self.device, self.amp_dtype):
+                    reduced = tta_forward(model, images, camids=cams)
+        finally:
+            model.train(was_training)
+        if not autocast_agrees(reduced, full):
+            logger.warning("MODEL.AMP: mixed-precision (%s) features of the training batch %s disagree "
+                           "with fp32 ones on this machine, so this run trains in fp32 (MODEL.AMP off "
+                           "skips this check)", self.amp_dtype, list(images.shape))
+            self.amp_dtype = None
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
 
     def _losses(self, outputs: ModelOutput,
                 targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

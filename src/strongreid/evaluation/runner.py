@@ -177,5 +177,5 @@ def test_command(cfg: CfgNode) -> int:
         if "reranked" in evaluated["results"]:
             print(format_table("re-ranked", evaluated["results"]["reranked"].to_dict()))
         print(f"results written to {out_dir / 'results.json'}")
-    D.cleanup()
+    D.cleanup(wait=True)
     return 0
