@@ -325,3 +325,5 @@ def test_serve_loads_the_calibration_beside_the_model(world, tmp_path) -> None:
         out = proc.communicate(timeout=30)[0]
     assert f"same person: calibration {calibration_path(world['model'])}" in out, out
     assert "precisions 0.8, 0.9, 0.95, 0.99 (at most 0.99), default 0.95" in out, out
+    # `serve` says what runs the model (onnxruntime: make test installs it) and /api/info too.
+    assert "forward pass: onnxruntime" in out and info["runtime"] == "onnxruntime", out

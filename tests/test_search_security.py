@@ -42,7 +42,14 @@ from strongreid.search.security import (  # noqa: E402
     host_name,
     read_auth_file,
 )
-from strongreid.search.service import SearchService, TracedFeatures, create_app  # noqa: E402
+from strongreid.search.service import (  # noqa: E402
+    OnnxFeatures,
+    SearchService,
+    TracedFeatures,
+    create_app,
+    runtime_name,
+    serving_runtime,
+)
 
 MAX_UPLOAD = 200_000
 
@@ -429,20 +436,39 @@ def test_concurrent_uploads_share_forward_passes_and_get_their_own_answers(world
 
 
 
-def test_queries_run_the_traced_graph_with_the_eager_models_features(world) -> None:
+def test_queries_run_on_onnxruntime_with_the_eager_models_features(world) -> None:
     service, extractor, crops = world["service"], world["extractor"], world["crops"]
-    # The service serves the traced forward pass (no GIL while it computes)...
-    assert isinstance(service.embed, TracedFeatures) and service.embed.extractor is extractor
-    # ...whose features are bitwise the eager model's, at any batch size.
+    # By default (--runtime auto) the forward pass runs on onnxruntime where it is installed
+    # (make test installs it)...
+    assert isinstance(service.embed, OnnxFeatures) and service.embed.extractor is extractor
+    assert service.runtime == "onnxruntime" and world["client"].get("/api/info").json()["runtime"] == "onnxruntime"
+    # ...whose features are the eager model's within float rounding, at any batch size.
+    assert service.embed.difference <= 1e-6
     for batch in (crops[:1], crops[:5], crops[:40]):
-        assert np.array_equal(service.embed(batch).numpy(), extractor(batch).numpy())
-    # An upload's answer over the wire carries exactly the eager feature's scores.
+        np.testing.assert_allclose(service.embed(batch).numpy(), extractor(batch).numpy(), rtol=0, atol=1e-6)
+    # An upload's answer over the wire ranks as the eager feature does, with its scores.
     r = world["client"].post("/api/search", data={"k": "5"},
                              files={"image": ("q.png", image_bytes(crops[7]), "image/png")})
     assert r.status_code == 200, r.text
     want = world["store"].search(extractor([crops[7]]).numpy()[0], 5)[0]
-    assert [(h["key"], h["score"]) for h in r.json()["hits"]] == \
-        [(h.key, round(h.score, 6)) for h in want]
+    got = r.json()["hits"]
+    assert [h["key"] for h in got] == [h.key for h in want]
+    assert [h["score"] for h in got] == pytest.approx([h.score for h in want], abs=2e-6)
+
+
+def test_the_torch_runtime_serves_the_traced_graph_bitwise(world) -> None:
+    extractor, crops = world["extractor"], world["crops"]
+    service = SearchService(world["store"], extractor, world["thumbs"], runtime="torch")
+    try:
+        # The traced forward pass (no GIL while it computes), bitwise the eager model's.
+        assert isinstance(service.embed, TracedFeatures) and service.runtime == "torchscript"
+        for batch in (crops[:1], crops[:5], crops[:40]):
+            assert np.array_equal(service.embed(batch).numpy(), extractor(batch).numpy())
+        answer = service.search(crops[7], k=5)
+        want = world["store"].search(extractor([crops[7]]).numpy()[0], 5)[0]
+        assert [(h["key"], h["score"]) for h in answer["hits"]] == [(h.key, round(h.score, 6)) for h in want]
+    finally:
+        service.close()
 
 
 def test_what_cannot_be_traced_is_served_eagerly(world) -> None:
@@ -450,6 +476,24 @@ def test_what_cannot_be_traced_is_served_eagerly(world) -> None:
         return np.zeros((len(images), 4), np.float32)
 
     assert TracedFeatures.wrap(embed) is embed
+    # 'auto' falls back to torch for what onnxruntime cannot run; asked for by name, it says why.
+    assert serving_runtime(embed, "auto") is embed and runtime_name(embed) == "eager"
+    with pytest.raises(StrongReIDError, match="only a FeatureExtractor"):
+        serving_runtime(embed, "onnxruntime")
+    with pytest.raises(StrongReIDError, match="--runtime must be one of auto, onnxruntime, torch"):
+        serving_runtime(embed, "tensorrt")
+
+
+def test_a_missing_onnxruntime_is_named_or_passed_over(world, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(StrongReIDError, match=r"needs onnxruntime: pip install 'strongreid\[search\]'"):
+        serving_runtime(world["extractor"], "onnxruntime")
+    assert isinstance(serving_runtime(world["extractor"], "auto"), TracedFeatures)
+
 
 # -- ingest while serving -----------------------------------------------------------------------
 

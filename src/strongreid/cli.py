@@ -264,7 +264,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          allowed_host=tuple(args.allowed_host or ()), ingest_root=args.ingest_root,
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          max_decodes=args.max_decodes, calibration=args.calibration,
-                         no_calibration=args.no_calibration, workers=args.workers)
+                         no_calibration=args.no_calibration, workers=args.workers,
+                         runtime=args.runtime)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -389,6 +390,10 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port, each with the model and the index "
                         "(embedded store only; not with --auth-file or --ingest-root)")
+    p.add_argument("--runtime", choices=("auto", "onnxruntime", "torch"), default="auto",
+                   help="what runs the model: onnxruntime (fastest on a CPU, features checked "
+                        "against the model's at start), torch, or auto: onnxruntime when "
+                        "installed and in agreement (default)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="demos")

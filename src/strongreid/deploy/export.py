@@ -168,7 +168,8 @@ def _quiet_export():
         yield
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
+def write_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
+    """`model` as a checked ONNX file at `out`, batch size dynamic, `meta` in its metadata."""
     import onnx
 
     # The exporter is chosen explicitly: torch's TorchScript-based one (dynamo=False), whatever
@@ -261,7 +262,7 @@ class OnnxFormat:
     check_available = staticmethod(_onnx_available)
 
     def write(self, job: ExportJob) -> Callable[[torch.Tensor], np.ndarray]:
-        _export_onnx(job.graph, job.example, job.out, job.meta)
+        write_onnx(job.graph, job.example, job.out, job.meta)
         return run_onnx(job.out)
 
 
@@ -300,7 +301,7 @@ class OpenVinoFormat:
             raise ConfigError(f"--out {job.out}: an OpenVINO IR is NAME.xml (its weights go to NAME.bin)")
         with tempfile.TemporaryDirectory(dir=job.out.parent) as tmp:
             fp32 = Path(tmp) / "fp32.onnx"
-            _export_onnx(job.graph, job.example, fp32, job.meta)
+            write_onnx(job.graph, job.example, fp32, job.meta)
             to_openvino(fp32, job.out, job.meta)
         return run_openvino(job.out)
 

@@ -22,14 +22,17 @@ def require(module: str, extra: str) -> None:
         raise StrongReIDError(f"this export needs the {module} package: pip install 'strongreid[{extra}]'")
 
 
-def run_onnx(out: Path, threads: int | None = None) -> Callable[[torch.Tensor], np.ndarray]:
-    """Features from an ONNX file with onnxruntime on the CPU."""
+def run_onnx(out: Path, threads: int | None = None, spin: bool = True) -> Callable[[torch.Tensor], np.ndarray]:
+    """Features from an ONNX file with onnxruntime on the CPU. `spin` False: its threads sleep
+    between runs instead of spinning, for a process whose other threads need the same cores."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = int(threads)
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: np.asarray(x, dtype=np.float32)})[0]
