@@ -35,6 +35,7 @@ answers are as they always were, and asking for a precision is a 409 that says h
 
 from __future__ import annotations
 
+import abc
 import io
 import logging
 import math
@@ -234,7 +235,26 @@ class Batcher:
         self._queue.put(None)
 
 
-class TracedFeatures:
+class CompiledFeatures(abc.ABC):
+    """A FeatureExtractor's preprocessing in front of another runner of its forward pass
+    (`features`: a preprocessed batch -> its features), called as the extractor is."""
+
+    extractor: FeatureExtractor
+    feat_dim: int
+
+    @abc.abstractmethod
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """A preprocessed batch's features (float32, on the CPU)."""
+
+    def __call__(self, images: Any) -> Any:
+        items = self.extractor._flatten(images)
+        size = self.extractor.batch_size
+        out = [self.features(self.extractor.preprocess(items[i:i + size]))
+               for i in range(0, len(items), size)]
+        return torch.cat(out) if out else torch.empty(0, self.feat_dim)
+
+
+class TracedFeatures(CompiledFeatures):
     """A FeatureExtractor whose forward pass runs as one traced TorchScript graph.
 
     The same operations in the same order (the features are checked bitwise against the
@@ -286,26 +306,17 @@ class TracedFeatures:
         with torch.inference_mode():
             return self.graph(batch.to(self.extractor.device)).float().cpu()
 
-    def __call__(self, images: Any) -> Any:
-        items = self.extractor._flatten(images)
-        size = self.extractor.batch_size
-        out = [self.features(self.extractor.preprocess(items[i:i + size]))
-               for i in range(0, len(items), size)]
-        return torch.cat(out) if out else torch.empty(0, self.feat_dim)
 
-
-class OnnxFeatures:
+class OnnxFeatures(CompiledFeatures):
     """A FeatureExtractor whose forward pass runs in ONNX Runtime (CPU, fp32).
 
     The graph `strongreid export --format onnx` writes, kept in memory. On a CPU, onnxruntime
     ran the search benchmark's ResNet-18 at 64 x 32 4.2x faster than the traced graph for one
     image and 1.6x for a batch of 8 (torch picks its slow im2col convolution for a batch of
-    one), with features within 1.4e-7; like the traced graph it computes without Python's GIL.
+    one), with features within 1.6e-7; like the traced graph it computes without Python's GIL.
     Served only when the features of three probe batches agree with the eager model's within
     PARITY_TOLERANCE.
     """
-
-    name = "onnxruntime"
 
     def __init__(self, extractor: FeatureExtractor, run: Any, difference: float) -> None:
         self.extractor, self.run, self.difference = extractor, run, difference
@@ -353,13 +364,6 @@ class OnnxFeatures:
 
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.run(batch.numpy()))
-
-    def __call__(self, images: Any) -> Any:
-        items = self.extractor._flatten(images)
-        size = self.extractor.batch_size
-        out = [self.features(self.extractor.preprocess(items[i:i + size]))
-               for i in range(0, len(items), size)]
-        return torch.cat(out) if out else torch.empty(0, self.feat_dim)
 
 
 RUNTIMES = ("auto", "onnxruntime", "torch")
