@@ -84,7 +84,7 @@ def onnx_runners(cfg, work: Path) -> dict[str, object]:
 
     weights = Path(cfg.OUTPUT_DIR) / "best.pt"
     threads = torch.get_num_threads()
-    fp32, _ = export_model(cfg, "onnx", work / "fp32.onnx", weights=weights)
+    fp32, _, _ = export_model(cfg, "onnx", work / "fp32.onnx", weights=weights)
     calib = work / "calib.txt"
     calib.write_text("\n".join(str(Path(r.path).resolve()) for r in load_splits(cfg, need_train=True).train))
     int8, report = export_int8(cfg, work / "int8.onnx", calib, weights=weights)

@@ -93,6 +93,11 @@ def through_every_entry(path: Path, data_root: Path, tmp: Path, *, source: str, 
                     *OPTS, "TEST.WEIGHT", str(path)])
     diff = float(re.search(r"parity: max \|onnx - pytorch\| = (\S+)", printed).group(1))
     assert diff <= 1e-4
+    # The line names the architecture in the file (the peer's), not the command line's MODEL.NAME.
+    import onnx
+
+    arch = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["arch"]
+    assert f"exported {arch} (onnx) to {onnx_path}" in printed, (arch, printed)
     sidecar = json.loads((tmp / "reid.onnx.metadata.json").read_text())
     assert sidecar["model_kwargs"] == {"img_size": list(size)}
     assert sidecar["interpolation"] == {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}[resample]

@@ -28,6 +28,7 @@ from strongreid.data.gpu_augment import build_batch_augment
 from strongreid.data.image import ImageDataset, read_image
 from strongreid.data.splits import load_splits
 from strongreid.data.transforms import build_transforms
+from strongreid.errors import DatasetError
 
 
 def _cfg(root: Path, tmp: Path, **overrides):
@@ -110,14 +111,39 @@ def test_cache_is_built_once_and_rebuilt_when_a_file_changes(tiny_synthetic_root
     assert np.array_equal(rebuilt.images[0], first.images[0])
 
 
+def test_the_cache_resizes_with_the_configured_filter_under_its_own_name(tiny_synthetic_root, tmp_path):
+    import hashlib
+    import os
+
+    paths = [str(p) for p in sorted((tiny_synthetic_root / "synthetic" / "bounding_box_train").glob("*.jpg"))[:4]]
+    bilinear = open_cache(paths, (64, 32), tmp_path / "c", name="x")
+    bicubic = open_cache(paths, (64, 32), tmp_path / "c", name="x", interpolation="bicubic")
+    assert bicubic.path != bilinear.path
+    for i, p in enumerate(paths):
+        img = Image.open(p).convert("RGB")
+        assert np.array_equal(bicubic.images[i], np.asarray(img.resize((32, 64), Image.Resampling.BICUBIC)))
+        assert np.array_equal(bilinear.images[i], np.asarray(img.resize((32, 64), Image.Resampling.BILINEAR)))
+    assert not np.array_equal(np.asarray(bicubic.images), np.asarray(bilinear.images))
+    # A bilinear cache keeps the name it had before the filter was part of the key.
+    h = hashlib.sha256(b"v1 64x32\n")
+    for p in paths:
+        h.update(os.path.abspath(p).encode() + b"\n")
+    assert bilinear.path.name == f"x-64x32-{h.hexdigest()[:20]}.u8"
+    with pytest.raises(DatasetError, match="not 'lanczos'"):
+        resize_like_pil_path(Image.open(paths[0]), (64, 32), "lanczos")
+
+
 def _batches(loader, epoch: int):
     loader.sampler.set_epoch(epoch)
     return [(x.clone(), p.clone(), paths) for x, p, _c, paths in loader]
 
 
-def test_device_loader_yields_the_pil_loader_batches(tiny_synthetic_root, tmp_path):
-    cfg_pil = _cfg(tiny_synthetic_root, tmp_path)
-    cfg_dev = _cfg(tiny_synthetic_root, tmp_path, **{"DATALOADER.DATA_PATH": "device"})
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_device_loader_yields_the_pil_loader_batches(tiny_synthetic_root, tmp_path, interpolation):
+    # The synthetic images are 128 x 64, so INPUT.INTERPOLATION's filter shows in every pixel.
+    cfg_pil = _cfg(tiny_synthetic_root, tmp_path, **{"INPUT.INTERPOLATION": interpolation})
+    cfg_dev = _cfg(tiny_synthetic_root, tmp_path, **{"DATALOADER.DATA_PATH": "device",
+                                                     "INPUT.INTERPOLATION": interpolation})
     records = load_splits(cfg_pil).train
     for rank in (0, 1):  # each rank of a 2-process run sees the same images on both paths
         pil = build_train_loader(cfg_pil, records, rank=rank, world_size=2)

@@ -336,7 +336,7 @@ def test_onnx_export_parity_and_dynamic_batch(run, tmp_path, capsys) -> None:
 
 def test_torchscript_export_parity(run, tmp_path) -> None:
     cfg = make_cfg(**{"TEST.WEIGHT": run["ckpt"], "TEST.FLIP_AUG": "True"})
-    path, diff = export_model(cfg, "torchscript", tmp_path / "model.ts")
+    path, diff, _ = export_model(cfg, "torchscript", tmp_path / "model.ts")
     assert diff <= PARITY_TOLERANCE
     with warnings.catch_warnings():  # PyTorch 2.14 deprecates TorchScript in favour of torch.export
         warnings.simplefilter("ignore", FutureWarning)
@@ -349,7 +349,7 @@ def test_torchscript_export_parity(run, tmp_path) -> None:
 
 def test_safetensors_round_trip(run, tmp_path) -> None:
     cfg = make_cfg(**{"TEST.WEIGHT": run["ckpt"]})
-    path, diff = export_model(cfg, "safetensors", tmp_path / "model.safetensors")
+    path, diff, _ = export_model(cfg, "safetensors", tmp_path / "model.safetensors")
     assert diff == 0.0
     x, features = _preprocessed(run)
     # The file loads like a checkpoint, config included.

@@ -229,7 +229,7 @@ def test_layumi_dense_through_test_and_export(tmp_path):
     assert res["num_query"] == 2 and res["num_gallery"] == 4 and res["flip"] is True
     exported = tmp_path / "dense.safetensors"
     cfg = load_config(None, opts)
-    _, diff = export_model(cfg, "safetensors", exported)
+    _, diff, _ = export_model(cfg, "safetensors", exported)
     assert diff == 0.0
     x = torch.randn(2, 3, 256, 128)
     with torch.no_grad():  # the exported config keeps TEST.FLIP_AUG True: layumi's flip sum

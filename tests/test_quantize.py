@@ -94,7 +94,7 @@ def test_openvino_ir_matches_pytorch(ckpt, tmp_path) -> None:
     import openvino as ov
 
     cfg = make_cfg(**{"TEST.WEIGHT": ckpt, "TEST.FLIP_AUG": "True"})
-    path, diff = export_model(cfg, None, tmp_path / "model.xml")
+    path, diff, _ = export_model(cfg, None, tmp_path / "model.xml")
     assert diff <= PARITY_TOLERANCE and (tmp_path / "model.bin").is_file()
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     fe = FeatureExtractor(config=cfg, weights=ckpt)

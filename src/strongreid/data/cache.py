@@ -3,7 +3,8 @@
 One file per (image list, size): N x H x W x 3 uint8, memory-mapped, so loader workers and all
 torchrun ranks of a node share one copy in the page cache and a batch is a few memcpys instead
 of N JPEG decodes and resizes. The pixels are exactly what the PIL path has after its Resize
-(Pillow's bilinear resize of the decoded image), so both paths see the same images.
+(Pillow's resize of the decoded image with INPUT.INTERPOLATION's filter), so both paths see
+the same images.
 
 The cache is keyed by the image paths and the size, and records each file's size and
 modification time: when any file changes, the next run rebuilds it. Building takes a file lock,
@@ -51,8 +52,10 @@ def default_cache_dir(cfg) -> Path:
     return Path(cfg.DATALOADER.CACHE_DIR or os.path.join(cfg.DATASETS.ROOT_DIR, ".strongreid_cache"))
 
 
-def _identity(paths: Sequence[str], size: tuple[int, int]) -> str:
-    h = hashlib.sha256(f"v{FORMAT_VERSION} {size[0]}x{size[1]}\n".encode())
+def _identity(paths: Sequence[str], size: tuple[int, int], interpolation: str = "bilinear") -> str:
+    # Bilinear caches keep the names they had before the filter became part of the key.
+    tag = "" if interpolation == "bilinear" else f" {interpolation}"
+    h = hashlib.sha256(f"v{FORMAT_VERSION} {size[0]}x{size[1]}{tag}\n".encode())
     for p in paths:
         h.update(os.path.abspath(p).encode() + b"\n")
     return h.hexdigest()[:20]
@@ -70,11 +73,17 @@ def _fingerprint(paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def resize_like_pil_path(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """What T.Resize((h, w), BILINEAR) makes of a PIL image (it calls Image.resize((w, h)))."""
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def resize_like_pil_path(img: Image.Image, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+    """What T.Resize((h, w), interpolation) makes of a PIL image (it calls Image.resize((w, h),
+    filter))."""
+    if interpolation not in RESAMPLING:
+        raise DatasetError(f"the image cache resizes with {', '.join(RESAMPLING)}, not {interpolation!r}")
     h, w = size
     if img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR)
+        img = img.resize((w, h), RESAMPLING[interpolation])
     return np.asarray(img)
 
 
@@ -88,8 +97,10 @@ def open_cache(
     skip_corrupt: bool = False,
     known_corrupt: Sequence[int] = (),
     workers: int | None = None,
+    interpolation: str = "bilinear",
 ) -> ImageCache:
-    """Map the cache of `paths` at `size` (H, W), building it first when absent or stale."""
+    """Map the cache of `paths` resized to `size` (H, W) with `interpolation`, building it first
+    when absent or stale."""
     size = (int(size[0]), int(size[1]))
     cache_dir = Path(cache_dir)
     try:
@@ -97,7 +108,7 @@ def open_cache(
     except OSError as exc:
         raise DatasetError(f"cannot create the image cache folder {cache_dir} ({exc}); set "
                            "DATALOADER.CACHE_DIR to a writable folder") from None
-    base = cache_dir / f"{name}-{size[0]}x{size[1]}-{_identity(paths, size)}"
+    base = cache_dir / f"{name}-{size[0]}x{size[1]}-{_identity(paths, size, interpolation)}"
     data_path, meta_path = base.with_suffix(".u8"), base.with_suffix(".json")
     fingerprint = _fingerprint(paths)
     with open(base.with_suffix(".lock"), "w") as lock:
@@ -109,7 +120,7 @@ def open_cache(
             logger.info("building the image cache %s (%d images at %dx%d, %s)", data_path, len(paths),
                         size[0], size[1], reason)
             corrupt = _build(paths, size, data_path, resolve_decoder(decoder), skip_corrupt,
-                             set(int(i) for i in known_corrupt), workers)
+                             set(int(i) for i in known_corrupt), workers, interpolation)
             meta = {"version": FORMAT_VERSION, "count": len(paths), "height": size[0], "width": size[1],
                     "fingerprint": fingerprint, "corrupt": corrupt}
             tmp = meta_path.with_name(f".{meta_path.name}.tmp")
@@ -133,7 +144,7 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def _build(paths: Sequence[str], size: tuple[int, int], data_path: Path, decoder: str, skip_corrupt: bool,
-           known: set[int], workers: int | None) -> list[int]:
+           known: set[int], workers: int | None, interpolation: str = "bilinear") -> list[int]:
     tmp = data_path.with_name(f".{data_path.name}.tmp")
     if not paths:
         tmp.write_bytes(b"")
@@ -145,7 +156,7 @@ def _build(paths: Sequence[str], size: tuple[int, int], data_path: Path, decoder
         if i in known:
             return i
         try:
-            arr[i] = resize_like_pil_path(read_image(paths[i], decoder), size)
+            arr[i] = resize_like_pil_path(read_image(paths[i], decoder), size, interpolation)
         except DatasetError:
             if not skip_corrupt:
                 raise

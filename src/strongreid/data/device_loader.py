@@ -155,7 +155,8 @@ def build_device_loader(cfg: Any, records: Sequence[Any], sampler: Any, batch_si
     cache = open_cache([str(r[0]) for r in records], (augment.height, augment.width), default_cache_dir(cfg),
                        name="train", decoder=str(cfg.DATALOADER.JPEG_DECODER),
                        skip_corrupt=bool(cfg.DATALOADER.SKIP_CORRUPT), known_corrupt=known_corrupt,
-                       workers=max(1, int(cfg.DATALOADER.NUM_WORKERS)))
+                       workers=max(1, int(cfg.DATALOADER.NUM_WORKERS)),
+                       interpolation=str(cfg.INPUT.INTERPOLATION))
     logger.info("data path 'device': %d images from the cache %s, augmented in batches on %s",
                 len(records), cache.path, device)
     return DeviceBatchLoader(cache, records, sampler, batch_size, augment, device)

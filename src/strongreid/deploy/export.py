@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -316,16 +316,25 @@ def format_for_suffix(out: str | os.PathLike) -> str | None:
 TARGETS = ("strongreid", "boxmot")
 
 
+class Exported(NamedTuple):
+    """A written file, its largest difference from PyTorch on the check batches, and the
+    architecture it holds (the checkpoint's, which may not be the config's MODEL.NAME)."""
+
+    path: Path
+    difference: float
+    arch: str
+
+
 def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
                  weights: str | os.PathLike | None = None,
-                 target: str = "strongreid") -> tuple[Path, float]:
+                 target: str = "strongreid") -> Exported:
     """Export the inference model of `weights` (default TEST.WEIGHT) and check it.
 
     `fmt` names a registered format (EXPORT_FORMATS); None takes it from the suffix of `out`.
     `target` 'boxmot' writes the graph BoxMOT feeds (ImageNet-normalised RGB crops: the
     difference from INPUT.PIXEL_MEAN/STD is part of the graph) and its `<out>.metadata.json`.
-    Returns the file and the largest absolute difference from PyTorch on the check batches;
-    raises StrongReIDError when that exceeds PARITY_TOLERANCE (the file is kept for inspection).
+    Returns the file, the largest absolute difference from PyTorch on the check batches and the
+    architecture; raises StrongReIDError when that exceeds PARITY_TOLERANCE (the file is kept for inspection).
     """
     if target not in TARGETS:
         raise ConfigError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
@@ -383,7 +392,7 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
         )
     if target == "boxmot":
         boxmot.write_sidecar(out, cfg)
-    return out, diff
+    return Exported(out, diff, meta["arch"])
 
 
 def boxmot_preprocessing_check(cfg: CfgNode) -> tuple[dict[str, Any] | None, str]:
@@ -405,10 +414,10 @@ def export_command(cfg: CfgNode, fmt: str | None, out: str, target: str = "stron
     With `--target boxmot` (unless `check_preprocessing` is off) the model is also evaluated on
     the config's test split under BoxMOT's crop preparation, and what that costs is printed and
     stored in the sidecar."""
-    path, diff = export_model(cfg, fmt, out, target=target)
+    path, diff, arch = export_model(cfg, fmt, out, target=target)
     fmt = fmt or format_for_suffix(path) or "torchscript"
     batches = " and ".join(str(n) for n in CHECK_BATCHES)
-    print(f"exported {cfg.MODEL.NAME} ({fmt}) to {path}")
+    print(f"exported {arch} ({fmt}) to {path}")
     print(f"parity: max |{fmt} - pytorch| = {diff:.3g} on batches of {batches} "
           f"(tolerance {PARITY_TOLERANCE:g})")
     if target == "boxmot":
