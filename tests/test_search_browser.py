@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -128,8 +129,26 @@ def test_the_page_in_chromium(server) -> None:
         # Upload a crop with its own camera unticked: the top hit is the same person
         # in another camera.
         page.locator(f"#cameras input[value='{server['query_camera']}']").uncheck()
-        page.set_input_files("#image", str(server["query"]))
+        with page.expect_request(lambda r: "/api/search" in r.url and r.method == "POST") as sent:
+            page.set_input_files("#image", str(server["query"]))
+        # The page sends the picture as the body, the form's fields in the query string.
+        request = sent.value
+        assert request.headers["content-type"].startswith("image/"), request.headers
+        query = parse_qs(urlsplit(request.url).query)
+        assert query["k"] == ["20"] and query["rerank"] == ["false"]
+        assert "cameras" in query and server["query_camera"] not in query["cameras"][0].split(",")
         page.wait_for_selector("#hits figure.hit", timeout=60_000)
+        first_hits = page.locator("#hits figure.hit").evaluate_all("f => f.map(x => x.dataset.key)")
+        # A file the browser types as nothing goes as a multipart form, with the same answer.
+        with page.expect_response(lambda r: "/api/search" in r.url and r.request.method == "POST") as answered:
+            page.set_input_files("#image", files=[{"name": "query.data", "mimeType": "",
+                                                   "buffer": server["query"].read_bytes()}])
+        response = answered.value
+        assert response.request.headers["content-type"].startswith("multipart/form-data")
+        assert "?" not in response.url and response.status == 200
+        assert [h["key"] for h in response.json()["hits"]] == first_hits
+        page.wait_for_selector("#status:has-text('hits in')", timeout=60_000)
+        assert page.locator("#hits figure.hit").evaluate_all("f => f.map(x => x.dataset.key)") == first_hits
         top = page.locator("figure.hit[data-rank='1']")
         assert top.get_attribute("data-camera") != server["query_camera"]
         assert int(top.get_attribute("data-track")) == server["query_track"]

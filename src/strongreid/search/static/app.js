@@ -130,15 +130,24 @@ function formData() {
   return form;
 }
 
-async function run(form) {
+async function run(form, file) {
   if (state.info && selectedCameras().length === 0) {
     render({ hits: [], timeline: [] });
     status("select at least one camera", true);
     return;
   }
   status("searching...");
+  let url = "/api/search", request = { method: "POST", body: form };
+  if (file && /^image\/[a-z0-9.+-]+$/i.test(file.type)) {
+    // The picture itself as the body and the parameters in the query string: the server
+    // parses no multipart form. A file the browser gives no image type goes as a form.
+    url += "?" + new URLSearchParams(form).toString();
+    request = { method: "POST", body: file, headers: { "Content-Type": file.type } };
+  } else if (file) {
+    form.append("image", file);
+  }
   try {
-    const result = await getJSON("/api/search", { method: "POST", body: form });
+    const result = await getJSON(url, request);
     render(result);
     const same = result.hits.filter((h) => h.same_person).length;
     status(result.hits.length + " hits in " + result.timeline.length + " cameras (" + result.took_ms + " ms" +
@@ -167,9 +176,7 @@ function searchFile(file) {
   const preview = $("query-preview");
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
-  const form = formData();
-  form.append("image", file);
-  return run(form);
+  return run(formData(), file);
 }
 
 function shortTime(time) {
