@@ -484,6 +484,19 @@ def test_what_cannot_be_traced_is_served_eagerly(world) -> None:
         serving_runtime(embed, "tensorrt")
 
 
+def test_a_graph_onnxruntime_cannot_run_is_named_or_passed_over(world, monkeypatch) -> None:
+    import strongreid.deploy.runtimes as runtimes
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation\nmore")
+
+    monkeypatch.setattr(runtimes, "run_onnx", broken)
+    with pytest.raises(StrongReIDError, match=r"^onnxruntime cannot run this model's graph: RuntimeError: "
+                                              r"\[ONNXRuntimeError\] : 9 : NOT_IMPLEMENTED : Could not find an implementation$"):
+        serving_runtime(world["extractor"], "onnxruntime")
+    assert isinstance(serving_runtime(world["extractor"], "auto"), TracedFeatures)
+
+
 def test_a_missing_onnxruntime_is_named_or_passed_over(world, monkeypatch) -> None:
     import importlib.util
 

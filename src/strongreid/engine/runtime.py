@@ -147,11 +147,6 @@ def autocast_agrees(reduced: torch.Tensor, full: torch.Tensor, min_cosine: float
     return bool((cos >= min_cosine).all())
 
 
-def inference_autocast(device: torch.device, mode: str = "auto"):
-    """Autocast for feature extraction (bf16 on capable CPUs, fp16/bf16 on CUDA)."""
-    return autocast(device, amp_dtype(mode, device))
-
-
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

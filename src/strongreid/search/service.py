@@ -235,6 +235,13 @@ class Batcher:
         self._queue.put(None)
 
 
+def probe_batches(extractor: FeatureExtractor) -> list[torch.Tensor]:
+    """Seeded batches of 2, 1 and 3 preprocessed-image-shaped inputs: the first traces or exports
+    the graph, all three check its features (another batch size shows a size frozen into it)."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(n, 3, *extractor.input_size, generator=gen) for n in (2, 1, 3)]
+
+
 class CompiledFeatures(abc.ABC):
     """A FeatureExtractor's preprocessing in front of another runner of its forward pass
     (`features`: a preprocessed batch -> its features), called as the extractor is."""
@@ -285,8 +292,7 @@ class TracedFeatures(CompiledFeatures):
                 return test_feature(self.model, x, ex.flip, ex.scales, ex.feat_norm, None,
                                     ex.channels_last)
 
-        gen = torch.Generator().manual_seed(0)
-        probes = [torch.randn(n, 3, *ex.input_size, generator=gen) for n in (2, 1, 3)]
+        probes = probe_batches(ex)
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TracerWarnings: the bitwise check decides
@@ -347,16 +353,21 @@ class OnnxFeatures(CompiledFeatures):
         if missing:
             raise StrongReIDError(f"--runtime onnxruntime needs {' and '.join(missing)}: "
                                   "pip install 'strongreid[search]'")
-        gen = torch.Generator().manual_seed(0)
-        probes = [torch.randn(n, 3, *ex.input_size, generator=gen) for n in (2, 1, 3)]
+        probes = probe_batches(ex)
         graph = InferenceModel(ex.model, ex.flip, ex.feat_norm, ex.scales).eval()
         with tempfile.TemporaryDirectory(prefix="strongreid-serve-") as tmp:
             path = Path(tmp) / "model.onnx"
             write_onnx(graph, probes[0], path, {})
-            # The session holds the graph in memory. Its threads sleep between passes: spinning,
-            # they took the cores the requests' threads needed.
-            run = run_onnx(path, torch.get_num_threads(), spin=False)
-        difference = max_abs_diff(ex.features, run, probes)
+            try:
+                # The session holds the graph in memory. Its threads sleep between passes:
+                # spinning, they took the cores the requests' threads needed.
+                run = run_onnx(path, torch.get_num_threads(), spin=False)
+                difference = max_abs_diff(ex.features, run, probes)
+            except StrongReIDError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an op onnxruntime lacks, a failed run
+                raise StrongReIDError(f"onnxruntime cannot run this model's graph: "
+                                      f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         if not difference <= PARITY_TOLERANCE:
             raise StrongReIDError(f"onnxruntime's features differ from the model's by {difference:.2e} "
                                   f"(more than {PARITY_TOLERANCE:g})")
