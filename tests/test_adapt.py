@@ -14,7 +14,7 @@ from _train_utils import tiny_train_opts
 from torch.utils.data import DataLoader
 
 from strongreid.adapt import AdaptTrainer, PseudoIdentityLoader, PseudoLabelHook, tracklet_groups
-from strongreid.adapt.hooks import memory_term, tracklet_means
+from strongreid.adapt.hooks import camera_centred, memory_term, tracklet_means
 from strongreid.cli import main
 from strongreid.config import load_config
 from strongreid.data.datasets import ImageRecord
@@ -65,6 +65,7 @@ def _metrics(out: Path) -> list[dict]:
     ({"ADAPT.TEMP": "0.0"}, "ADAPT.TEMP = 0.0 must be > 0"),
     ({"ADAPT.MOMENTUM": "1.0"}, r"ADAPT.MOMENTUM = 1.0 must be in \[0, 1\)"),
     ({"ADAPT.TRACKLETS": "'positive'"}, "ADAPT.TRACKLETS = 'positive' is not allowed"),
+    ({"ADAPT.CAMERA_CENTER": "maybe"}, "ADAPT.CAMERA_CENTER = 'maybe' .*expected true or false"),
 ])
 def test_config_errors_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -123,6 +124,46 @@ def test_tracklet_means_are_one_point_per_tracklet():
     assert inverse.tolist() == [1, 0, 0, 1]
     # tracklet 2: (1, 0) + (0, 2) -> (1, 2) / sqrt(5); tracklet 7: (9, 12) -> (.6, .8)
     assert torch.allclose(means, torch.tensor([[5**-0.5, 2 * 5**-0.5], [0.6, 0.8]]))
+
+
+def test_camera_centred_features_lose_each_cameras_mean():
+    feats = torch.tensor([[1.0, 1.0], [1.0, 3.0], [5.0, 0.0], [3.0, 0.0], [2.0, 2.0]])
+    out = camera_centred(feats, np.array([0, 0, 1, 1, 2]))
+    # camera 0's mean (1, 2): (0, -1), (0, 1); camera 1's (4, 0): (1, 0), (-1, 0); camera 2's one
+    # row is its own mean: (0, 0), which normalises to (0, 0).
+    assert torch.allclose(out, torch.tensor([[0.0, -1.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]))
+    assert torch.equal(feats[0], torch.tensor([1.0, 1.0]))  # the input is left as it was
+
+
+def test_camera_centring_groups_people_a_camera_look_had_split(tiny_synthetic_root, tmp_path):
+    # Two people in two cameras, each camera adding its own large offset: raw features never
+    # join a person's two cameras, camera-centred ones group by person.
+    gen = torch.Generator().manual_seed(0)
+    person = torch.nn.functional.normalize(torch.randn(2, 16, generator=gen), dim=1)
+    camera = 3 * torch.nn.functional.normalize(torch.randn(2, 16, generator=gen), dim=1)
+    feats, cams, who = [], [], []
+    for p in range(2):
+        for c in range(2):
+            for _ in range(6):
+                feats.append(person[p] + camera[c] + 0.05 * torch.randn(16, generator=gen))
+                cams.append(c)
+                who.append(p)
+    feats = torch.nn.functional.normalize(torch.stack(feats), dim=1)
+    records = [ImageRecord(f"{i}.jpg", -1, c) for i, c in enumerate(cams)]
+    labels = {}
+    for centre in (False, True):
+        cfg = load_config(None, adapt_opts(tiny_synthetic_root, tmp_path / f"c{centre}", **{
+            "ADAPT.CAMERA_CENTER": str(centre), "ADAPT.K1": "8", "ADAPT.K2": "2", "ADAPT.MIN_SAMPLES": "3"}))
+        hook = PseudoLabelHook(records)
+        hook.trainer = type("T", (), {"cfg": cfg})()
+        labels[centre] = hook._cluster(feats)
+    who, cams = np.array(who), np.array(cams)
+    raw = labels[False]
+    assert all(len(set(cams[raw == c].tolist())) == 1 for c in set(raw.tolist()) if c >= 0), raw
+    centred = labels[True]
+    kept = centred >= 0  # DBSCAN may leave a few noisy images out
+    assert kept.sum() >= 20 and len(set(centred[kept].tolist())) == 2, centred
+    assert all(len(set(centred[kept & (who == p)].tolist())) == 1 for p in (0, 1)), centred
 
 
 def test_tracklet_groups_are_pid_and_camera_pairs():

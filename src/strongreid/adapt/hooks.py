@@ -90,6 +90,8 @@ class PseudoLabelHook(HookBase):
     def _cluster(self, feats: torch.Tensor) -> np.ndarray:
         a = self.trainer.cfg.ADAPT
         options = {"eps": a.EPS, "min_samples": a.MIN_SAMPLES, "k1": a.K1, "k2": a.K2}
+        if a.CAMERA_CENTER:
+            feats = camera_centred(feats, np.asarray([r.camid for r in self.records]))
         if self.must_link is None:
             return pseudo_labels(feats.numpy(), **options)
         # A tracklet is one point (its mean feature): never split, and it counts once towards
@@ -97,6 +99,20 @@ class PseudoLabelHook(HookBase):
         # makes every crop of a long tracklet a core point and chains unrelated people).
         means, inverse = tracklet_means(feats, self.must_link)
         return pseudo_labels(means.numpy(), **options)[inverse]
+
+
+def camera_centred(feats: torch.Tensor, cameras: np.ndarray) -> torch.Tensor:
+    """Each row minus the mean feature of its camera's rows, L2-normalised again.
+
+    On the night set, half of an image's ten nearest neighbours came from its own camera under
+    the street model: the camera's look outweighed the person's. Clustering these features
+    instead took adaptation with tracklets from 10.5 to 27.1 mAP (docs/adaptation.md).
+    """
+    out = feats.clone()
+    for camera in np.unique(cameras):
+        rows = torch.from_numpy(cameras == camera)
+        out[rows] -= feats[rows].mean(0)
+    return F.normalize(out, dim=1)
 
 
 def tracklet_means(feats: torch.Tensor, groups: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:

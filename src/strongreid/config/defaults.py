@@ -380,6 +380,10 @@ _C.ADAPT.TRACKLETS = "off"
 _C.ADAPT.ITERS = 50
 # recompute the BatchNorm statistics on the training images before the first clustering (AdaBN)
 _C.ADAPT.RESET_BN = False
+# cluster camera-centred features: each camera's mean feature is removed before the distance,
+# so that what a camera adds to all its images (its light, height, background) does not group
+# them; the memory's centroids stay those of the features themselves
+_C.ADAPT.CAMERA_CENTER = False
 _C.SOLVER.CLUSTER_MEMORY_LOSS_WEIGHT = 1.0
 # extension: the feature the metric terms (triplet, cluster_memory...) train with, MODEL.HEAD
 # 'baseline' with MODEL.NECK 'bnneck': 'before' the BNNeck (Luo et al.) | 'after' it (as

@@ -128,7 +128,7 @@ def check_adapt_keys(cfg: CfgNode) -> None:
     """ADAPT.* values, and with ADAPT.ENABLED the loader, loss and test feature it trains with."""
     a = cfg.ADAPT
     check_choices(cfg, {"ADAPT.TRACKLETS": TRACKLET_MODES})
-    for key in ("ENABLED", "RESET_BN"):
+    for key in ("ENABLED", "RESET_BN", "CAMERA_CENTER"):
         if not isinstance(a[key], bool):
             raise ConfigError(f"ADAPT.{key} = {a[key]!r} must be True or False.")
     if not float(a.EPS) > 0:
