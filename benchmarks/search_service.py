@@ -5,12 +5,17 @@
     PYTHONPATH=src python benchmarks/search_service.py --server-src /path/to/other/src
     # uploads as a raw image body instead of multipart; server options passed through:
     PYTHONPATH=src python benchmarks/search_service.py --body raw --server-arg=--workers=2
+    # a load generator that spends far less of the shared cores (prebuilt requests, sockets):
+    PYTHONPATH=src python benchmarks/search_service.py --body raw --client socket
     # the traced forward pass alone, by batch size and torch threads:
     PYTHONPATH=src python benchmarks/search_service.py --forward-only
 
 The server is a real `python -m strongreid serve` subprocess on 127.0.0.1 (a free port) over a
 gallery (the default store) of the synthetic test footage, embedded by a random-weight ResNet-18
-at 64x32 (tests/_search_utils.py); the clients are httpx threads in this process.
+at 64x32 (tests/_search_utils.py); the clients are threads in this process, httpx clients
+(`--client httpx`, the default) or prebuilt HTTP/1.1 requests over keep-alive sockets
+(`--client socket`: about a quarter of httpx's CPU per query, so the server's own work sets
+the latency).
 
 1. Latency: `--single` upload queries one at a time on the idle server (p50 / p95), then
    `--clients` concurrent clients sending `--per-client` uploads each (p50 / p95); the figure
@@ -142,13 +147,73 @@ def upload(client, data: bytes, raw: bool = False) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
+class SocketClient:
+    """One keep-alive HTTP/1.1 connection that sends prebuilt requests and reads the answers:
+    a load generator that costs the shared cores far less than httpx (no URL, header or
+    multipart building per request), so that the server's own work sets the latency."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.split("//", 1)[1].split(":")
+        self.host = f"{host}:{port}"
+        self.sock = socket.create_connection((host, int(port)))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def request(self, data: bytes, raw: bool) -> bytes:
+        """The bytes of one upload query (built once per upload, before timing)."""
+        if raw:
+            ctype, body = b"image/png", data
+            target = b"/api/search?k=10"
+        else:
+            boundary = b"strongreidbenchboundary"
+            ctype = b"multipart/form-data; boundary=" + boundary
+            body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="k"\r\n\r\n10\r\n'
+                    + b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; '
+                    b'filename="q.png"\r\nContent-Type: image/png\r\n\r\n' + data + b"\r\n--"
+                    + boundary + b"--\r\n")
+            target = b"/api/search"
+        return (b"POST " + target + b" HTTP/1.1\r\nHost: " + self.host.encode() +
+                b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: " + str(len(body)).encode()
+                + b"\r\n\r\n" + body)
+
+    def send(self, request: bytes) -> float:
+        t0 = time.perf_counter()
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self._recv()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        status = head[9:12]
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(self.buf) < length:
+            self.buf += self._recv()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        if status != b"200":
+            raise SystemExit(f"upload answered {status.decode()}: {body[:200]!r}")
+        return (time.perf_counter() - t0) * 1000
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise SystemExit("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def pct(ms: list[float]) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p95_ms": round(float(np.percentile(ms, 95)), 1), "n": len(ms)}
 
 
 def bench_latency(url: str, pid: int, uploads: list[bytes], single: int, clients: int,
-                  per_client: int, raw: bool = False) -> dict:
+                  per_client: int, raw: bool = False, client_kind: str = "httpx") -> dict:
+    if client_kind == "socket":
+        return _bench_latency_sockets(url, pid, uploads, single, clients, per_client, raw)
     import httpx
 
     with httpx.Client(base_url=url, timeout=300) as client:
@@ -160,11 +225,35 @@ def bench_latency(url: str, pid: int, uploads: list[bytes], single: int, clients
             return [upload(client, uploads[(c * per_client + i) % len(uploads)], raw)
                     for i in range(per_client)]
 
-        server0, client0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            loaded = [ms for part in pool.map(worker, range(clients)) for ms in part]
-        wall = time.perf_counter() - t0
-        server_cpu, client_cpu = cpu_seconds(pid) - server0, time.process_time() - client0
+        return _loaded(alone, worker, pid, clients)
+
+
+def _bench_latency_sockets(url: str, pid: int, uploads: list[bytes], single: int, clients: int,
+                           per_client: int, raw: bool) -> dict:
+    conns = [SocketClient(url) for _ in range(clients)]
+    try:
+        requests = [conns[0].request(data, raw) for data in uploads]
+        for c in conns:  # warm-up: every connection, first forward passes, every worker
+            c.send(requests[0])
+        alone = [conns[0].send(requests[i % len(requests)]) for i in range(single)]
+
+        def worker(c: int) -> list[float]:
+            return [conns[c].send(requests[(c * per_client + i) % len(requests)])
+                    for i in range(per_client)]
+
+        return _loaded(alone, worker, pid, clients)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def _loaded(alone: list[float], worker, pid: int, clients: int) -> dict:
+    """`clients` concurrent workers, timed with the server's and this process's CPU."""
+    server0, client0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        loaded = [ms for part in pool.map(worker, range(clients)) for ms in part]
+    wall = time.perf_counter() - t0
+    server_cpu, client_cpu = cpu_seconds(pid) - server0, time.process_time() - client0
     single_p50 = float(np.percentile(alone, 50))
     n = len(loaded)
     return {"single": pct(alone), f"concurrent_{clients}": pct(loaded),
@@ -243,6 +332,9 @@ def main() -> int:
     ap.add_argument("--big", type=int, default=32, help="concurrent 4096x4096 uploads (0: no memory phase)")
     ap.add_argument("--body", choices=("multipart", "raw"), default="multipart",
                     help="uploads as a multipart form or as a raw image body (Content-Type image/png)")
+    ap.add_argument("--client", choices=("httpx", "socket"), default="httpx",
+                    help="the load generator: httpx clients, or prebuilt requests over plain "
+                         "keep-alive sockets (far less client CPU on the server's cores)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="an option passed to `strongreid serve` (repeatable: --server-arg=--workers=2)")
     ap.add_argument("--forward-only", action="store_true",
@@ -256,7 +348,7 @@ def main() -> int:
             return 0
         extra = tuple(args.server_arg)
         result: dict = {"server_src": args.server_src, "server_args": list(extra),
-                        "body": args.body, "load_before": os.getloadavg()}
+                        "body": args.body, "client": args.client, "load_before": os.getloadavg()}
         # Memory first, on a fresh server: its RSS says what the big uploads cost.
         if args.big > 0:
             proc, url = start_server(gallery, model, Path(args.server_src), extra)
@@ -268,7 +360,7 @@ def main() -> int:
         proc, url = start_server(gallery, model, Path(args.server_src), extra)
         try:
             result["latency"] = bench_latency(url, proc.pid, uploads, args.single, args.clients,
-                                              args.per_client, args.body == "raw")
+                                              args.per_client, args.body == "raw", args.client)
         finally:
             proc.terminate()
             proc.wait(timeout=60)

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("pymilvus", reason="gallery search needs pip install 'strongreid[search]'")
 pytest.importorskip("milvus_lite", reason="gallery search needs Milvus Lite (strongreid[search])")
@@ -44,9 +45,11 @@ from strongreid.search.security import (  # noqa: E402
 )
 from strongreid.search.service import (  # noqa: E402
     OnnxFeatures,
+    PreparedUpload,
     SearchService,
     TracedFeatures,
     create_app,
+    decode_upload,
     runtime_name,
     serving_runtime,
 )
@@ -469,6 +472,41 @@ def test_the_torch_runtime_serves_the_traced_graph_bitwise(world) -> None:
         assert [(h["key"], h["score"]) for h in answer["hits"]] == [(h.key, round(h.score, 6)) for h in want]
     finally:
         service.close()
+
+
+def test_uploads_reach_the_batcher_preprocessed_with_the_same_features(world) -> None:
+    import asyncio
+
+    extractor, crops, store = world["extractor"], world["crops"], world["store"]
+    service = SearchService(store, extractor, world["thumbs"], runtime="torch")
+    seen: list[list] = []
+    try:
+        data = image_bytes(crops[7])
+        prepared = asyncio.run(service.decode(data))
+        # The decode threads made the model's input: the extractor's own preprocessing, bitwise.
+        assert isinstance(prepared, PreparedUpload) and prepared.size == crops[7].size
+        want = extractor.preprocess([decode_upload(data)])[0]
+        assert prepared.input.dtype == torch.float32 and torch.equal(prepared.input, want)
+        # The batcher hands the forward pass that tensor, not the picture...
+        embed = service.batcher.embed
+        service.batcher.embed = lambda items: (seen.append(list(items)), embed(items))[1]
+        from_prepared = service.search(prepared, k=5)
+        assert len(seen) == 1 and all(isinstance(x, torch.Tensor) for x in seen[0])
+        # ...and the answer is the one a decoded picture gets, bitwise (the traced graph).
+        from_image = service.search(decode_upload(data), k=5)
+        assert isinstance(seen[1][0], Image.Image)
+        assert [(h["key"], h["score"]) for h in from_prepared["hits"]] == \
+            [(h["key"], h["score"]) for h in from_image["hits"]]
+        assert from_prepared["query"] == from_image["query"] == {"kind": "upload", "size": list(crops[7].size)}
+    finally:
+        service.close()
+    # A model the service cannot look inside (a plain callable) gets decoded pictures.
+    plain = SearchService(store, lambda images: np.ones((len(images), store.dim), np.float32),
+                          world["thumbs"], runtime="torch")
+    try:
+        assert isinstance(asyncio.run(plain.decode(data)), Image.Image)
+    finally:
+        plain.close()
 
 
 def test_what_cannot_be_traced_is_served_eagerly(world) -> None:
