@@ -56,6 +56,8 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=0.03)
     ap.add_argument("--seeds", type=int, default=40)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-retarget", dest="retarget", action="store_false",
+                    help="keep each threshold at the calibration half's own number of people")
     args = ap.parse_args()
 
     images = labelled(read_images(args.data, args.dataset, args.split), "--data")
@@ -73,8 +75,13 @@ def main() -> int:
         cal_at.append(lambda k, g=genuine, i=impostor: g[k:].sum() / (g[k:].sum() + i[k:].sum()))
         hg = np.cumsum(held_counts[-1][0][::-1])[::-1]
         hi = np.cumsum(held_counts[-1][1][::-1])[::-1]
+        # As `strongreid calibrate` measures: the calibration re-targeted to the held-out
+        # people (a split by identity puts distractors, each an identity, on either side, so
+        # the halves hold different numbers of people).
+        people = (int(np.unique(pids[~held & queries]).size), int(np.unique(pids[held & queries]).size))
         for rule in RULES:
-            cal = Calibration.from_counts(genuine, impostor, rule=rule)
+            cal = Calibration.from_counts(genuine, impostor, {"people": people[0]}, rule=rule)
+            cal = cal.for_people(people[1] if args.retarget else None)
             try:
                 k = cal._operating_bin(args.precision)[0]
             except StrongReIDError:
@@ -85,7 +92,8 @@ def main() -> int:
             measured = hg[k] / (hg[k] + hi[k]) if hg[k] + hi[k] else float("nan")
             rows[rule].append((measured, hg[k] / hg[0], int(genuine.sum()), int(hg[k])))
             if seed < 3:
-                print(f"seed {seed} {rule:8s}: threshold {cal._edge(k):.4f}, measured {measured:.4f}, "
+                print(f"seed {seed} {rule:8s}: people {people[0]} / {people[1]}, threshold "
+                      f"{cal._edge(k):.4f}, measured {measured:.4f}, "
                       f"recall {hg[k] / hg[0]:.3f}; genuine pairs: {int(genuine.sum())} calibrating, "
                       f"{int(hg[0])} held out, {int(hg[k])} held-out ones accepted")
     for rule, r in rows.items():

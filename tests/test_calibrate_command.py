@@ -133,6 +133,32 @@ def test_the_library_call_returns_what_it_wrote(trained, tmp_path):
     ids = len(set(read_images(str(trained["val"]), "synthetic", "test").pids))
     assert res["identities"] + res["held_out_identities"] == ids
     assert res["held_out_identities"] == round(0.4 * ids)
+    # The people the pairs came from are recorded (queries only: distractors are gallery
+    # images), and the held-out measurement is made for the held-out side's own people.
+    images = read_images(str(trained["val"]), "synthetic", "test")
+    real = len(set(images.pids[images.queries]))
+    held_people = cal.source["measurement"]["people"]
+    assert cal.source["people"] + held_people == real and res["people"] == cal.source["people"]
+    assert cal.people is None  # written for its own population
+    assert res["measured_threshold"] == cal.for_people(held_people).threshold(P)
+
+
+def test_a_calibration_for_a_bigger_gallery(trained, tmp_path):
+    # (The tiny model barely ranks: genuine pairs are a few percent of those above any score.)
+    model = _fresh_model(trained, tmp_path)
+    args = dict(data=str(trained["val"]), dataset="synthetic", split="test", precision=0.04,
+                holdout=0.0, device="cpu", quiet=True)
+    own = calibrate_command(str(model), out=str(tmp_path / "own.json"), **args)
+    more = 5 * own["people"] // 4
+    big = calibrate_command(str(model), out=str(tmp_path / "big.json"), people=more, **args)
+    cal = Calibration.load(tmp_path / "big.json")
+    assert cal.people == big["people"] == more and Calibration.load(tmp_path / "own.json").people is None
+    # A quarter more people: each impostor pair weighs about a quarter more, so the same
+    # precision needs a higher threshold; among twice the people this model reaches none.
+    assert big["threshold"] > own["threshold"] and cal.operating_point(0.04)["threshold"] == big["threshold"]
+    with pytest.raises(StrongReIDError, match="no score threshold reaches precision 0.04"):
+        calibrate_command(str(model), out=str(tmp_path / "twice.json"), people=2 * own["people"], **args)
+    assert not (tmp_path / "twice.json").exists()
 
 
 def test_from_clusters_measured_on_labels(trained, tmp_path, capsys):

@@ -298,3 +298,76 @@ def test_the_fitted_threshold_is_the_lowest_and_rises_with_the_precision(pairs, 
         assert counted["genuine"] == same[accepted].sum()
         assert counted["impostor"] == (~same[accepted]).sum()
         assert counted["recall"] == pytest.approx(same[accepted].sum() / same.sum(), abs=1e-12)
+
+
+def test_a_calibration_for_more_people_by_hand(tmp_path):
+    # 4 bins as above; made on 3 people, re-targeted to 5: an impostor pair weighs
+    # (5 - 1) / (3 - 1) = 2. Scores >= 0.5: 3 genuine, 1 impostor -> 3 / (3 + 2) = 0.6;
+    # >= 0: 4 / (4 + 8) = 1/3.
+    own = Calibration((0, 0, 1, 3), (0, 6, 3, 1), 10.0, 0.0, {"people": 3})
+    more = own.for_people(5)
+    assert more.impostor_weight == 2.0 and own.impostor_weight == 1.0
+    assert more.counted_precision()[2:].tolist() == [pytest.approx(1 / 3), pytest.approx(0.6)]
+    assert more.counted(0.5) == {"precision": pytest.approx(0.6), "recall": 0.75, "genuine": 3,
+                                 "impostor": 1}
+    # The probability's odds halve: logit(p) = 10 s - ln 2.
+    s = np.array([-0.3, 0.0, 0.4])
+    assert more.probability(s) == pytest.approx(1 / (1 + 2 * np.exp(-10 * s)))
+    assert own.probability(s) == pytest.approx(1 / (1 + np.exp(-10 * s)))
+    # Fitted precision of the pairs >= 0.5 (bin centre 0.75, P = 1/(1 + e^-7.5)):
+    # 4 P / (4 P + 2 * 4 (1 - P)).
+    p = 1 / (1 + np.exp(-7.5))
+    assert more.fitted_precision()[3] == pytest.approx(4 * p / (4 * p + 8 * (1 - p)))
+    assert own.fitted_precision()[3] == pytest.approx(p)
+    # For its own number of people nothing moves; for fewer people the precision rises.
+    assert own.for_people(3).counted_precision().tolist() == own.counted_precision().tolist()
+    assert own.for_people(2).counted(0.5)["precision"] == pytest.approx(3 / (3 + 0.5))
+    # The population is written and read back; a file that does not know its people cannot be
+    # re-targeted, and a nonsense population is refused with the value.
+    more.save(tmp_path / "c.json")
+    assert Calibration.load(tmp_path / "c.json") == more
+    with pytest.raises(StrongReIDError, match="does not record how many people"):
+        Calibration((0, 0, 1, 3), (0, 6, 3, 1), 10.0, 0.0).for_people(10)
+    for bad in (1, 2.5, True, "9"):
+        with pytest.raises(StrongReIDError, match="at least 2, got"):
+            own.for_people(bad)
+    record = json.loads((tmp_path / "c.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps({**record, "people": 0}))
+    with pytest.raises(StrongReIDError, match="bad.json is not a readable calibration file"):
+        Calibration.load(tmp_path / "bad.json")
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs=_pairs, own=st.integers(2, 50), people=st.lists(st.integers(2, 5000), min_size=2, max_size=4))
+def test_more_people_never_raise_the_precision_of_a_threshold(pairs, own, people):
+    scores = np.array([s for s, _ in pairs])
+    same = np.array([m for _, m in pairs])
+    try:
+        base = Calibration.from_scores(scores, same, bins=50, source={"people": own}, rule="logistic")
+    except StrongReIDError as exc:
+        assert "both matching" in str(exc) or "do not score higher" in str(exc)
+        return
+    previous = None
+    for n in sorted(people):
+        cal = base.for_people(n)
+        now = (cal.fitted_precision(), cal.counted_precision(), cal.probability(np.linspace(-1, 1, 9)))
+        if previous is not None:
+            for a, b in zip(now, previous):
+                assert np.all(a <= b + 1e-12)
+        previous = now
+
+
+def test_re_targeted_to_a_bigger_gallery_the_precision_holds():
+    # Calibrated on 40 people, measured on 400 others: the threshold made for 40 people
+    # promises far more than it gives among 400; re-targeted to them it holds.
+    cal = calibrate(*_split(*_people(range(0, 40), 6, 3, seed=4, spread=1.3)),
+                    source={"people": 40}, rule="logistic")
+    big = _split(*_people(range(1000, 1400), 6, 3, seed=5, spread=1.3))
+    as_made = measure(cal.for_people(None), 0.9, *big)
+    assert as_made["people"] == 400  # measure re-targets to the people it measures on
+    from strongreid.evaluation.calibration import pair_histograms as hist
+    g, i = hist(*big, bins=cal.bins)
+    k = int(np.searchsorted(cal.edges, cal.threshold(0.9), side="right") - 1)
+    naive = g[k:].sum() / (g[k:].sum() + i[k:].sum())
+    assert naive < 0.8  # the threshold of 40 people, applied among 400
+    assert abs(as_made["measured"] - 0.9) <= 0.03 and as_made["threshold"] > cal.threshold(0.9)

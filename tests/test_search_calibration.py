@@ -28,7 +28,8 @@ from _search_utils import SLOPE, footage_crops, hand_calibration, ingested_galle
 
 from strongreid.cli import main  # noqa: E402
 from strongreid.deploy.extractor import FeatureExtractor  # noqa: E402
-from strongreid.evaluation.calibration import calibrate, calibration_path  # noqa: E402
+from strongreid.errors import StrongReIDError  # noqa: E402
+from strongreid.evaluation.calibration import Calibration, calibrate, calibration_path  # noqa: E402
 from strongreid.search.service import (  # noqa: E402
     SearchService,
     _describe_calibration,
@@ -289,6 +290,37 @@ def test_which_calibration_serve_takes(world, tmp_path) -> None:
         assert "WARNING: it was made for the model tiny.pt, not best.pt" in line
     finally:
         service.close()
+
+
+def test_serve_re_targets_the_calibration_to_the_gallerys_people(world, tmp_path) -> None:
+    made = hand_calibration(tmp_path)
+    file = tmp_path / "made-on-12.calibration.json"
+    Calibration(made.genuine, made.impostor, made.slope, made.intercept, {**made.source, "people": 12}).save(file)
+    cal, _ = serving_calibration("runs/x/best.pt", str(file), people=45)
+    # Among 45 people an impostor pair weighs (45 - 1) / (12 - 1) = 4 times more: the odds of
+    # P(same person) fall fourfold, and the thresholds rise.
+    assert cal.people == 45 and cal.impostor_weight == 4.0
+    as_made, _ = serving_calibration("runs/x/best.pt", str(file))
+    assert as_made.people is None
+    s = np.array([0.95, 0.97, 0.99])
+    odds = lambda p: p / (1 - p)  # noqa: E731
+    np.testing.assert_allclose(odds(cal.probability(s)), odds(as_made.probability(s)) / 4, rtol=1e-9)
+    assert cal.fitted_precision().max() < as_made.fitted_precision().max()
+    service = SearchService(world["store"], world["extractor"], world["thumbs"], "best.pt",
+                            calibration=cal)
+    try:
+        assert "among 45 people" in _describe_calibration(service, file, "runs/x/best.pt")
+    finally:
+        service.close()
+    # A calibration that does not know its own people, --people without a calibration, or with
+    # --no-calibration: one message each.
+    hand_calibration(tmp_path).save(tmp_path / "old.calibration.json")
+    with pytest.raises(StrongReIDError, match="does not record how many people"):
+        serving_calibration("runs/x/best.pt", str(tmp_path / "old.calibration.json"), people=45)
+    with pytest.raises(StrongReIDError, match="--people 45 re-targets .* does not exist"):
+        serving_calibration(str(tmp_path / "uncalibrated.pt"), people=45)
+    with pytest.raises(StrongReIDError, match="--people and --no-calibration contradict"):
+        serving_calibration(str(world["model"]), off=True, people=45)
 
 
 def test_serve_loads_the_calibration_beside_the_model(world, tmp_path) -> None:

@@ -165,7 +165,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                       precision=args.precision, holdout=args.holdout, rule=args.rule,
                       out=args.out,
                       seed=args.seed, eps=args.eps, min_samples=args.min_samples,
-                      device=args.device)
+                      people=args.people, device=args.device)
     return 0
 
 
@@ -204,6 +204,10 @@ def _add_calibrate_parser(sub) -> None:
                    help="--from-clusters: DBSCAN eps (default: the model's ADAPT.EPS, 0.6)")
     p.add_argument("--min-samples", type=int, default=None,
                    help="--from-clusters: DBSCAN min_samples (default: its ADAPT.MIN_SAMPLES, 4)")
+    p.add_argument("--people", type=int, default=None,
+                   help="about how many people the gallery to be searched holds: the thresholds "
+                        "and probability are for that population (default: as many as the "
+                        "calibration data); precision falls as a gallery holds more people")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.set_defaults(func=_cmd_calibrate)
 
@@ -265,7 +269,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          max_decodes=args.max_decodes, calibration=args.calibration,
                          no_calibration=args.no_calibration, workers=args.workers,
-                         runtime=args.runtime)
+                         runtime=args.runtime, people=args.people)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -387,6 +391,10 @@ def _add_search_parsers(sub) -> None:
                         "MODEL.calibration.json beside --model when it exists")
     p.add_argument("--no-calibration", action="store_true",
                    help="serve without same-person marks even if a calibration lies beside --model")
+    p.add_argument("--people", type=int, default=None,
+                   help="about how many people the gallery holds: the calibration's "
+                        "probabilities and thresholds are re-targeted to that population "
+                        "(default: the one it was made for)")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port, each with the model and the index "
                         "(embedded store only; not with --auth-file or --ingest-root)")

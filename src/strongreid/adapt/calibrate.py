@@ -230,17 +230,22 @@ def calibrate_command(
     seed: int = 0,
     eps: float | None = None,
     min_samples: int | None = None,
+    people: int | None = None,
     device: str = "auto",
     opts: list[str] | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Calibrate `model`, write the JSON beside it (or to `out`) and measure it.
 
-    Returns {path, requested, rule, threshold, measured, recall, calibration_precision (the
-    rule's), calibration_counted_precision, calibration_recall, genuine_pairs, genuine_above,
-    impostor_pairs, identities, held_out_identities, held_out_genuine_pairs,
-    held_out_genuine_above}; the measurement's figures are None when nothing labelled was
-    held out.
+    `people`: the population the written thresholds and probability are for (about how many
+    people the gallery that will be searched holds); None: as many as the calibration data.
+    The measurement re-targets the calibration to the measured data's own people.
+
+    Returns {path, requested, rule, people, threshold, measured, recall, calibration_precision
+    (the rule's), calibration_counted_precision, calibration_recall, genuine_pairs,
+    genuine_above, impostor_pairs, identities, held_out_identities, measured_threshold,
+    held_out_genuine_pairs, held_out_genuine_above}; the measurement's figures are None when
+    nothing labelled was held out.
     """
     if (data is None) == (from_clusters is None):
         raise StrongReIDError("give the calibration images: --data LABELLED (folder, list file or "
@@ -318,7 +323,10 @@ def calibrate_command(
             f"{pool.where}; at least {MIN_GENUINE_PAIRS} are needed for a threshold at a "
             "precision to mean anything: give more images per person and camera"
         )
-    calibration = Calibration.from_counts(*counts, source, rule)
+    # The people the pairs came from (their queries: distractors are gallery images only):
+    # what `people` re-targets from.
+    source["people"] = int(np.unique(pids[mine & queries]).size)
+    calibration = Calibration.from_counts(*counts, source, rule).for_people(people)
     point = calibration.operating_point(precision)
     counted = calibration.counted(point["threshold"])
     if counted["genuine"] < MIN_GENUINE_ABOVE:
@@ -330,7 +338,9 @@ def calibrate_command(
         )
     result: dict[str, Any] = {
         "path": str(target), "requested": float(precision), "rule": rule,
+        "people": calibration.people or source["people"],
         "threshold": point["threshold"], "measured": None, "recall": None,
+        "measured_threshold": None,
         "calibration_precision": point["precision"],
         "calibration_counted_precision": counted["precision"],
         "calibration_recall": point["recall"], "genuine_pairs": genuine,
@@ -354,16 +364,19 @@ def calibrate_command(
         where = measured_on.where
     if check is not None:
         result["measured"], result["recall"] = check["measured"], check["recall"]
+        result["measured_threshold"] = check["threshold"]
         result["held_out_genuine_pairs"] = check["genuine_pairs"]
         result["held_out_genuine_above"] = check["genuine_accepted"]
         source["measurement"] = {"on": where, "requested": float(precision),
                                  "measured": check["measured"], "recall": check["recall"],
                                  "identities": result["held_out_identities"],
+                                 "people": check["people"], "threshold": check["threshold"],
                                  "genuine_pairs": check["genuine_pairs"],
                                  "genuine_accepted": check["genuine_accepted"],
                                  "impostor_accepted": check["impostor_accepted"]}
     Calibration(calibration.genuine, calibration.impostor, calibration.slope,
-                calibration.intercept, {**calibration.source, **source}, rule).save(target)
+                calibration.intercept, {**calibration.source, **source}, rule,
+                calibration.people).save(target)
     if not quiet:
         _print(result, calibration)
     return result
@@ -374,7 +387,8 @@ def _print(result: dict[str, Any], calibration: Calibration) -> None:
           f"{result['impostor_pairs']} other pairs of {result['identities']} "
           f"{'clusters' if calibration.source.get('kind') == 'clusters' else 'identities'})")
     how = "fitted" if result["rule"] == "logistic" else "counted"
-    print(f"precision {result['requested']:g}: cosine threshold {result['threshold']:.4f}; on the "
+    print(f"precision {result['requested']:g} among {result['people']} people: cosine threshold "
+          f"{result['threshold']:.4f}; on the "
           f"calibration pairs {how} precision {result['calibration_precision']:.4f}, counted "
           f"{result['calibration_counted_precision']:.4f}, recall "
           f"{result['calibration_recall']:.4f} ({result['genuine_above']} same-person pairs "
@@ -383,7 +397,8 @@ def _print(result: dict[str, Any], calibration: Calibration) -> None:
         print("held-out measurement: none (no labelled held-out data; give --measure-on LABELLED "
               "or --holdout with --data)")
     else:
-        print(f"held-out ({result['held_out_identities']} identities never used to calibrate): "
+        print(f"held-out ({result['held_out_identities']} identities never used to calibrate; "
+              f"threshold {result['measured_threshold']:.4f} for their number of people): "
               f"requested precision {result['requested']:g}, measured {result['measured']:.4f}, "
               f"recall {result['recall']:.4f} ({result['held_out_genuine_above']} of "
               f"{result['held_out_genuine_pairs']} same-person pairs accepted)")

@@ -28,9 +28,14 @@ Where the threshold of a precision comes from (`rule`):
   same data it missed 0.95 by more than 0.03 on three splits in four, against one in two for
   "logistic", whose own threshold moves less from split to split (docs/adaptation.md).
 
-A precision measured on one population holds on another only as far as the share of genuine
-pairs is alike (a gallery with many more people lowers it); `measure` checks a calibration on
-held-out data.
+Precision depends on the population, not only on the model: among the pairs of a gallery of N
+people about one in N shows the query's person, so at one threshold the impostors above it grow
+with N while the genuine pairs do not, and a threshold calibrated on 50 people promises far more
+than it gives on 200. The logistic fit is made at the calibration data's own share of genuine
+pairs; `for_people(n)` re-targets a calibration to a population of n people (the prior-odds
+shift of a Platt fit: the impostor side is weighed by (n - 1) / (m - 1), m the calibration's own
+people), which moves the probability, the precisions and so the thresholds. `measure` checks a
+calibration on held-out labelled data, re-targeted to that data's own number of people.
 """
 
 from __future__ import annotations
@@ -83,10 +88,40 @@ class Calibration:
     intercept: float
     source: dict[str, Any] = field(default_factory=dict)
     rule: str = "counts"
+    # The population (people) the probability and thresholds are for; None: the calibration
+    # data's own (`own_people`).
+    people: int | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise StrongReIDError(f"calibration rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.people is not None:
+            _check_people(self.people, "people")
+
+    @property
+    def own_people(self) -> int | None:
+        """How many people (or clusters) the calibration pairs came from, when recorded."""
+        n = self.source.get("people")
+        return int(n) if isinstance(n, numbers.Integral) and n >= 2 else None
+
+    def for_people(self, people: int | None) -> Calibration:
+        """This calibration for a population of `people` (None: the calibration data's own)."""
+        if people is not None:
+            _check_people(people, "people")
+            if self.own_people is None:
+                raise StrongReIDError("this calibration does not record how many people it came "
+                                      "from, so it cannot be re-targeted to another population: "
+                                      "write it again with `strongreid calibrate`")
+        return Calibration(self.genuine, self.impostor, self.slope, self.intercept, self.source,
+                           self.rule, people)
+
+    @property
+    def impostor_weight(self) -> float:
+        """How much more an impostor pair weighs in the target population than in the
+        calibration data: (people - 1) / (own people - 1), 1 for the calibration's own."""
+        if self.people is None or self.own_people is None:
+            return 1.0
+        return (self.people - 1) / (self.own_people - 1)
 
     @property
     def edges(self) -> np.ndarray:
@@ -94,9 +129,14 @@ class Calibration:
         return np.linspace(-1.0, 1.0, len(self.genuine), endpoint=False)
 
     def probability(self, scores: Any) -> np.ndarray:
-        """P(same person | cosine score), as fitted on the calibration pairs."""
+        """P(same person | cosine score), as fitted on the calibration pairs, for the target
+        population (`people`)."""
         s = np.asarray(scores, np.float64)
-        return 1.0 / (1.0 + np.exp(-(self.slope * s + self.intercept)))
+        return 1.0 / (1.0 + np.exp(-(self.slope * s + self.intercept - math.log(self.impostor_weight))))
+
+    def _fitted(self, scores: Any) -> np.ndarray:
+        """P(same | score) at the calibration data's own share of genuine pairs (the fit itself)."""
+        return 1.0 / (1.0 + np.exp(-(self.slope * np.asarray(scores, np.float64) + self.intercept)))
 
     @property
     def bins(self) -> int:
@@ -123,24 +163,30 @@ class Calibration:
     def counted_precision(self) -> np.ndarray:
         """Per bin k: the share of genuine pairs among the calibration pairs scoring in bin k or
         above (0 where there are none)."""
-        gen, imp = _tail(self.genuine), _tail(self.impostor)
+        gen, imp = _tail(self.genuine), _tail(self.impostor) * self.impostor_weight
         kept = gen + imp
         return np.divide(gen, kept, out=np.zeros_like(gen), where=kept > 0)
 
     def fitted_precision(self) -> np.ndarray:
-        """Per bin k: the mean fitted P(same) of the calibration pairs scoring in bin k or above,
-        each pair taken at its bin's centre as in the fit (0 above the last pair: no threshold
-        is put where there are no data)."""
+        """Per bin k: the fitted share of genuine pairs among the calibration pairs scoring in
+        bin k or above (each pair at its bin's centre, as in the fit; for the calibration's own
+        people the mean fitted P(same) of those pairs), for the target population; 0 above the
+        last pair: no threshold is put where there are no data."""
         n = np.asarray(self.genuine, np.float64) + np.asarray(self.impostor, np.float64)
-        kept, mass = _tail(n), _tail(n * self.probability(self.edges + 1.0 / self.bins))
-        return np.divide(mass, kept, out=np.zeros_like(kept), where=kept > 0)
+        p = self._fitted(self.edges + 1.0 / self.bins)
+        if self.impostor_weight == 1.0:
+            kept, gen = _tail(n), _tail(n * p)
+        else:
+            gen = _tail(n * p)
+            kept = gen + _tail(n * (1.0 - p)) * self.impostor_weight
+        return np.divide(gen, kept, out=np.zeros_like(kept), where=_tail(n) > 0)
 
     def counted(self, threshold: float) -> dict[str, float]:
         """What a threshold does on the calibration pairs themselves: {precision, recall,
         genuine, impostor} (the last two: pairs scoring at or above it)."""
         k = int(score_bins(threshold, self.bins))
         gen, imp = _tail(self.genuine), _tail(self.impostor)
-        kept = gen[k] + imp[k]
+        kept = gen[k] + imp[k] * self.impostor_weight
         return {"precision": float(gen[k] / kept) if kept else float("nan"),
                 "recall": float(gen[k] / gen[0]), "genuine": int(gen[k]), "impostor": int(imp[k])}
 
@@ -213,6 +259,8 @@ class Calibration:
             "logistic": {"slope": self.slope, "intercept": self.intercept},
             "rule": self.rule, "source": self.source,
         }
+        if self.people is not None:
+            record["people"] = int(self.people)
         target = Path(path)
         tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -240,14 +288,24 @@ class Calibration:
             rule = record.get("rule", "counts")
             if rule not in RULES:
                 raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
-            return cls(tuple(genuine.tolist()), tuple(impostor.tolist()), slope, intercept,
-                       dict(record.get("source", {})), rule)
+            people = record.get("people")
+            if people is not None and (isinstance(people, bool) or not isinstance(people, int)
+                                       or people < 2):
+                raise ValueError(f"people must be a whole number of at least 2, got {people!r}")
+            calibration = cls(tuple(genuine.tolist()), tuple(impostor.tolist()), slope,
+                              intercept, dict(record.get("source", {})), rule)
+            return calibration.for_people(people)
         except FileNotFoundError:
             raise StrongReIDError(f"calibration file {path} does not exist: run `strongreid calibrate` "
                                   "first") from None
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise StrongReIDError(f"{path} is not a readable calibration file ({exc}); "
                                   "write it again with `strongreid calibrate`") from None
+
+
+def _check_people(people: Any, name: str) -> None:
+    if isinstance(people, bool) or not isinstance(people, numbers.Integral) or people < 2:
+        raise StrongReIDError(f"{name} must be a whole number of people, at least 2, got {people!r}")
 
 
 def pair_histograms(
@@ -342,15 +400,18 @@ def measure(
     calibration: Calibration, precision: float,
     q_feats: Any, g_feats: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
 ) -> dict[str, float]:
-    """The calibration's threshold for `precision`, applied to other labelled data:
-    {requested, threshold, measured (precision there), recall, genuine_pairs, genuine_accepted,
-    impostor_accepted}."""
+    """The calibration's threshold for `precision` for a population of as many people as the
+    labelled data's queries show, applied to that data: {requested, people, threshold, measured
+    (precision there), recall, genuine_pairs, genuine_accepted, impostor_accepted}."""
+    people = int(np.unique(np.asarray(q_pids)).size)
+    if calibration.own_people is not None and people >= 2:
+        calibration = calibration.for_people(people)
     k = calibration._operating_bin(precision)[0]
     threshold = calibration._edge(k)
     bins = calibration.bins
     genuine, impostor = pair_histograms(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, bins)
     tp, fp = float(genuine[k:].sum()), float(impostor[k:].sum())
-    return {"requested": float(precision), "threshold": threshold,
+    return {"requested": float(precision), "people": calibration.people, "threshold": threshold,
             "measured": tp / (tp + fp) if tp + fp else float("nan"),
             "recall": tp / float(genuine.sum()) if genuine.sum() else float("nan"),
             "genuine_pairs": int(genuine.sum()), "genuine_accepted": int(tp),

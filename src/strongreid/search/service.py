@@ -1095,19 +1095,25 @@ def _serve_workers(workers: int, service_args: dict[str, Any], hosts: frozenset[
     return 0
 
 
-def serving_calibration(model: str, path: str | None = None, off: bool = False
-                        ) -> tuple[Calibration | None, Path | None]:
-    """The calibration `serve` uses and its file: `path`, else the one beside `model` if any."""
+def serving_calibration(model: str, path: str | None = None, off: bool = False,
+                        people: int | None = None) -> tuple[Calibration | None, Path | None]:
+    """The calibration `serve` uses and its file: `path`, else the one beside `model` if any;
+    re-targeted to a gallery of `people` people when given."""
     if off:
-        if path:
-            raise StrongReIDError("--calibration and --no-calibration contradict each other: "
-                                  "give one of them")
+        if path or people is not None:
+            raise StrongReIDError(f"--{'calibration' if path else 'people'} and --no-calibration "
+                                  "contradict each other: give one of them")
         return None, None
     file = Path(path) if path else calibration_path(model)
     if path is None and not file.is_file():
+        if people is not None:
+            raise StrongReIDError(f"--people {people} re-targets a same-person calibration, and "
+                                  f"{file} does not exist: run `strongreid calibrate --model "
+                                  f"{model} ...` first, or name one with --calibration")
         return None, None
     try:
-        return Calibration.load(file), file
+        loaded = Calibration.load(file)
+        return (loaded if people is None else loaded.for_people(people)), file
     except StrongReIDError as exc:
         if path is not None:
             raise
@@ -1126,8 +1132,11 @@ def _describe_calibration(service: SearchService, file: Path | None, model: str)
         note = f"; WARNING: it was made for the model {made_for}, not {Path(model).name}"
     info = service.calibration_info() or {}
     offered = ", ".join(f"{p:g}" for p in info.get("precisions", [])) or "none of the page's"
-    return (f"calibration {file}: precisions {offered} (at most {info.get('max_precision'):g}), "
-            f"default {service.default_precision}{note}")
+    cal = service.calibration
+    among = cal.people or cal.own_people
+    return (f"calibration {file}: precisions {offered} (at most {info.get('max_precision'):g}"
+            f"{f' among {among} people' if among else ''}), default "
+            f"{service.default_precision}{note}")
 
 
 def serve_command(gallery: str, model: str, config: str | None = None, device: str = "auto",
@@ -1136,7 +1145,8 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
                   auth_file: str | None = None, allowed_host: tuple[str, ...] = (),
                   ingest_root: str | None = None, max_batch: int = 16, batch_wait_ms: float = 3.0,
                   max_decodes: int = 2, calibration: str | None = None,
-                  no_calibration: bool = False, workers: int = 1, runtime: str = "auto") -> int:
+                  no_calibration: bool = False, workers: int = 1, runtime: str = "auto",
+                  people: int | None = None) -> int:
     """`strongreid serve --gallery gallery.db --model best.pt` (127.0.0.1:8000 by default)."""
     import uvicorn
 
@@ -1164,7 +1174,8 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
     auth = security.TokenAuth.from_file(auth_file) if auth_file else None
     hosts = security.allowed_hosts(allowed_host or (), host)
     # Before the model and the gallery: a broken calibration is found in a second, not a minute.
-    same_person, calibration_file = serving_calibration(model, calibration, no_calibration)
+    same_person, calibration_file = serving_calibration(model, calibration, no_calibration,
+                                                        people)
     service_args = {"gallery": gallery, "model": model, "config": config, "device": device,
                     "token": token, "thumbs": thumbs, "max_upload": max_upload,
                     "max_batch": max_batch, "batch_wait_ms": batch_wait_ms,
