@@ -67,7 +67,10 @@ def scores(results: Path) -> dict[str, float]:
 def calibration_summary(path: Path) -> dict[str, float | None]:
     """Requested and measured precision and the recall, from the file `strongreid calibrate` wrote."""
     measured = json.loads(path.read_text()).get("source", {}).get("measurement") or {}
-    return {k: measured.get(k) for k in ("requested", "measured", "recall")}
+    summary = {k: measured.get(k) for k in ("requested", "measured", "recall")}
+    if measured.get("refused"):  # written for the footage's people; among the test split's none
+        summary["measurement_refused"] = measured["refused"]
+    return summary
 
 
 def main() -> int:
@@ -150,6 +153,9 @@ def main() -> int:
     c = results["calibration"]
     if c and c.get("refused"):
         print(f"same person: no calibration at precision {c['requested']} ({c['refused']})")
+    elif c and c.get("measurement_refused"):
+        print(f"same person: calibrated at precision {c['requested']}, not measurable on the night "
+              f"test split ({c['measurement_refused']})")
     elif c:
         print(f"same person: requested precision {c['requested']}, measured {c['measured']} "
               f"at recall {c['recall']} on the night test split")

@@ -184,6 +184,33 @@ def test_from_clusters_measured_on_labels(trained, tmp_path, capsys):
     assert res["measured"] is None and res["recall"] is None
 
 
+def test_a_measurement_among_more_people_is_refused_not_faked(trained, tmp_path, capsys):
+    # A quarter of the people calibrate, three quarters measure. More people lower every
+    # precision, so some precision is reached among the calibration's people and not among the
+    # measured ones: asked for that, the calibration is written for its own people and the
+    # measurement says why there is none.
+    model = _fresh_model(trained, tmp_path)
+    args = dict(data=str(trained["val"]), dataset="synthetic", split="test", holdout=0.75,
+                device="cpu")
+    first = calibrate_command(str(model), precision=0.01, out=str(tmp_path / "first.json"),
+                              quiet=True, **args)
+    cal = Calibration.load(tmp_path / "first.json")
+    held_people = cal.source["measurement"]["people"]
+    assert held_people > first["people"]
+    own_max = cal.fitted_precision().max()
+    held_max = cal.for_people(held_people).fitted_precision().max()
+    wanted = float(held_max + 0.1 * (own_max - held_max))
+    out = tmp_path / "c.json"
+    res = calibrate_command(str(model), precision=wanted, out=str(out), **args)
+    assert res["measured"] is None and res["recall"] is None
+    assert res["measurement_refused"].startswith(f"among the {held_people} people measured on")
+    assert f"no score threshold reaches precision {wanted:g}" in res["measurement_refused"]
+    written = Calibration.load(out)
+    assert written.source["measurement"]["refused"] == res["measurement_refused"]
+    assert written.threshold(wanted) == res["threshold"]
+    assert "held-out measurement: none (among the " in capsys.readouterr().out
+
+
 def test_distractors_are_gallery_images_only(trained, tmp_path):
     # The test split has distractors (identity 0): each its own person, never a query.
     model = _fresh_model(trained, tmp_path)

@@ -371,3 +371,14 @@ def test_re_targeted_to_a_bigger_gallery_the_precision_holds():
     naive = g[k:].sum() / (g[k:].sum() + i[k:].sum())
     assert naive < 0.8  # the threshold of 40 people, applied among 400
     assert abs(as_made["measured"] - 0.9) <= 0.03 and as_made["threshold"] > cal.threshold(0.9)
+
+
+def test_a_measurement_among_more_people_than_any_threshold_serves_says_so():
+    # Calibrated on 3 people; among 5 (weight 2) the counted precision tops out at 0.6.
+    cal = Calibration((0, 0, 1, 3), (0, 6, 3, 1), 10.0, 0.0, {"people": 3})
+    q = [_unit(0), _unit(90), _unit(180), _unit(270), _unit(45)]
+    with pytest.raises(StrongReIDError, match=r"^among the 5 people measured on \(the calibration's pairs "
+                                              r"came from 3\): no score threshold reaches precision 0.7"):
+        measure(cal, 0.7, q, q, [1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [0] * 5, [1] * 5)
+    # Among as many people as it was made on, the measurement is made as before.
+    assert measure(cal, 0.7, q[:3], q[:3], [1, 2, 3], [1, 2, 3], [0] * 3, [1] * 3)["people"] == 3

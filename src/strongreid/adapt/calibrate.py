@@ -245,7 +245,8 @@ def calibrate_command(
     (the rule's), calibration_counted_precision, calibration_recall, genuine_pairs,
     genuine_above, impostor_pairs, identities, held_out_identities, measured_threshold,
     held_out_genuine_pairs, held_out_genuine_above}; the measurement's figures are None when
-    nothing labelled was held out.
+    nothing labelled was held out, or when among the measured people no threshold reaches the
+    precision (then `measurement_refused` says so).
     """
     if (data is None) == (from_clusters is None):
         raise StrongReIDError("give the calibration images: --data LABELLED (folder, list file or "
@@ -349,19 +350,26 @@ def calibrate_command(
         "identities": int(np.unique(pids[mine]).size), "held_out_identities": 0,
         "held_out_genuine_pairs": None, "held_out_genuine_above": None,
     }
-    check = None
+    check, pairs = None, None
     if held is not None:
-        check = measure(calibration, precision,
-                        *_pairs_of(feats[held], pids[held], cams[held], queries[held]))
+        pairs = _pairs_of(feats[held], pids[held], cams[held], queries[held])
         result["held_out_identities"] = int(np.unique(pids[held]).size)
         where = f"held-out identities of {pool.where}"
     elif measured_on is not None:
         m_feats = _features(extractor, measured_on)
         m_cams = own_cameras(measured_on.camids)
-        check = measure(calibration, precision,
-                        *_pairs_of(m_feats, measured_on.pids, m_cams, measured_on.queries))
+        pairs = _pairs_of(m_feats, measured_on.pids, m_cams, measured_on.queries)
         result["held_out_identities"] = int(np.unique(measured_on.pids).size)
         where = measured_on.where
+    if pairs is not None:
+        try:
+            check = measure(calibration, precision, *pairs)
+        except StrongReIDError as exc:
+            # The calibration holds for its own people; among the measured ones (more of them)
+            # no threshold reaches the precision. Written, with the reason, not measured.
+            result["measurement_refused"] = str(exc)
+            source["measurement"] = {"on": where, "requested": float(precision),
+                                     "refused": str(exc)}
     if check is not None:
         result["measured"], result["recall"] = check["measured"], check["recall"]
         result["measured_threshold"] = check["threshold"]
@@ -393,7 +401,9 @@ def _print(result: dict[str, Any], calibration: Calibration) -> None:
           f"{result['calibration_counted_precision']:.4f}, recall "
           f"{result['calibration_recall']:.4f} ({result['genuine_above']} same-person pairs "
           "at or above it)")
-    if result["measured"] is None:
+    if result.get("measurement_refused"):
+        print(f"held-out measurement: none ({result['measurement_refused']})")
+    elif result["measured"] is None:
         print("held-out measurement: none (no labelled held-out data; give --measure-on LABELLED "
               "or --holdout with --data)")
     else:

@@ -404,9 +404,16 @@ def measure(
     labelled data's queries show, applied to that data: {requested, people, threshold, measured
     (precision there), recall, genuine_pairs, genuine_accepted, impostor_accepted}."""
     people = int(np.unique(np.asarray(q_pids)).size)
-    if calibration.own_people is not None and people >= 2:
+    own = calibration.own_people
+    if own is not None and people >= 2:
         calibration = calibration.for_people(people)
-    k = calibration._operating_bin(precision)[0]
+    try:
+        k = calibration._operating_bin(precision)[0]
+    except StrongReIDError as exc:
+        if calibration.people is None or calibration.people == own:
+            raise
+        raise StrongReIDError(f"among the {people} people measured on (the calibration's pairs came "
+                              f"from {own}): {exc}") from None
     threshold = calibration._edge(k)
     bins = calibration.bins
     genuine, impostor = pair_histograms(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, bins)
