@@ -11,7 +11,9 @@ same-person threshold from its own clusters, measured on that labelled test spli
 
 Writes runs/demo-adapt/results.json: `direct` and `adapted` (mAP, rank1 on the night test
 split), `calibration` (requested, measured, recall; with `refused`, the reason, when the
-clusters cannot back the requested precision and no calibration is written), the steps' seconds. Data already made
+clusters cannot back the requested precision and no calibration is written, or
+`measurement_refused` when it is written for the footage's people but no threshold reaches the
+precision among the test split's), the steps' seconds. Data already made
 (the image set, the footage, a finished tracklet cut) is reused; the runs start afresh.
 """
 
@@ -83,7 +85,10 @@ def main() -> int:
     ap.add_argument("--cams", type=int, default=4)
     ap.add_argument("--frames", type=int, default=600)
     ap.add_argument("--fps", type=float, default=10.0)
-    ap.add_argument("--precision", type=float, default=0.95)
+    # No threshold of the adapted model reaches 0.95 among the night test split's people (its
+    # counted precision there is at most 0.75): the demo asks for what it can show and measure.
+    ap.add_argument("--precision", type=float, default=0.5,
+                    help="the same-person precision to calibrate for (among the footage's people)")
     args = ap.parse_args()
 
     model, data, out = Path(args.model), Path(args.data), Path(args.out)
