@@ -174,7 +174,7 @@ class Calibration:
         last pair: no threshold is put where there are no data."""
         n = np.asarray(self.genuine, np.float64) + np.asarray(self.impostor, np.float64)
         p = self._fitted(self.edges + 1.0 / self.bins)
-        if self.impostor_weight == 1.0:
+        if self.impostor_weight == 1.0:  # the sums as ever: its own thresholds stay bit for bit
             kept, gen = _tail(n), _tail(n * p)
         else:
             gen = _tail(n * p)
