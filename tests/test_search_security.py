@@ -36,6 +36,9 @@ from strongreid.errors import StrongReIDError  # noqa: E402
 from strongreid.search.ingest import find_sequences, thumb_path  # noqa: E402
 from strongreid.search.security import (  # noqa: E402
     COOKIE,
+    MAX_SESSIONS,
+    SESSION_SECONDS,
+    SharedSessions,
     TokenAuth,
     allowed_hosts,
     create_token,
@@ -592,3 +595,28 @@ def test_ingest_over_http_needs_tokens(world, tmp_path) -> None:
         assert status == 404 and b"--ingest-root" in body
         assert raw(port, "GET", "/api/info")[0] == 200
     service.close()
+
+
+def test_sessions_shared_through_a_file_are_known_to_every_process(tmp_path, monkeypatch) -> None:
+    import strongreid.search.security as security
+
+    hashes = [("a", hash_token("tok"))]
+    path = tmp_path / "sessions.db"
+    one, two = TokenAuth(hashes, SharedSessions(path)), TokenAuth(hashes, SharedSessions(path))
+    sid = one.new_session()
+    assert two.check_session(sid) and one.check_session(sid)
+    assert not two.check_session(sid + "x") and not two.check_session("")
+    # Only the id's hash is stored, never the id.
+    assert sid.encode() not in path.read_bytes()
+    two.end_session(sid)
+    assert not one.check_session(sid)
+    # Sessions expire on the wall clock, which every process shares.
+    late = one.new_session()
+    now = time.time()
+    monkeypatch.setattr(security.time, "time", lambda: now + SESSION_SECONDS + 1)
+    assert not two.check_session(late)
+    # The table holds at most MAX_SESSIONS: the oldest go first.
+    monkeypatch.setattr(security, "MAX_SESSIONS", 3)
+    made = [one.new_session() for _ in range(5)]
+    assert [two.check_session(m) for m in made] == [False, False, True, True, True]
+    assert MAX_SESSIONS == 10_000

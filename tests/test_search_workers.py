@@ -1,9 +1,10 @@
 """`strongreid serve --workers N`: several server processes on one port over one gallery.
 
-A real `python -m strongreid serve --workers 2` subprocess on 127.0.0.1, queried over the wire
-(form and raw-body uploads from concurrent clients, each connection new so that both workers
-take requests), a row written by another process while it serves, the Host allow-list in every
-worker, and the combinations it refuses.
+A real `python -m strongreid serve --workers 2 --auth-file tokens.txt` subprocess on 127.0.0.1,
+queried over the wire (form and raw-body uploads from concurrent clients, each connection new so
+that both workers take requests), a row written by another process while it serves, the Host
+allow-list and the tokens in every worker, page sessions shared by the workers, and the
+combinations it refuses.
 """
 
 from __future__ import annotations
@@ -50,9 +51,18 @@ def spawned_children(pid: int) -> list[int]:
     return out
 
 
+TOKEN: dict[str, str] = {}
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN['value']}"}
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     world = ingested_gallery(tmp_path_factory.mktemp("workers"))
+    tokens = world["root"] / "tokens.txt"
+    TOKEN["value"] = create_token(tokens, "tests")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -60,7 +70,7 @@ def served(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "strongreid", "serve", "--gallery",
                              str(world["root"] / "gallery.db"), "--model", str(world["model"]),
                              "--device", "cpu", "--port", str(port), "--workers", "2",
-                             "--batch-wait-ms", "20"], env=env, stdout=subprocess.PIPE,
+                             "--batch-wait-ms", "20", "--auth-file", str(tokens)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -81,7 +91,7 @@ def served(tmp_path_factory):
 
 def _info(url: str) -> dict | None:
     try:
-        r = httpx.get(url + "/api/info", timeout=30)
+        r = httpx.get(url + "/api/info", headers=auth(), timeout=30)
     except httpx.HTTPError:
         return None
     return r.json() if r.status_code == 200 else None
@@ -97,9 +107,9 @@ def test_workers_answer_concurrent_uploads_each_with_its_own_crop(served) -> Non
         # A new connection per request: the kernel hands connections to both workers.
         if i % 2:
             r = httpx.post(served["url"] + "/api/search", params={"k": "1"}, content=data,
-                           headers={"Content-Type": "image/png"}, timeout=120)
+                           headers={"Content-Type": "image/png", **auth()}, timeout=120)
         else:
-            r = httpx.post(served["url"] + "/api/search", data={"k": "1"},
+            r = httpx.post(served["url"] + "/api/search", data={"k": "1"}, headers=auth(),
                            files={"image": ("q.png", data, "image/png")}, timeout=120)
         assert r.status_code == 200, r.text
         return r.json()["hits"][0]
@@ -120,26 +130,48 @@ def test_every_worker_sees_rows_written_while_it_serves(served) -> None:
         assert _info(url)["count"] == before + 1
         # The new row is in each worker's index: the only cam9 hit of its twin's search.
         r = httpx.post(url + "/api/search", data={"key": row["key"], "k": "5", "cameras": "cam9"},
-                       timeout=60)
+                       headers=auth(), timeout=60)
         assert r.status_code == 200, r.text
         assert [(h["key"], h["score"]) for h in r.json()["hits"]] == [("f" * 40, 1.0)]
 
 
 def test_the_host_allow_list_holds_in_every_worker(served) -> None:
     for _ in range(8):
-        r = httpx.get(served["url"] + "/api/info", headers={"Host": "evil.example"}, timeout=30)
+        r = httpx.get(served["url"] + "/api/info", headers={"Host": "evil.example", **auth()},
+                      timeout=30)
         assert r.status_code == 403
         assert r.headers["content-security-policy"].startswith("default-src 'none'")
+
+
+def test_every_worker_wants_a_token_and_knows_every_page_session(served) -> None:
+    url = served["url"]
+    # Each request on a new connection: the kernel spreads them over both workers.
+    for _ in range(8):
+        assert httpx.get(url + "/api/info", timeout=30).status_code == 401
+        wrong = {"Authorization": "Bearer " + "x" * 43}
+        assert httpx.get(url + "/api/info", headers=wrong, timeout=30).status_code == 401
+    # The page logs in once (one worker makes the session)...
+    r = httpx.post(url + "/api/login", data={"token": TOKEN["value"]}, timeout=30)
+    assert r.status_code == 200, r.text
+    sid = r.cookies.get("strongreid_session")
+    assert sid and TOKEN["value"] not in r.headers["set-cookie"]
+    cookie = {"Cookie": f"strongreid_session={sid}"}
+    # ...and every worker honours it.
+    for _ in range(12):
+        assert httpx.get(url + "/api/info", headers=cookie, timeout=30).status_code == 200
+    # A logout on one worker ends it on all.
+    assert httpx.post(url + "/api/logout", headers=cookie, timeout=30).status_code == 200
+    for _ in range(12):
+        assert httpx.get(url + "/api/info", headers=cookie, timeout=30).status_code == 401
+    # The sessions' file lives in a private folder of the server's (not beside the gallery).
+    assert not list(served["root"].glob("**/sessions.db"))
 
 
 def test_workers_refuse_what_lives_in_one_process(served, tmp_path, capsys) -> None:
     base = ["serve", "--gallery", str(served["root"] / "gallery.db"), "--model",
             str(served["model"]), "--workers", "2"]
-    tokens = tmp_path / "tokens.txt"
-    create_token(tokens, "t")
-    assert main([*base, "--auth-file", str(tokens)]) == 2
-    assert "cannot be combined with --auth-file or --ingest-root" in capsys.readouterr().err
     assert main([*base, "--ingest-root", str(tmp_path)]) == 2
-    assert "page sessions and ingest jobs live in one process" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot be combined with --ingest-root" in err and "ingest jobs live in one process" in err
     assert main([*base[:-1], "0"]) == 2
     assert "--workers must be >= 1" in capsys.readouterr().err

@@ -10,7 +10,9 @@ A client proves itself with `Authorization: Bearer <token>` (API use) or a sessi
 page gets once, as Jupyter does: open `/?token=<token>` (the server sets the cookie and
 redirects to `/`, so the token leaves the address bar and history) or type it into the page's
 login box (POST /api/login). The cookie holds a random session id, never the token;
-HttpOnly, SameSite=Strict, Secure behind https; sessions live in memory for SESSION_SECONDS.
+HttpOnly, SameSite=Strict, Secure behind https; sessions live for SESSION_SECONDS, in memory,
+or, when several worker processes serve one port, in a SQLite file they share (a session made
+by one worker is known to all, and a logout ends it in all).
 
 Hosts. Every request's Host header must be in the allow-list (loopback names, plus
 `--allowed-host`), which stops DNS rebinding: a hostile page whose name resolves to 127.0.0.1
@@ -29,6 +31,7 @@ import ipaddress
 import json
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -103,17 +106,53 @@ def read_auth_file(auth_file: str | os.PathLike) -> list[tuple[str, str]]:
     return out
 
 
-class TokenAuth:
-    """Token hashes and the page's login sessions."""
+class SharedSessions:
+    """Session hashes and their expiry (wall-clock seconds) in a SQLite file that several
+    server processes share: what TokenAuth keeps in memory for one process."""
 
-    def __init__(self, hashes: Iterable[tuple[str, str]]) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        with self._db() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS sessions (hash TEXT PRIMARY KEY, expiry REAL)")
+
+    def _db(self) -> sqlite3.Connection:
+        # One short connection per call: safe from any thread, and every process sees each
+        # commit at once.
+        return sqlite3.connect(self.path, timeout=10, isolation_level=None)
+
+    def add(self, key: str) -> None:
+        now = time.time()
+        with self._db() as db:
+            db.execute("DELETE FROM sessions WHERE expiry < ?", (now,))
+            db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?)", (key, now + SESSION_SECONDS))
+            # The oldest beyond MAX_SESSIONS go first (rowids grow with each insert).
+            db.execute("DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions ORDER BY "
+                       "rowid DESC LIMIT -1 OFFSET ?)", (MAX_SESSIONS,))
+
+    def remove(self, key: str) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM sessions WHERE hash = ?", (key,))
+
+    def valid(self, key: str) -> bool:
+        with self._db() as db:
+            row = db.execute("SELECT expiry FROM sessions WHERE hash = ?", (key,)).fetchone()
+        return row is not None and row[0] >= time.time()
+
+
+class TokenAuth:
+    """Token hashes and the page's login sessions (in memory, or `SharedSessions`)."""
+
+    def __init__(self, hashes: Iterable[tuple[str, str]],
+                 shared: SharedSessions | None = None) -> None:
         self.hashes = list(hashes)
+        self.shared = shared
         self._sessions: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
-    def from_file(cls, auth_file: str | os.PathLike) -> TokenAuth:
-        return cls(read_auth_file(auth_file))
+    def from_file(cls, auth_file: str | os.PathLike,
+                  shared: SharedSessions | None = None) -> TokenAuth:
+        return cls(read_auth_file(auth_file), shared)
 
     def check_token(self, token: str) -> str | None:
         """The name of the token, or None; every stored hash is compared (constant time)."""
@@ -127,6 +166,9 @@ class TokenAuth:
     def new_session(self) -> str:
         """A session id for the cookie; only its hash is kept."""
         sid = secrets.token_urlsafe(32)
+        if self.shared is not None:
+            self.shared.add(hash_token(sid))
+            return sid
         with self._lock:
             self._sessions[hash_token(sid)] = time.monotonic() + SESSION_SECONDS
             while len(self._sessions) > MAX_SESSIONS:
@@ -134,12 +176,17 @@ class TokenAuth:
         return sid
 
     def end_session(self, sid: str) -> None:
+        if self.shared is not None:
+            self.shared.remove(hash_token(sid))
+            return
         with self._lock:
             self._sessions.pop(hash_token(sid), None)
 
     def check_session(self, sid: str) -> bool:
         # Looked up by the hash of a 256-bit random id: the dict's timing says nothing useful.
         key = hash_token(sid)
+        if self.shared is not None:
+            return self.shared.valid(key)
         with self._lock:
             expiry = self._sessions.get(key)
             if expiry is not None and expiry < time.monotonic():

@@ -1063,8 +1063,9 @@ class WorkerConfig(uvicorn.Config):
     torch or faiss state with the parent) opens the gallery and loads the model itself."""
 
     def __init__(self, service_args: dict[str, Any], hosts: frozenset[str], workers: int,
-                 **kwargs: Any) -> None:
-        self.service_args, self.hosts = service_args, hosts
+                 auth: tuple[list[tuple[str, str]], str] | None = None, **kwargs: Any) -> None:
+        # auth: the token hashes and the SQLite file of the sessions all workers share.
+        self.service_args, self.hosts, self.auth = service_args, hosts, auth
         super().__init__(app="strongreid.search.service:create_app", workers=workers,
                          lifespan="on", **kwargs)
 
@@ -1077,19 +1078,40 @@ class WorkerConfig(uvicorn.Config):
         except StrongReIDError as exc:
             print(f"error: {exc}", flush=True)
             raise SystemExit(STARTUP_FAILURE) from None  # the parent stops too
-        return _ClosingOnShutdown(create_app(service, allowed_hosts=self.hosts), service)
+        from strongreid.search import security
+
+        auth = None
+        if self.auth is not None:
+            auth = security.TokenAuth(self.auth[0], security.SharedSessions(self.auth[1]))
+        return _ClosingOnShutdown(create_app(service, auth=auth, allowed_hosts=self.hosts), service)
 
 
 def _serve_workers(workers: int, service_args: dict[str, Any], hosts: frozenset[str],
-                   host: str, port: int) -> int:
+                   host: str, port: int, auth: Any = None) -> int:
     """`workers` processes answering on one listening socket (uvicorn's supervisor restarts a
-    worker that dies)."""
+    worker that dies); with `auth` (a TokenAuth), their page sessions live in one SQLite file
+    in a private temporary folder, removed at the end."""
+    import shutil
+    import tempfile
+
     from uvicorn.supervisors import Multiprocess
 
-    config = WorkerConfig(service_args, hosts, workers, host=host, port=port,
-                          log_level="warning")
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
-    supervisor.run()
+    from strongreid.search import security
+
+    folder = tempfile.mkdtemp(prefix="strongreid-sessions-") if auth is not None else None
+    try:
+        shared = None
+        if folder is not None:
+            path = str(Path(folder) / "sessions.db")
+            security.SharedSessions(path)  # the table exists before any worker starts
+            shared = (list(auth.hashes), path)
+        config = WorkerConfig(service_args, hosts, workers, auth=shared, host=host, port=port,
+                              log_level="warning")
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
         raise StrongReIDError("a worker process could not start (its error is printed above)")
     return 0
@@ -1139,6 +1161,13 @@ def _describe_calibration(service: SearchService, file: Path | None, model: str)
             f"{service.default_precision}{note}")
 
 
+_PLAIN_HTTP_WARNING = (
+    "WARNING: {host}:{port} is reachable from other machines over plain HTTP: every crop "
+    "(pictures of people), camera and time of this gallery is served to any token holder, and "
+    "tokens, cookies and pictures cross the network unencrypted unless a TLS reverse proxy is "
+    "the only way in (docs/search.md).")
+
+
 def serve_command(gallery: str, model: str, config: str | None = None, device: str = "auto",
                   token: str = "", thumbs: str | None = None, host: str = "127.0.0.1",
                   port: int = 8000, max_upload: int = 5 * 1024 * 1024,
@@ -1161,12 +1190,11 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
             "(or keep --host 127.0.0.1 behind a TLS reverse proxy; see docs/search.md)")
     if workers < 1:
         raise StrongReIDError(f"--workers must be >= 1, got {workers}")
-    if workers > 1 and (auth_file or ingest_root):
+    if workers > 1 and ingest_root:
         raise StrongReIDError(
-            f"--workers {workers} cannot be combined with --auth-file or --ingest-root: page "
-            "sessions and ingest jobs live in one process's memory, so another worker would not "
-            "know them. Serve with --workers 1, or several workers on loopback behind a proxy "
-            "that authenticates (docs/search.md)")
+            f"--workers {workers} cannot be combined with --ingest-root: ingest jobs live in one "
+            "process's memory, so another worker would not know them. Serve ingest with "
+            "--workers 1 (docs/search.md)")
     if workers > 1 and is_local(gallery) and is_milvus_lite(gallery):
         raise StrongReIDError(f"{gallery} is a Milvus Lite gallery, which one process at a time "
                               "may open: serve it with --workers 1, or migrate it to the embedded "
@@ -1182,27 +1210,28 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
                     "max_decodes": max_decodes,
                     "calibration": same_person or False, "runtime": runtime}
     shown = f"[{host}]" if ":" in host else host
+
+    def access_lines() -> None:
+        print(f"  Host names answered: {', '.join(sorted(hosts))}", flush=True)
+        if auth is not None:
+            print(f"  {len(auth.hashes)} token(s) from {auth_file}: open "
+                  f"http://{shown}:{port}/?token=<token> once, or send 'Authorization: Bearer "
+                  f"<token>'{' (page sessions are shared by the workers)' if workers > 1 else ''}",
+                  flush=True)
+        if not loopback:
+            print(_PLAIN_HTTP_WARNING.format(host=host, port=port), flush=True)
+
     if workers > 1:
         print(f"serving {gallery} with {workers} worker processes on http://{shown}:{port}/ "
               "(Ctrl-C stops)", flush=True)
-        print(f"  Host names answered: {', '.join(sorted(hosts))}", flush=True)
-        return _serve_workers(workers, service_args, hosts, host, port)
+        access_lines()
+        return _serve_workers(workers, service_args, hosts, host, port, auth)
     service = _open_service(**service_args)
     store = service.store
     app = create_app(service, auth=auth, allowed_hosts=hosts, ingest_root=ingest_root)
     print(f"serving {store.count()} crops of {gallery} on http://{shown}:{port}/ "
           "(Ctrl-C stops)", flush=True)
-    print(f"  Host names answered: {', '.join(sorted(hosts))}", flush=True)
-    if auth is not None:
-        print(f"  {len(auth.hashes)} token(s) from {auth_file}: open "
-              f"http://{shown}:{port}/?token=<token> once, or send 'Authorization: Bearer "
-              "<token>'", flush=True)
-    if not loopback:
-        print(f"WARNING: {host}:{port} is reachable from other machines over plain "
-              "HTTP: every crop (pictures of people), camera and time of this gallery is served "
-              "to any token holder, and tokens, cookies and pictures cross the network "
-              "unencrypted unless a TLS reverse proxy is the only way in (docs/search.md).",
-              flush=True)
+    access_lines()
     if ingest_root:
         print(f"  token holders may ingest footage under {ingest_root} (POST /api/ingest)",
               flush=True)
