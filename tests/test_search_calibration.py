@@ -359,3 +359,24 @@ def test_serve_loads_the_calibration_beside_the_model(world, tmp_path) -> None:
     assert "precisions 0.8, 0.9, 0.95, 0.99 (at most 0.99), default 0.95" in out, out
     # `serve` says what runs the model (onnxruntime: make test installs it) and /api/info too.
     assert "forward pass: onnxruntime" in out and info["runtime"] == "onnxruntime", out
+
+
+def test_info_reports_the_rules_own_highest_precision(world, tmp_path) -> None:
+    # The logistic rule's fitted precision tops out below the counted one of the same pairs,
+    # and below again among more people: /api/info and the refusal agree with the rule.
+    made = hand_calibration(tmp_path)
+    fitted = Calibration(made.genuine, made.impostor, made.slope, made.intercept,
+                         {**made.source, "people": 12}, "logistic")
+    for cal in (fitted, fitted.for_people(48)):
+        service = SearchService(world["store"], world["extractor"], world["thumbs"], "best.pt",
+                                calibration=cal)
+        try:
+            best = service.calibration_info()["max_precision"]
+            assert best == pytest.approx(float(cal.fitted_precision().max()), abs=1e-6)
+            assert best <= float(cal.fitted_precision().max())
+            cal.operating_point(best)  # reachable, rounded down
+            with pytest.raises(StrongReIDError, match="no score threshold reaches"):
+                cal.operating_point(min(0.999, best + 0.002))
+        finally:
+            service.close()
+    assert fitted.for_people(48).max_precision() < fitted.max_precision() < made.max_precision()

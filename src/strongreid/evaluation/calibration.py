@@ -160,6 +160,12 @@ class Calibration:
         gen = _tail(self.genuine)
         return k, float(prec[k]), float(gen[k] / gen[0])
 
+    def max_precision(self) -> float:
+        """The highest precision any threshold reaches under this calibration's rule (for its
+        target population): a request above it has no threshold."""
+        prec = self.fitted_precision() if self.rule == "logistic" else self.counted_precision()
+        return float(prec.max())
+
     def counted_precision(self) -> np.ndarray:
         """Per bin k: the share of genuine pairs among the calibration pairs scoring in bin k or
         above (0 where there are none)."""

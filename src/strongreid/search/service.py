@@ -667,15 +667,12 @@ class SearchService:
         cal = self.calibration
         if cal is None:
             return None
-        genuine = np.cumsum(np.asarray(cal.genuine, np.float64)[::-1])
-        kept = genuine + np.cumsum(np.asarray(cal.impostor, np.float64)[::-1])
         measured = cal.source.get("measurement")
         return {
             "precisions": list(self.operating_points), "default": self.default_precision,
-            # The highest precision any threshold reaches (rounded down, so it can be asked
-            # for): a request above it is refused.
-            "max_precision": math.floor(float((genuine[kept > 0] / kept[kept > 0]).max())
-                                        * 1e6) / 1e6,
+            # The highest precision any threshold reaches under the calibration's rule and
+            # population (rounded down, so it can be asked for): a request above it is refused.
+            "max_precision": math.floor(cal.max_precision() * 1e6) / 1e6,
             "points": [{"precision": p, "threshold": round(pt["threshold"], 6),
                         "recall": round(pt["recall"], 6)}
                        for p, pt in self.operating_points.items()],
