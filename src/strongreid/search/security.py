@@ -106,9 +106,36 @@ def read_auth_file(auth_file: str | os.PathLike) -> list[tuple[str, str]]:
     return out
 
 
+class MemorySessions:
+    """Session hashes and their expiry, in one process's memory (at most MAX_SESSIONS, the
+    oldest dropped first)."""
+
+    def __init__(self) -> None:
+        self._expiry: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._expiry[key] = time.monotonic() + SESSION_SECONDS
+            while len(self._expiry) > MAX_SESSIONS:
+                self._expiry.popitem(last=False)
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            self._expiry.pop(key, None)
+
+    def valid(self, key: str) -> bool:
+        with self._lock:
+            expiry = self._expiry.get(key)
+            if expiry is not None and expiry < time.monotonic():
+                del self._expiry[key]
+                expiry = None
+        return expiry is not None
+
+
 class SharedSessions:
     """Session hashes and their expiry (wall-clock seconds) in a SQLite file that several
-    server processes share: what TokenAuth keeps in memory for one process."""
+    server processes share: what MemorySessions keeps for one process."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
@@ -145,9 +172,7 @@ class TokenAuth:
     def __init__(self, hashes: Iterable[tuple[str, str]],
                  shared: SharedSessions | None = None) -> None:
         self.hashes = list(hashes)
-        self.shared = shared
-        self._sessions: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
+        self.sessions: MemorySessions | SharedSessions = shared or MemorySessions()
 
     @classmethod
     def from_file(cls, auth_file: str | os.PathLike,
@@ -166,33 +191,15 @@ class TokenAuth:
     def new_session(self) -> str:
         """A session id for the cookie; only its hash is kept."""
         sid = secrets.token_urlsafe(32)
-        if self.shared is not None:
-            self.shared.add(hash_token(sid))
-            return sid
-        with self._lock:
-            self._sessions[hash_token(sid)] = time.monotonic() + SESSION_SECONDS
-            while len(self._sessions) > MAX_SESSIONS:
-                self._sessions.popitem(last=False)
+        self.sessions.add(hash_token(sid))
         return sid
 
     def end_session(self, sid: str) -> None:
-        if self.shared is not None:
-            self.shared.remove(hash_token(sid))
-            return
-        with self._lock:
-            self._sessions.pop(hash_token(sid), None)
+        self.sessions.remove(hash_token(sid))
 
     def check_session(self, sid: str) -> bool:
-        # Looked up by the hash of a 256-bit random id: the dict's timing says nothing useful.
-        key = hash_token(sid)
-        if self.shared is not None:
-            return self.shared.valid(key)
-        with self._lock:
-            expiry = self._sessions.get(key)
-            if expiry is not None and expiry < time.monotonic():
-                del self._sessions[key]
-                expiry = None
-        return expiry is not None
+        # Looked up by the hash of a 256-bit random id: the lookup's timing says nothing useful.
+        return self.sessions.valid(hash_token(sid))
 
     def authorized(self, headers: dict[bytes, bytes]) -> bool:
         """A valid bearer token or session cookie in the request headers."""
