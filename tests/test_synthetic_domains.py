@@ -96,5 +96,5 @@ def test_night_footage(tmp_path: Path, capsys):
     import av
 
     with av.open(str(out / "cam1" / "video.mp4")) as container:
-        frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        frame = next(container.decode(video=0)).to_ndarray(format="rgb24", threads=1)
     assert frame.mean() < 90  # night footage is dark

@@ -88,7 +88,7 @@ def test_files_agree_with_the_plan(footage: Path) -> None:
     import av
 
     with av.open(str(seqs[0].video)) as c:
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        frames = [f.to_ndarray(format="rgb24", threads=1) for f in c.decode(video=0)]
     assert len(frames) == 20 and frames[0].shape == (FRAME_HEIGHT, FRAME_WIDTH, 3)
 
 
@@ -99,7 +99,7 @@ def test_a_person_is_where_the_ground_truth_says(footage: Path) -> None:
 
     seq = find_sequences(footage, "gt")[0]
     with av.open(str(seq.video)) as c:
-        frames = [f.to_ndarray(format="rgb24").astype(np.float32) for f in c.decode(video=0)]
+        frames = [f.to_ndarray(format="rgb24", threads=1).astype(np.float32) for f in c.decode(video=0)]
     frame, _mot, left, top, w, h, _ = seq.rows[len(seq.rows) // 2]
     scene = np.asarray(render_frame(2, 1, frame - 1, []), np.float32)
     x0, x1 = int(max(0, left)), int(min(FRAME_WIDTH, left + w))
@@ -131,3 +131,43 @@ def test_cli_and_errors(tmp_path: Path, capsys) -> None:
         plan_passes(2, 2, 5, 5.0, 0)
     with pytest.raises(StrongReIDError, match="--cams 1"):
         plan_passes(2, 1, 50, 5.0, 0)
+
+
+def test_a_process_forked_beside_a_video_thread_exits(footage: Path, tmp_path: Path) -> None:
+    """A thread that decoded and encoded video is still alive when the process forks (what a
+    DataLoader does for its workers): the child must not hang freeing that thread's scaler."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from strongreid.data.footage import iter_frames
+    from strongreid.data.synthetic_video import write_video
+
+    video = find_sequences(footage, "gt")[0].video
+    done, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        frames = [img for _, img in iter_frames(video, last=3)]
+        write_video(tmp_path / "again.mp4", frames, 5.0)
+        done.set()
+        release.wait(60)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        assert done.wait(60), "decoding and encoding 3 frames took over 60 s"
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        deadline = time.monotonic() + 30
+        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if waited[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung: a scaler with FFmpeg threads was freed in it")
+        assert os.waitstatus_to_exitcode(waited[1]) == 0
+    finally:
+        release.set()
+        thread.join(60)

@@ -234,7 +234,11 @@ def iter_frames(video: Path, last: int | None = None) -> Iterator[tuple[int, Ima
             for index, frame in enumerate(container.decode(video=0), 1):
                 if last is not None and index > last:
                     return
-                yield index, frame.to_image()
+                # One scaler thread: PyAV keeps each thread's scaler (and FFmpeg's threads
+                # behind it) for the thread's life, and a process forked while this thread
+                # lives (a DataLoader worker) frees that copy and waits forever on threads it
+                # does not have. The conversion is one small frame; its threads bought nothing.
+                yield index, frame.to_image(threads=1)
         except av.error.FFmpegError as exc:
             raise DatasetError(f"cannot decode the video {video}: {exc}") from None
 

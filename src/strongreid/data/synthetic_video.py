@@ -201,7 +201,11 @@ def write_video(path: Path, frames, fps: float) -> str:
         else:
             stream.bit_rate = 2_000_000
         for img in frames:
-            for packet in stream.encode(av.VideoFrame.from_image(img)):
+            # Converted here with one scaler thread, so the encoder has nothing to convert: its
+            # own scaler would run FFmpeg threads, and a process forked before that scaler is
+            # freed (a DataLoader worker) can hang freeing its copy. Same pixels either way.
+            frame = av.VideoFrame.from_image(img).reformat(format="yuv420p", threads=1)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
