@@ -11,6 +11,20 @@ the people drawn differ (a few look-alike people make most of the high-scoring i
 
     PYTHONPATH=src python benchmarks/calibration_splits.py --model runs/demo/best.pt \\
         --data data/synthetic --dataset synthetic --split test --seeds 40
+
+With `--measure-on`, the calibration is made once on all of --data (its rule's threshold for
+--precision) and measured on new people instead of a held-out half: the identities of the
+--measure-on folder above `--skip-ids` (for `strongreid synth --ids 1440 --seed 0`, whose
+people 1-360 are the demo's own and whose cameras are the demo's), cut into groups of as many
+people as the calibration has, each group its own gallery. It prints every group's measured
+precision and recall and the pooled one (all groups' pairs counted together): a held-out half
+of 90 people is too few for a ±0.03 check at 0.95, since its look-alikes alone move it by
+about that much.
+
+    PYTHONPATH=src python -m strongreid synth --out /tmp/street_1440 --ids 1440 --seed 0
+    PYTHONPATH=src python benchmarks/calibration_splits.py --model runs/demo/best.pt \\
+        --data data/synthetic --dataset synthetic --split test \\
+        --measure-on /tmp/street_1440 --skip-ids 360
 """
 
 from __future__ import annotations
@@ -45,6 +59,67 @@ def _lookalikes(feats, pids, queries, k: int, bins: int, top: int = 8) -> None:
           "pairs of people that have any")
 
 
+def new_people(args, feats, pids, cams, queries, extractor) -> int:
+    """Calibrated on all of --data; measured on groups of new people of the same size."""
+    images = labelled(read_images(args.measure_on, args.measure_dataset, args.measure_split),
+                      "--measure-on")
+    # Distractors are nobody: left out of a test of people.
+    images = images.subset(images.queries & (images.pids > args.skip_ids))
+    m_feats = extractor(images.paths).numpy()
+    m_pids, m_cams = images.pids, own_cameras(images.camids)
+    every = np.ones(len(pids), bool)
+    genuine, impostor = _counts(feats, pids, cams, queries, every)
+    people = int(np.unique(pids[queries]).size)
+    ids = np.random.default_rng(args.group_seed).permutation(np.unique(m_pids))
+    groups = [ids[i:i + people] for i in range(0, ids.size - people + 1, people)]
+    print(f"calibrated on {people} people of {args.data} ({int(genuine.sum())} genuine pairs); "
+          f"measured on {len(groups)} groups of {people} new people of {args.measure_on} "
+          f"(identities above {args.skip_ids}, {len(images)} images)")
+    if not groups:
+        raise StrongReIDError(f"--measure-on holds {ids.size} new people: fewer than one group "
+                              f"of {people}")
+    for rule in RULES:
+        cal = Calibration.from_counts(genuine, impostor, {"people": people}, rule=rule)
+        pooled_g = pooled_i = pooled_all = 0
+        within, lines = 0, []
+        for group in groups:
+            mask = np.isin(m_pids, group)
+            hg, hi = _counts(m_feats, m_pids, m_cams, np.ones(len(m_pids), bool), mask)
+            at = cal.for_people(int(group.size))
+            k = at._operating_bin(args.precision)[0]
+            g, i = int(hg[k:].sum()), int(hi[k:].sum())
+            measured = g / (g + i) if g + i else float("nan")
+            within += abs(measured - args.precision) <= args.tolerance
+            pooled_g, pooled_i, pooled_all = pooled_g + g, pooled_i + i, pooled_all + int(hg.sum())
+            lines.append(f"{measured:.4f} (recall {g / hg.sum():.3f}, {g} genuine / {i} impostor "
+                         f"pairs accepted)")
+        print(f"{rule:8s}: threshold {cal._edge(k):.4f}, calibration's own fitted precision "
+              f"{cal.operating_point(args.precision)['precision']:.4f}")
+        for n, line in enumerate(lines):
+            print(f"  group {n}: measured {line}")
+        print(f"  within ±{args.tolerance:g} of {args.precision:g} in {within}/{len(groups)} groups; "
+              f"pooled: measured {pooled_g / (pooled_g + pooled_i):.4f}, recall "
+              f"{pooled_g / pooled_all:.3f} ({pooled_g} genuine / {pooled_i} impostor pairs)")
+    # Each group of new people calibrates in turn and the others measure, pooled: how much the
+    # draw of the calibration's own people moves the promise.
+    counts = [_counts(m_feats, m_pids, m_cams, np.ones(len(m_pids), bool), np.isin(m_pids, g))
+              for g in groups]
+    for rule in RULES:
+        pooled = []
+        for c, (genuine, impostor) in enumerate(counts):
+            cal = Calibration.from_counts(genuine, impostor, {"people": people}, rule=rule)
+            k = cal._operating_bin(args.precision)[0]
+            g = sum(int(hg[k:].sum()) for n, (hg, _) in enumerate(counts) if n != c)
+            i = sum(int(hi[k:].sum()) for n, (_, hi) in enumerate(counts) if n != c)
+            pooled.append(g / (g + i))
+        err = np.array(pooled) - args.precision
+        print(f"{rule:8s}, each group calibrating in turn, the other {len(groups) - 1} measuring "
+              f"(pooled): {', '.join(f'{m:.4f}' for m in pooled)}; within ±{args.tolerance:g} in "
+              f"{int(np.sum(np.abs(err) <= args.tolerance))}/{len(groups)}, error mean "
+              f"{err.mean():+.4f}, sd {err.std():.4f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -58,11 +133,21 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-retarget", dest="retarget", action="store_false",
                     help="keep each threshold at the calibration half's own number of people")
+    ap.add_argument("--measure-on", default=None,
+                    help="measure on new people of this folder instead of held-out halves")
+    ap.add_argument("--measure-dataset", default=None)
+    ap.add_argument("--measure-split", default="test")
+    ap.add_argument("--skip-ids", type=int, default=0,
+                    help="--measure-on identities up to this one are not new (left out)")
+    ap.add_argument("--group-seed", type=int, default=0, help="draws the groups of new people")
     args = ap.parse_args()
 
     images = labelled(read_images(args.data, args.dataset, args.split), "--data")
-    feats = FeatureExtractor(None, args.model, device=args.device, calibration=False)(images.paths).numpy()
+    extractor = FeatureExtractor(None, args.model, device=args.device, calibration=False)
+    feats = extractor(images.paths).numpy()
     pids, cams, queries = images.pids, own_cameras(images.camids), images.queries
+    if args.measure_on:
+        return new_people(args, feats, pids, cams, queries, extractor)
     print(f"{len(images)} images of {np.unique(pids).size} identities ({(~queries).sum()} "
           f"distractors, gallery only); holdout {args.holdout:g}, requested {args.precision:g}")
 
