@@ -9,12 +9,15 @@
 #   train  training images/s with AMP (and the data-wait share) of the step alone
 #   eval   evaluation and re-ranking at Market-1501 and MSMT17 scale on the GPU
 #   ddp    DDP scaling when more than one GPU is visible
-# Each part runs under its own time limit (seconds: DATA_S, TRAIN_S, EVAL_S, DDP_S) so the whole
+#   search the search service's upload latency (docs/search.md): p95 at 16 concurrent clients over
+#          one query alone, with the forward pass on the GPU and, for comparison on the same
+#          machine, on its CPU cores
+# Each part runs under its own time limit (seconds: DATA_S, TRAIN_S, EVAL_S, DDP_S, SEARCH_S) so the whole
 # command stays under 10 minutes; each writes its own log and a failing part does not stop the others.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-cuda}
-parts=",${2:-data,train,eval,ddp},"
+parts=",${2:-data,train,eval,ddp,search},"
 mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}
 [ -x "$py" ] || py=python3
@@ -52,5 +55,12 @@ if [[ $parts == *,eval,* ]]; then
 fi
 if [[ $parts == *,ddp,* ]] && [ "$ngpu" -gt 1 ]; then
   timeout "${DDP_S:-60}" "$py" benchmarks/ddp_scaling.py 2>&1 | tee "$out/ddp_scaling.txt"
+fi
+if [[ $parts == *,search,* ]]; then
+  for dev in cuda cpu; do
+    timeout "${SEARCH_S:-60}" "$py" benchmarks/search_service.py --body raw --client socket --big 0 \
+      --server-arg=--device=$dev --out "$out/search_service_$dev.json" > "$out/search_service_$dev.log" 2>&1 \
+      || echo "search ($dev) failed or timed out: $out/search_service_$dev.log"
+  done
 fi
 echo "logs in $out"
