@@ -15,11 +15,11 @@ the people drawn differ (a few look-alike people make most of the high-scoring i
 With `--measure-on`, the calibration is made once on all of --data (its rule's threshold for
 --precision) and measured on new people instead of a held-out half: the identities of the
 --measure-on folder above `--skip-ids` (for `strongreid synth --ids 1440 --seed 0`, whose
-people 1-360 are the demo's own and whose cameras are the demo's), cut into groups of as many
-people as the calibration has, each group its own gallery. It prints every group's measured
-precision and recall and the pooled one (all groups' pairs counted together): a held-out half
-of 90 people is too few for a ±0.03 check at 0.95, since its look-alikes alone move it by
-about that much.
+people 1-360 are the demo's own and whose cameras are the demo's). It prints the precision
+expected in a gallery of as many people as the calibration has, drawn at random from the new
+ones (their impostor pairs weighted by the chance that two people share such a gallery), the
+galleries of one random cut for their spread, and then the same expectation for calibrations
+made on each gallery of --draws cuts in turn, measured on all the other new people.
 
     PYTHONPATH=src python -m strongreid synth --out /tmp/street_1440 --ids 1440 --seed 0
     PYTHONPATH=src python benchmarks/calibration_splits.py --model runs/demo/best.pt \\
@@ -59,64 +59,79 @@ def _lookalikes(feats, pids, queries, k: int, bins: int, top: int = 8) -> None:
           "pairs of people that have any")
 
 
+def _accepted(cal: Calibration, precision: float, counts: list) -> list[tuple[int, int, int]]:
+    """(genuine accepted, impostor accepted, genuine in all) of each set of pairs at the
+    calibration's threshold for `precision`, counted as they are."""
+    k = cal._operating_bin(precision)[0]
+    return [(int(hg[k:].sum()), int(hi[k:].sum()), int(hg.sum())) for hg, hi in counts]
+
+
+def _expected(cal: Calibration, precision: float, counts: tuple, people: int,
+              among: int) -> tuple[float, float]:
+    """Precision and recall at the calibration's threshold for `precision` expected in a
+    gallery of `people` drawn at random from the `among` people whose pairs `counts` holds: a
+    pair of two people shares such a gallery with probability (people - 1) / (among - 1), as
+    Calibration.for_people weighs impostor pairs; a person's own pairs always do."""
+    k = cal._operating_bin(precision)[0]
+    seen = Calibration.from_counts(*counts, {"people": among}, rule="counts").for_people(people)
+    return float(seen.counted_precision()[k]), float(counts[0][k:].sum() / counts[0].sum())
+
+
 def new_people(args, feats, pids, cams, queries, extractor) -> int:
-    """Calibrated on all of --data; measured on groups of new people of the same size."""
+    """Calibrated on all of --data; measured on new people, in galleries of the same size."""
     images = labelled(read_images(args.measure_on, args.measure_dataset, args.measure_split),
                       "--measure-on")
     # Distractors are nobody: left out of a test of people.
     images = images.subset(images.queries & (images.pids > args.skip_ids))
-    m_feats = extractor(images.paths).numpy()
-    m_pids, m_cams = images.pids, own_cameras(images.camids)
-    every = np.ones(len(pids), bool)
-    genuine, impostor = _counts(feats, pids, cams, queries, every)
     people = int(np.unique(pids[queries]).size)
-    ids = np.random.default_rng(args.group_seed).permutation(np.unique(m_pids))
-    groups = [ids[i:i + people] for i in range(0, ids.size - people + 1, people)]
+    new = np.unique(images.pids)
+    if new.size < 2 * people:
+        raise StrongReIDError(f"--measure-on holds {new.size} new people: fewer than two "
+                              f"galleries of {people}")
+    m_feats = extractor(images.paths).numpy()
+    m_pids, m_cams, m_all = images.pids, own_cameras(images.camids), np.ones(len(images), bool)
+
+    def counts_of(who: np.ndarray) -> tuple:
+        return _counts(m_feats, m_pids, m_cams, m_all, np.isin(m_pids, who))
+
+    everyone = counts_of(new)
+    genuine, impostor = _counts(feats, pids, cams, queries, np.ones(len(pids), bool))
     print(f"calibrated on {people} people of {args.data} ({int(genuine.sum())} genuine pairs); "
-          f"measured on {len(groups)} groups of {people} new people of {args.measure_on} "
-          f"(identities above {args.skip_ids}, {len(images)} images)")
-    if not groups:
-        raise StrongReIDError(f"--measure-on holds {ids.size} new people: fewer than one group "
-                              f"of {people}")
+          f"measured on {new.size} new people of {args.measure_on} (identities above "
+          f"{args.skip_ids}, {len(images)} images) in galleries of {people}")
+    groups = np.random.default_rng(args.group_seed).permutation(new)
+    groups = [groups[i:i + people] for i in range(0, new.size - people + 1, people)]
     for rule in RULES:
         cal = Calibration.from_counts(genuine, impostor, {"people": people}, rule=rule)
-        pooled_g = pooled_i = pooled_all = 0
-        within, lines = 0, []
-        for group in groups:
-            mask = np.isin(m_pids, group)
-            hg, hi = _counts(m_feats, m_pids, m_cams, np.ones(len(m_pids), bool), mask)
-            at = cal.for_people(int(group.size))
-            k = at._operating_bin(args.precision)[0]
-            g, i = int(hg[k:].sum()), int(hi[k:].sum())
-            measured = g / (g + i) if g + i else float("nan")
-            within += abs(measured - args.precision) <= args.tolerance
-            pooled_g, pooled_i, pooled_all = pooled_g + g, pooled_i + i, pooled_all + int(hg.sum())
-            lines.append(f"{measured:.4f} (recall {g / hg.sum():.3f}, {g} genuine / {i} impostor "
-                         f"pairs accepted)")
-        print(f"{rule:8s}: threshold {cal._edge(k):.4f}, calibration's own fitted precision "
-              f"{cal.operating_point(args.precision)['precision']:.4f}")
-        for n, line in enumerate(lines):
-            print(f"  group {n}: measured {line}")
-        print(f"  within ±{args.tolerance:g} of {args.precision:g} in {within}/{len(groups)} groups; "
-              f"pooled: measured {pooled_g / (pooled_g + pooled_i):.4f}, recall "
-              f"{pooled_g / pooled_all:.3f} ({pooled_g} genuine / {pooled_i} impostor pairs)")
-    # Each group of new people calibrates in turn and the others measure, pooled: how much the
-    # draw of the calibration's own people moves the promise.
-    counts = [_counts(m_feats, m_pids, m_cams, np.ones(len(m_pids), bool), np.isin(m_pids, g))
-              for g in groups]
+        point = cal.operating_point(args.precision)
+        measured, recall = _expected(cal, args.precision, everyone, people, new.size)
+        one = [g / (g + i) for g, i, _ in _accepted(cal, args.precision, [counts_of(g) for g in groups])]
+        print(f"{rule:8s}: threshold {point['threshold']:.4f}; expected in a gallery of {people} "
+              f"new people: precision {measured:.4f}, recall {recall:.3f}; the {len(groups)} "
+              f"galleries of one draw (--group-seed {args.group_seed}): "
+              f"{', '.join(f'{m:.4f}' for m in one)}")
+    # Other draws of the calibration's people: each gallery of each of --draws partitions of the
+    # new people calibrates in turn, measured on all the others as above.
     for rule in RULES:
-        pooled = []
-        for c, (genuine, impostor) in enumerate(counts):
-            cal = Calibration.from_counts(genuine, impostor, {"people": people}, rule=rule)
-            k = cal._operating_bin(args.precision)[0]
-            g = sum(int(hg[k:].sum()) for n, (hg, _) in enumerate(counts) if n != c)
-            i = sum(int(hi[k:].sum()) for n, (_, hi) in enumerate(counts) if n != c)
-            pooled.append(g / (g + i))
-        err = np.array(pooled) - args.precision
-        print(f"{rule:8s}, each group calibrating in turn, the other {len(groups) - 1} measuring "
-              f"(pooled): {', '.join(f'{m:.4f}' for m in pooled)}; within ±{args.tolerance:g} in "
-              f"{int(np.sum(np.abs(err) <= args.tolerance))}/{len(groups)}, error mean "
-              f"{err.mean():+.4f}, sd {err.std():.4f}")
+        err = []
+        for draw in range(args.draws):
+            order = np.random.default_rng(args.group_seed + draw).permutation(new)
+            for c in range(new.size // people):
+                mine = order[c * people:(c + 1) * people]
+                rest = np.setdiff1d(new, mine)
+                cal = Calibration.from_counts(*counts_of(mine), {"people": people}, rule=rule)
+                try:
+                    err.append(_expected(cal, args.precision, counts_of(rest), people, rest.size)[0]
+                               - args.precision)
+                except StrongReIDError:
+                    err.append(float("nan"))
+        err = np.array(err)
+        ok = ~np.isnan(err)
+        print(f"{rule:8s}, calibrated on each of {err.size} galleries of {people} new people in turn "
+              f"({args.draws} partitions), measured on the others: within ±{args.tolerance:g} in "
+              f"{int(np.sum(np.abs(err[ok]) <= args.tolerance))}/{err.size}, error mean "
+              f"{err[ok].mean():+.4f}, sd {err[ok].std():.4f}, range {err[ok].min():+.4f} to "
+              f"{err[ok].max():+.4f}; no threshold on {int((~ok).sum())}")
     return 0
 
 
@@ -139,7 +154,9 @@ def main() -> int:
     ap.add_argument("--measure-split", default="test")
     ap.add_argument("--skip-ids", type=int, default=0,
                     help="--measure-on identities up to this one are not new (left out)")
-    ap.add_argument("--group-seed", type=int, default=0, help="draws the groups of new people")
+    ap.add_argument("--group-seed", type=int, default=0, help="draws the galleries of new people")
+    ap.add_argument("--draws", type=int, default=3,
+                    help="partitions of the new people whose galleries calibrate in turn")
     args = ap.parse_args()
 
     images = labelled(read_images(args.data, args.dataset, args.split), "--data")
