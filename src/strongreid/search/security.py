@@ -25,6 +25,7 @@ Bodies. A body without Content-Length (chunked) is counted while it arrives and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -35,7 +36,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -142,10 +143,15 @@ class SharedSessions:
         with self._db() as db:
             db.execute("CREATE TABLE IF NOT EXISTS sessions (hash TEXT PRIMARY KEY, expiry REAL)")
 
-    def _db(self) -> sqlite3.Connection:
-        # One short connection per call: safe from any thread, and every process sees each
-        # commit at once.
-        return sqlite3.connect(self.path, timeout=10, isolation_level=None)
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        # One short connection per call, closed at its end (sqlite3's own context manager only
+        # commits): safe from any thread, and every process sees each commit at once.
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        try:
+            yield db
+        finally:
+            db.close()
 
     def add(self, key: str) -> None:
         now = time.time()
