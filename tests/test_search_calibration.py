@@ -321,6 +321,12 @@ def test_serve_re_targets_the_calibration_to_the_gallerys_people(world, tmp_path
         serving_calibration(str(tmp_path / "uncalibrated.pt"), people=45)
     with pytest.raises(StrongReIDError, match="--people and --no-calibration contradict"):
         serving_calibration(str(world["model"]), off=True, people=45)
+    # A bad --people is the flag's fault, not the file's beside the model.
+    beside = tmp_path / "beside.pt"
+    Calibration.load(file).save(calibration_path(str(beside)))
+    with pytest.raises(StrongReIDError, match="at least 2, got 1") as bad:
+        serving_calibration(str(beside), people=1)
+    assert "lies beside" not in str(bad.value)
 
 
 def test_serve_loads_the_calibration_beside_the_model(world, tmp_path) -> None:

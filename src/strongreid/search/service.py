@@ -1132,12 +1132,13 @@ def serving_calibration(model: str, path: str | None = None, off: bool = False,
         return None, None
     try:
         loaded = Calibration.load(file)
-        return (loaded if people is None else loaded.for_people(people)), file
     except StrongReIDError as exc:
         if path is not None:
             raise
         raise StrongReIDError(f"{exc} (it lies beside --model {model}; or serve without "
                               "same-person marks: --no-calibration)") from None
+    # Outside the file's error handling: a bad --people is the flag's fault, not the file's.
+    return (loaded if people is None else loaded.for_people(people)), file
 
 
 def _describe_calibration(service: SearchService, file: Path | None, model: str) -> str:
