@@ -132,11 +132,11 @@ class Calibration:
         """P(same person | cosine score), as fitted on the calibration pairs, for the target
         population (`people`)."""
         s = np.asarray(scores, np.float64)
-        return 1.0 / (1.0 + np.exp(-(self.slope * s + self.intercept - math.log(self.impostor_weight))))
+        return _sigmoid(self.slope * s + self.intercept - math.log(self.impostor_weight))
 
     def _fitted(self, scores: Any) -> np.ndarray:
         """P(same | score) at the calibration data's own share of genuine pairs (the fit itself)."""
-        return 1.0 / (1.0 + np.exp(-(self.slope * np.asarray(scores, np.float64) + self.intercept)))
+        return _sigmoid(self.slope * np.asarray(scores, np.float64) + self.intercept)
 
     @property
     def bins(self) -> int:
@@ -309,6 +309,13 @@ class Calibration:
                                   "write it again with `strongreid calibrate`") from None
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    # Far below the fit's range exp(-z) overflows to inf and the probability is exactly 0,
+    # which is right: the warning numpy would print says nothing to a user.
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-z))
+
+
 def _check_people(people: Any, name: str) -> None:
     if isinstance(people, bool) or not isinstance(people, numbers.Integral) or people < 2:
         raise StrongReIDError(f"{name} must be a whole number of people, at least 2, got {people!r}")
@@ -376,7 +383,7 @@ def _fit_logistic(centres: np.ndarray, genuine: np.ndarray, impostor: np.ndarray
     a, b = 1.0, 0.0
     current = loss(a, b)
     for _ in range(200):
-        p = 1.0 / (1.0 + np.exp(-(a * s + b)))
+        p = _sigmoid(a * s + b)
         w = n * p * (1.0 - p)
         grad = np.array([(s * (t - n * p)).sum(), (t - n * p).sum()])
         hess = np.array([[(w * s * s).sum(), (w * s).sum()], [(w * s).sum(), w.sum()]]) + 1e-12 * np.eye(2)
