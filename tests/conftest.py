@@ -23,6 +23,9 @@ def _threads_per_process() -> str:
 
 # Set before anything imports torch, so the OpenMP pool and the subprocesses get it too.
 os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads_per_process()
+# Tests that import onnxruntime themselves (parity checks) or through BoxMOT queue no usage
+# events either (strongreid.deploy.runtimes.load_onnxruntime sets the same for the library).
+os.environ.setdefault("ORT_TELEMETRY_DISABLED", "1")
 
 
 @pytest.fixture(scope="session")

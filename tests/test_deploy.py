@@ -573,3 +573,25 @@ def test_non_finite_mixed_precision_features_are_recomputed_in_fp32(caplog) -> N
     assert "recomputed in fp32" in caplog.text
     # fp32 never takes the second pass (the exported graphs hold no such branch).
     assert torch.isnan(test_feature(lambda x: x.flatten(1) * float("nan"), images)).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                    reason="needs onnxruntime: pip install 'strongreid[deploy]'")
+def test_onnxruntime_starts_with_its_usage_telemetry_off() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from strongreid.deploy.runtimes import load_onnxruntime; "
+            "load_onnxruntime(); sys.stdout.write(os.environ['ORT_TELEMETRY_DISABLED'])")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_TELEMETRY_DISABLED"}
+    env["PYTHONPATH"] = src
+    # Off unless the user said otherwise, before onnxruntime starts in the process...
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert off.returncode == 0 and off.stdout == "1", off.stderr
+    # ...and a user's own choice is theirs.
+    kept = subprocess.run([sys.executable, "-c", code], env={**env, "ORT_TELEMETRY_DISABLED": "0"},
+                          capture_output=True, text=True, timeout=120)
+    assert kept.returncode == 0 and kept.stdout == "0", kept.stderr

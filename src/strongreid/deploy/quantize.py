@@ -29,7 +29,7 @@ from yacs.config import CfgNode
 
 from strongreid.deploy import boxmot
 from strongreid.deploy.export import export_model
-from strongreid.deploy.runtimes import require, run_onnx
+from strongreid.deploy.runtimes import load_onnxruntime, require, run_onnx
 from strongreid.errors import ConfigError, StrongReIDError
 
 # Calibration: at most this many images (the first ones of the sorted list), in batches of 32.
@@ -71,6 +71,8 @@ class _Reader:
 def quantize_int8(fp32_onnx: Path, out: Path, batches: list[np.ndarray]) -> None:
     """Static int8 quantisation of an fp32 ONNX file, calibrated on `batches`; metadata kept."""
     import onnx
+
+    load_onnxruntime()  # started with its telemetry off before its quantization tools load it
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

@@ -6,6 +6,7 @@ Shared by `export` (parity of every written file) and `quantize` (int8 calibrati
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,26 @@ def require(module: str, extra: str) -> None:
         raise StrongReIDError(f"this export needs the {module} package: pip install 'strongreid[{extra}]'")
 
 
+def load_onnxruntime() -> Any:
+    """onnxruntime, imported with its usage telemetry off.
+
+    Since 1.29 onnxruntime's Linux and macOS builds queue usage events (machine, OS, Python
+    path, models run) for upload to Microsoft, with a persistent device id on disk. A toolkit
+    that serves pictures of people sends nothing anywhere: ORT_TELEMETRY_DISABLED=1 is the full
+    opt-out when set before onnxruntime starts. A value the user set is left as it is.
+    """
+    os.environ.setdefault("ORT_TELEMETRY_DISABLED", "1")
+    import onnxruntime as ort
+
+    if os.environ["ORT_TELEMETRY_DISABLED"] == "1":
+        ort.disable_telemetry_events()
+    return ort
+
+
 def run_onnx(out: Path, threads: int | None = None, spin: bool = True) -> Callable[[torch.Tensor], np.ndarray]:
     """Features from an ONNX file with onnxruntime on the CPU. `spin` False: its threads sleep
     between runs instead of spinning, for a process whose other threads need the same cores."""
-    import onnxruntime as ort
-
+    ort = load_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
