@@ -100,32 +100,35 @@ def new_people(args, feats, pids, cams, queries, extractor) -> int:
           f"measured on {new.size} new people of {args.measure_on} (identities above "
           f"{args.skip_ids}, {len(images)} images) in galleries of {people}")
     groups = np.random.default_rng(args.group_seed).permutation(new)
-    groups = [groups[i:i + people] for i in range(0, new.size - people + 1, people)]
+    groups = [counts_of(groups[i:i + people]) for i in range(0, new.size - people + 1, people)]
     for rule in RULES:
         cal = Calibration.from_counts(genuine, impostor, {"people": people}, rule=rule)
         point = cal.operating_point(args.precision)
         measured, recall = _expected(cal, args.precision, everyone, people, new.size)
-        one = [g / (g + i) for g, i, _ in _accepted(cal, args.precision, [counts_of(g) for g in groups])]
+        one = [g / (g + i) for g, i, _ in _accepted(cal, args.precision, groups)]
         print(f"{rule:8s}: threshold {point['threshold']:.4f}; expected in a gallery of {people} "
               f"new people: precision {measured:.4f}, recall {recall:.3f}; the {len(groups)} "
               f"galleries of one draw (--group-seed {args.group_seed}): "
               f"{', '.join(f'{m:.4f}' for m in one)}")
     # Other draws of the calibration's people: each gallery of each of --draws partitions of the
-    # new people calibrates in turn, measured on all the others as above.
-    for rule in RULES:
-        err = []
-        for draw in range(args.draws):
-            order = np.random.default_rng(args.group_seed + draw).permutation(new)
-            for c in range(new.size // people):
-                mine = order[c * people:(c + 1) * people]
-                rest = np.setdiff1d(new, mine)
-                cal = Calibration.from_counts(*counts_of(mine), {"people": people}, rule=rule)
+    # new people calibrates in turn, measured on all the others as above (pairs counted once
+    # for both rules).
+    errors: dict[str, list[float]] = {rule: [] for rule in RULES}
+    for draw in range(args.draws):
+        order = np.random.default_rng(args.group_seed + draw).permutation(new)
+        for c in range(new.size // people):
+            mine = order[c * people:(c + 1) * people]
+            rest = np.setdiff1d(new, mine)
+            own, others = counts_of(mine), counts_of(rest)
+            for rule in RULES:
+                cal = Calibration.from_counts(*own, {"people": people}, rule=rule)
                 try:
-                    err.append(_expected(cal, args.precision, counts_of(rest), people, rest.size)[0]
-                               - args.precision)
+                    measured = _expected(cal, args.precision, others, people, rest.size)[0]
                 except StrongReIDError:
-                    err.append(float("nan"))
-        err = np.array(err)
+                    measured = float("nan")
+                errors[rule].append(measured - args.precision)
+    for rule in RULES:
+        err = np.array(errors[rule])
         ok = ~np.isnan(err)
         print(f"{rule:8s}, calibrated on each of {err.size} galleries of {people} new people in turn "
               f"({args.draws} partitions), measured on the others: within ±{args.tolerance:g} in "
