@@ -46,7 +46,7 @@ import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -69,6 +69,7 @@ from strongreid.engine.inference import test_feature
 from strongreid.errors import StrongReIDError
 from strongreid.evaluation.calibration import Calibration, calibration_path
 from strongreid.evaluation.reranking import re_ranking
+from strongreid.search import security
 from strongreid.search.ingest import parse_time, thumb_path
 from strongreid.search.store import (
     Filters,
@@ -847,7 +848,8 @@ def parse_precision(form: str, url: str = "") -> float | None:
 
 
 def create_app(service: SearchService, max_upload: int | None = None, *,
-               auth: Any = None, allowed_hosts: Any = None,
+               auth: security.TokenAuth | None = None,
+               allowed_hosts: Iterable[str] | None = None,
                ingest_root: str | Path | None = None) -> Any:
     """The FastAPI app over `service`, behind security.Guard (an ASGI app).
 
@@ -857,7 +859,6 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
     """
     from fastapi import FastAPI
 
-    from strongreid.search import security
     from strongreid.search.jobs import IngestJobs, JobError, ingest_runner
 
     if max_upload is not None:
@@ -1075,8 +1076,6 @@ class WorkerConfig(uvicorn.Config):
         except StrongReIDError as exc:
             print(f"error: {exc}", flush=True)
             raise SystemExit(STARTUP_FAILURE) from None  # the parent stops too
-        from strongreid.search import security
-
         auth = None
         if self.auth is not None:
             auth = security.TokenAuth(self.auth[0], security.SharedSessions(self.auth[1]))
@@ -1084,7 +1083,7 @@ class WorkerConfig(uvicorn.Config):
 
 
 def _serve_workers(workers: int, service_args: dict[str, Any], hosts: frozenset[str],
-                   host: str, port: int, auth: Any = None) -> int:
+                   host: str, port: int, auth: security.TokenAuth | None = None) -> int:
     """`workers` processes answering on one listening socket (uvicorn's supervisor restarts a
     worker that dies); with `auth` (a TokenAuth), their page sessions live in one SQLite file
     in a private temporary folder, removed at the end."""
@@ -1092,8 +1091,6 @@ def _serve_workers(workers: int, service_args: dict[str, Any], hosts: frozenset[
     import tempfile
 
     from uvicorn.supervisors import Multiprocess
-
-    from strongreid.search import security
 
     folder = tempfile.mkdtemp(prefix="strongreid-sessions-") if auth is not None else None
     try:
@@ -1176,8 +1173,6 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
                   people: int | None = None) -> int:
     """`strongreid serve --gallery gallery.db --model best.pt` (127.0.0.1:8000 by default)."""
     import uvicorn
-
-    from strongreid.search import security
 
     loopback = security.is_loopback(host)
     if not loopback and not auth_file:
