@@ -7,7 +7,7 @@
     PYTHONPATH=src python benchmarks/search_service.py --body raw --server-arg=--workers=2
     # a load generator that spends far less of the shared cores (prebuilt requests, sockets):
     PYTHONPATH=src python benchmarks/search_service.py --body raw --client socket
-    # the traced forward pass alone, by batch size and torch threads:
+    # the forward pass alone (torch, onnxruntime fp32 and int8), by batch size and threads:
     PYTHONPATH=src python benchmarks/search_service.py --forward-only
 
 The server is a real `python -m strongreid serve` subprocess on 127.0.0.1 (a free port) over a
@@ -294,31 +294,52 @@ def bench_memory(url: str, pid: int, big: int) -> dict:
             "rss_after_3s_mib": round(status_kb(pid, "VmRSS") * mib), "latency": pct(ms)}
 
 
-def forward_costs(model: Path) -> dict:
-    """The served forward pass alone (the traced graph): wall time and CPU per image by batch
-    size, on one and on two torch threads."""
+def forward_costs(model: Path, uploads: list[bytes]) -> dict:
+    """The served forward pass alone, by runtime: wall time and CPU per image by batch size, on
+    one and on two threads. Runtimes: the traced graph (`--runtime torch`), onnxruntime fp32
+    (`--runtime onnxruntime`, what `auto` serves) and, for comparison, the same graph quantised to
+    int8 (deploy.quantize, calibrated on the uploads; its features' cosine to fp32 reported)."""
     import torch
 
+    from strongreid.deploy.export import InferenceModel, write_onnx
     from strongreid.deploy.extractor import FeatureExtractor
-    from strongreid.search.service import TracedFeatures
+    from strongreid.deploy.quantize import int8_parity, quantize_int8
+    from strongreid.deploy.runtimes import run_onnx
+    from strongreid.search.service import TracedFeatures, decode_upload
 
-    traced = TracedFeatures.wrap(FeatureExtractor(None, model, device="cpu"))
-    out = {}
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        for batch in (1, 4, 8, 16):
-            x = torch.randn(batch, 3, *traced.extractor.input_size)
-            walls, cpus = [], []
-            with torch.inference_mode():
-                for i in range(35):
-                    w0, c0 = time.perf_counter(), time.process_time()
-                    traced.graph(x)
-                    if i >= 5:  # the first passes warm the allocator and oneDNN
-                        walls.append(time.perf_counter() - w0)
-                        cpus.append(time.process_time() - c0)
-            out[f"threads{threads}_batch{batch}"] = {
-                "wall_ms": round(float(np.median(walls)) * 1000, 2),
-                "cpu_ms_per_image": round(float(np.median(cpus)) * 1000 / batch, 2)}
+    extractor = FeatureExtractor(None, model, device="cpu")
+    traced = TracedFeatures.wrap(extractor)
+    crops = extractor.preprocess([decode_upload(u) for u in uploads]).numpy()
+    calib = [crops[i:i + 8] for i in range(0, len(crops), 8)]
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-forward-") as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        graph = InferenceModel(extractor.model, extractor.flip, extractor.feat_norm,
+                               extractor.scales).eval()
+        write_onnx(graph, torch.from_numpy(calib[0]), fp32, {})
+        quantize_int8(fp32, int8, calib)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runtimes = {"torch": lambda x: traced.graph(torch.from_numpy(x)),
+                        "onnxruntime": run_onnx(fp32, threads, spin=False),
+                        "onnxruntime_int8": run_onnx(int8, threads, spin=False)}
+            if threads == 1:
+                out["int8_parity"] = int8_parity(runtimes["onnxruntime"],
+                                                 runtimes["onnxruntime_int8"], calib)
+            for name, run in runtimes.items():
+                for batch in (1, 4, 8, 16):
+                    x = np.ascontiguousarray(np.resize(crops, (batch, *crops.shape[1:])))
+                    walls, cpus = [], []
+                    with torch.inference_mode():
+                        for i in range(35):
+                            w0, c0 = time.perf_counter(), time.process_time()
+                            run(x)
+                            if i >= 5:  # the first passes warm the allocators and oneDNN
+                                walls.append(time.perf_counter() - w0)
+                                cpus.append(time.process_time() - c0)
+                    out[f"{name}_threads{threads}_batch{batch}"] = {
+                        "wall_ms": round(float(np.median(walls)) * 1000, 2),
+                        "cpu_ms_per_image": round(float(np.median(cpus)) * 1000 / batch, 2)}
     return out
 
 
@@ -338,13 +359,13 @@ def main() -> int:
     ap.add_argument("--server-arg", action="append", default=[],
                     help="an option passed to `strongreid serve` (repeatable: --server-arg=--workers=2)")
     ap.add_argument("--forward-only", action="store_true",
-                    help="time the traced forward pass alone (no server)")
+                    help="time the forward pass alone by runtime (no server)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         gallery, model, uploads = build(Path(tmp))
         if args.forward_only:
-            print(json.dumps(forward_costs(model), indent=2))
+            print(json.dumps(forward_costs(model, uploads), indent=2))
             return 0
         extra = tuple(args.server_arg)
         result: dict = {"server_src": args.server_src, "server_args": list(extra),
