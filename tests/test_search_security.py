@@ -15,8 +15,9 @@ import os
 import select
 import socket
 import stat
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -47,6 +48,7 @@ from strongreid.search.security import (  # noqa: E402
     read_auth_file,
 )
 from strongreid.search.service import (  # noqa: E402
+    Batcher,
     OnnxFeatures,
     PreparedUpload,
     SearchService,
@@ -442,6 +444,122 @@ def test_concurrent_uploads_share_forward_passes_and_get_their_own_answers(world
 
 
 
+class _Recorder:
+    """An embed that records its batches: each input is a number, its feature that number.
+    An input of 0 holds its pass until `release` is set (`entered` says it began)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, items: list) -> np.ndarray:
+        self.batches.append(list(items))
+        if 0.0 in items:
+            self.entered.set()
+            assert self.release.wait(30)
+        return np.asarray([[x] for x in items], np.float32)
+
+
+def _ask(batcher: Batcher, item: object) -> Future:
+    """batcher(item) on a thread of its own."""
+    done: Future = Future()
+    threading.Thread(target=lambda: done.set_result(batcher(item)), daemon=True).start()
+    return done
+
+
+def _queued(batcher: Batcher, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(batcher._waiting) < n:
+        assert time.monotonic() < deadline, "the query never reached the queue"
+        time.sleep(0.005)
+
+
+# A window of a minute: a test that passes did not wait for it (it would time out first).
+MINUTE = 60_000
+
+
+def test_a_query_alone_is_embedded_without_waiting_for_the_window() -> None:
+    embed = _Recorder()
+    batcher = Batcher(embed, threading.Lock(), max_batch=16, wait_ms=MINUTE)
+    try:
+        assert _ask(batcher, 1.0).result(timeout=20)[0] == 1.0
+        assert embed.batches == [[1.0]]
+    finally:
+        batcher.close()
+
+
+def test_a_pass_waits_for_announced_queries_and_takes_them_in_one_batch() -> None:
+    embed = _Recorder()
+    batcher = Batcher(embed, threading.Lock(), max_batch=16, wait_ms=MINUTE)
+    try:
+        tickets = [batcher.expect() for _ in range(3)]
+        assert batcher.coming == 3
+        first = _ask(batcher, PreparedUpload((1, 1), 1.0, tickets[0]))
+        _queued(batcher, 1)
+        time.sleep(0.2)
+        assert not first.done() and embed.batches == []  # two more are on their way
+        second = _ask(batcher, PreparedUpload((1, 1), 2.0, tickets[1]))
+        _queued(batcher, 2)
+        # The third upload failed to decode: withdrawn, so nothing is left to wait for.
+        batcher.withdraw(tickets[2])
+        assert [f.result(timeout=20)[0] for f in (first, second)] == [1.0, 2.0]
+        assert embed.batches == [[1.0, 2.0]] and batcher.coming == 0
+        batcher.withdraw(tickets[0])  # a ticket already used: nothing happens
+        assert batcher.coming == 0
+        # While a pass runs, queries queue up and the next pass takes them together.
+        running = _ask(batcher, 0.0)
+        assert embed.entered.wait(20)
+        queued = [_ask(batcher, x) for x in (3.0, 4.0)]
+        _queued(batcher, 2)
+        embed.release.set()
+        assert [f.result(timeout=20)[0] for f in (running, *queued)] == [0.0, 3.0, 4.0]
+        assert embed.batches[1:] == [[0.0], [3.0, 4.0]]
+    finally:
+        batcher.close()
+
+
+def test_a_ticket_whose_query_never_comes_stops_holding_the_queue() -> None:
+    embed = _Recorder()
+    batcher = Batcher(embed, threading.Lock(), max_batch=16, wait_ms=MINUTE)
+    batcher.TICKET_S = 0.3  # the request died between its decode and its search
+    try:
+        batcher.expect()
+        t0 = time.monotonic()
+        assert _ask(batcher, 7.0).result(timeout=20)[0] == 7.0
+        assert time.monotonic() - t0 >= 0.3 and batcher.coming == 0
+    finally:
+        batcher.close()
+
+
+def test_a_closed_batcher_finishes_its_queue_and_refuses_new_queries() -> None:
+    embed = _Recorder()
+    batcher = Batcher(embed, threading.Lock(), max_batch=2, wait_ms=MINUTE)
+    running = _ask(batcher, 0.0)  # holds its pass: the next three queue behind it
+    assert embed.entered.wait(20)
+    asked = [_ask(batcher, x) for x in (1.0, 2.0, 3.0)]
+    _queued(batcher, 3)
+    batcher.close()
+    embed.release.set()
+    assert [f.result(timeout=20)[0] for f in (running, *asked)] == [0.0, 1.0, 2.0, 3.0]
+    assert [len(b) for b in embed.batches] == [1, 2, 1]
+    with pytest.raises(StrongReIDError, match="shutting down"):
+        batcher(4.0)
+
+
+def test_uploads_refused_after_their_decode_leave_no_announced_query(world) -> None:
+    client, service = world["client"], world["service"]
+    png = image_bytes(world["crops"][3])
+    # Decoded, then refused by the search (k out of range): the ticket is withdrawn.
+    r = client.post("/api/search?k=0", content=png, headers={"Content-Type": "image/png"})
+    assert r.status_code == 400 and "k must be" in r.text
+    # Not an image: the failed decode withdraws it.
+    r = client.post("/api/search", content=b"not an image", headers={"Content-Type": "image/png"})
+    assert r.status_code == 400
+    r = client.post("/api/search", files={"image": ("q.png", b"junk", "image/png")})
+    assert r.status_code == 400
+    assert service.batcher.coming == 0
+
+
 def test_queries_run_on_onnxruntime_with_the_eager_models_features(world) -> None:
     service, extractor, crops = world["service"], world["extractor"], world["crops"]
     # By default (--runtime auto) the forward pass runs on onnxruntime where it is installed
@@ -507,7 +625,11 @@ def test_uploads_reach_the_batcher_preprocessed_with_the_same_features(world) ->
     plain = SearchService(store, lambda images: np.ones((len(images), store.dim), np.float32),
                           world["thumbs"], runtime="torch")
     try:
-        assert isinstance(asyncio.run(plain.decode(data)), Image.Image)
+        upload = asyncio.run(plain.decode(data))
+        assert isinstance(upload, PreparedUpload) and isinstance(upload.input, Image.Image)
+        assert plain.batcher.coming == 1  # announced, not yet searched
+        assert plain.search(upload, k=3)["query"]["size"] == list(crops[7].size)
+        assert plain.batcher.coming == 0
     finally:
         plain.close()
 

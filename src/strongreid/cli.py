@@ -383,7 +383,8 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16,
                    help="concurrent upload queries embedded in one forward pass, at most")
     p.add_argument("--batch-wait-ms", type=float, default=3.0,
-                   help="how long a forward pass waits for more queries to join it")
+                   help="how long a forward pass waits at most for uploads already being "
+                        "decoded to join it (a query alone never waits)")
     p.add_argument("--max-decodes", type=int, default=2,
                    help="uploads decoded at once (each may take up to 4096x4096 pixels)")
     p.add_argument("--calibration", default=None,

@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import abc
 import io
+import itertools
 import logging
 import math
 import os
-import queue
 import re
 import stat
 import threading
@@ -178,37 +178,41 @@ class PreparedUpload:
     Made on the decode threads, so that resizing and normalising run beside other queries'
     forward passes rather than inside the batcher's serial stage (under 16 clients they were a
     third of its time). The input is what the model's own preprocessing gives, so the features
-    are those of the picture.
+    are those of the picture (or the picture itself for a model without that preprocessing).
+    `ticket`: the Batcher's note that this query is on its way (Batcher.expect).
     """
 
-    __slots__ = ("size", "input")
+    __slots__ = ("size", "input", "ticket")
 
-    def __init__(self, size: tuple[int, int], input: torch.Tensor) -> None:
-        self.size, self.input = size, input
+    def __init__(self, size: tuple[int, int], input: torch.Tensor | Image.Image,
+                 ticket: int | None = None) -> None:
+        self.size, self.input, self.ticket = size, input, ticket
 
 
 def _decode_and_trim(data: bytes, max_bytes: int,
                      prepare: Callable[[list[Image.Image]], torch.Tensor] | None = None
-                     ) -> Image.Image | PreparedUpload:
+                     ) -> PreparedUpload:
     img = decode_upload(data, max_bytes)
     if _TRIM is not None and len(data) and img.width * img.height >= (QUERY_SIDE // 2) ** 2:
         # A big picture was decoded and freed: hand the pages back to the system now rather
         # than keep the peak for good.
         _TRIM(0)
-    if prepare is None:
-        return img
-    return PreparedUpload(img.size, prepare([img])[0])
+    return PreparedUpload(img.size, img if prepare is None else prepare([img])[0])
 
 
 class Batcher:
     """Forward passes shared by concurrent queries: dynamic batching.
 
-    A query puts its image in a queue and waits; one worker takes the first waiting image,
-    collects what else arrives within `wait_ms` (up to `max_batch`) and embeds them in one
-    forward pass under `lock` (which ingest shares, so one pass runs at a time and memory
-    stays bounded). Under load the queue fills while a pass runs, so batches grow on their
-    own; alone, a query waits `wait_ms` at most.
+    A query puts its input in a queue and waits; one worker takes what is waiting (up to
+    `max_batch`) and embeds it in one forward pass under `lock` (which ingest shares, so one
+    pass runs at a time and memory stays bounded). Before a pass it waits, at most `wait_ms`,
+    only for queries known to be on their way: an upload announces
+    itself (`expect`) when its body has arrived and is being decoded. So a query alone never
+    waits, and the queue never idles behind a fixed window while every query is already in
+    it; under load the queue also fills while a pass runs, so batches grow on their own.
     """
+
+    TICKET_S = 1.0  # an announcement older than this no longer holds a pass
 
     def __init__(self, embed: Any, lock: threading.Lock, max_batch: int = 16,
                  wait_ms: float = 3.0) -> None:
@@ -219,32 +223,79 @@ class Batcher:
         self.max_batch, self.wait = max_batch, wait_ms / 1000
         self.batches = 0
         self.images = 0
-        self._queue: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[Any, Future]] = []
+        # Announced queries not yet in the queue: ticket -> when announced. One whose request
+        # died between the two (a client gone, an error) stops counting after TICKET_S.
+        self._coming: dict[int, float] = {}
+        self._tickets = itertools.count()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="strongreid-batcher", daemon=True)
         self._thread.start()
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
+    @property
+    def coming(self) -> int:
+        """How many announced queries are not yet in the queue."""
+        with self._cond:
+            return len(self._coming)
+
+    def expect(self) -> int:
+        """Note that a query is on its way; its ticket goes with it (PreparedUpload.ticket)."""
+        with self._cond:
+            ticket = next(self._tickets)
+            self._coming[ticket] = time.monotonic()
+            return ticket
+
+    def withdraw(self, ticket: int | None) -> None:
+        """The announced query will not come (its upload failed); a no-op once it came."""
+        if ticket is not None:
+            with self._cond:
+                if self._coming.pop(ticket, None) is not None:
+                    self._cond.notify()
+
+    def __call__(self, image: Any) -> np.ndarray:
         future: Future = Future()
-        self._queue.put((image, future))
+        with self._cond:
+            if self._closed:
+                raise StrongReIDError("the server is shutting down")
+            if isinstance(image, PreparedUpload):
+                self._coming.pop(image.ticket, None)
+                image = image.input
+            self._waiting.append((image, future))
+            self._cond.notify()
         return future.result()
 
-    def _run(self) -> None:
-        while (first := self._queue.get()) is not None:
-            batch = [first]
+    def _wait_for_coming(self, deadline: float) -> bool:
+        """Wait (lock held) until the queue changes, the window ends or an announced query
+        lapses; False when there is nothing left to wait for."""
+        now = time.monotonic()
+        for ticket in [t for t, at in self._coming.items() if at <= now - self.TICKET_S]:
+            del self._coming[ticket]
+        if not self._coming or now >= deadline:
+            return False
+        lapse = min(self._coming.values()) + self.TICKET_S
+        self._cond.wait(min(deadline, lapse) - now)
+        return True
+
+    def _next_batch(self) -> list[tuple[Any, Future]] | None:
+        with self._cond:
+            while not self._waiting and not self._closed:
+                self._cond.wait()
+            if not self._waiting:
+                return None
             deadline = time.monotonic() + self.wait
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
+            while len(self._waiting) < self.max_batch and not self._closed:
+                if not self._wait_for_coming(deadline):
                     break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
+            batch = self._waiting[:self.max_batch]
+            del self._waiting[:self.max_batch]
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
             try:
-                inputs = [img.input if isinstance(img, PreparedUpload) else img for img, _ in batch]
                 with self.lock:
-                    feats = np.asarray(self.embed(inputs), np.float32)
+                    feats = np.asarray(self.embed([img for img, _ in batch]), np.float32)
                 self.batches += 1
                 self.images += len(batch)
                 for (_, future), f in zip(batch, feats):
@@ -254,7 +305,10 @@ class Batcher:
                     future.set_exception(exc)
 
     def close(self) -> None:
-        self._queue.put(None)
+        """Stop after the queries already queued (a later one is refused)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
 
 def probe_batches(extractor: FeatureExtractor) -> list[torch.Tensor]:
@@ -616,14 +670,22 @@ class SearchService:
         with self._model_lock:
             return np.asarray(self.embed(crops), np.float32)
 
-    async def decode(self, data: bytes) -> Image.Image | PreparedUpload:
+    async def decode(self, data: bytes) -> PreparedUpload:
         """decode_upload on the decode threads (at most max_decodes at a time), with the model's
-        preprocessing when the service knows it."""
+        preprocessing when the service knows it. The batcher expects the query from now on:
+        its pass may wait for it (`ticket`); a failed decode withdraws it."""
         import asyncio
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decoder, _decode_and_trim, data, self.max_upload,
-                                          self._prepare)
+        ticket = self.batcher.expect()
+        try:
+            upload = await loop.run_in_executor(self._decoder, _decode_and_trim, data,
+                                                self.max_upload, self._prepare)
+        except BaseException:
+            self.batcher.withdraw(ticket)
+            raise
+        upload.ticket = ticket
+        return upload
 
     def forget_facets(self) -> None:
         self._facets = None
@@ -801,7 +863,11 @@ class SearchService:
         """search() rendered as the JSON response (in the caller's thread: FastAPI's own
         encoding of a returned dict, validation and then a generic walk, cost more per query
         than the search itself)."""
-        return JSONResponse(self.search(image, key, **params))
+        try:
+            return JSONResponse(self.search(image, key, **params))
+        finally:
+            if isinstance(image, PreparedUpload):  # a query refused before its forward pass
+                self.batcher.withdraw(image.ticket)
 
     @staticmethod
     def _answer(query: dict, hits: list[dict], filters: Filters, reranked: bool,
@@ -965,14 +1031,13 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
         """
         from starlette.concurrency import run_in_threadpool
 
-        wanted = parse_precision(precision, precision_url)
+        params = {"k": k, "filters": _filters(cameras, videos, start, end),
+                  "exclude_camera": exclude_camera, "use_rerank": rerank, "pool": pool,
+                  "precision": parse_precision(precision, precision_url)}
         img = None
         if image is not None and not key:
             data = await image.read(max_upload + 1)
             img = await service.decode(data)
-        params = {"k": k, "filters": _filters(cameras, videos, start, end),
-                  "exclude_camera": exclude_camera, "use_rerank": rerank, "pool": pool,
-                  "precision": wanted}
         return await run_in_threadpool(service.answer, img, key or None, params)
 
     def _jobs() -> Any:
