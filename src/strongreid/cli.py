@@ -398,7 +398,7 @@ def _add_search_parsers(sub) -> None:
                         "(default: the one it was made for)")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port, each with the model and the index "
-                        "(embedded store only; not with --ingest-root)")
+                        "(not with --ingest-root or a Milvus Lite gallery)")
     p.add_argument("--runtime", choices=("auto", "onnxruntime", "torch"), default="auto",
                    help="what runs the model: onnxruntime (fastest on a CPU, features checked "
                         "against the model's at start), torch, or auto: onnxruntime when "
