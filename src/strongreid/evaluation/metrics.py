@@ -409,7 +409,8 @@ class _Evaluator:
         vals[pr, slot] = pv
         up = torch.nextafter(vals, torch.full_like(vals, math.inf))
         bounds = torch.stack([vals, up], dim=2).reshape(m, 2 * width)
-        sub = d if m == num_b else d[rows_d]
+        # searchsorted wants contiguous rows (it would copy a strided block itself, and warn).
+        sub = (d if m == num_b else d[rows_d]).contiguous()
         bucket = torch.searchsorted(bounds, sub, right=True, out_int32=True)
         bins = 2 * width + 1
         bucket += (torch.arange(m, device=dev, dtype=torch.int32) * bins)[:, None]
