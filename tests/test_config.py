@@ -305,6 +305,43 @@ def test_command_options_may_follow_the_overrides():
     assert args.resume is True and args.opts == ["SOLVER.MAX_EPOCHS", "3"]
 
 
+def test_config_may_follow_the_overrides_in_every_command(capsys):
+    from strongreid.cli import _pull_options, build_parser
+
+    yml = str(CONFIGS / "softmax_triplet.yml")
+    rc = main(["config", "SOLVER.MAX_EPOCHS", "3", "--config", yml])
+    assert rc == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["SOLVER"]["MAX_EPOCHS"] == 3 and data["MODEL"]["METRIC_LOSS_TYPE"] == "triplet"
+    parser = build_parser()
+    # The order `strongreid search` itself suggests: index, --query, --config, overrides.
+    args = parser.parse_args(["search", "idx", "--query", "imgs", "--config", "c.yml",
+                              "TEST.WEIGHT", "w.pt"])
+    _pull_options(args._parser, args)
+    assert (args.index, args.query, args.config, args.opts) == ("idx", "imgs", "c.yml",
+                                                                ["TEST.WEIGHT", "w.pt"])
+    args = parser.parse_args(["test", "TEST.WEIGHT", "w.pt", "--config-file=c.yml"])
+    _pull_options(args._parser, args)
+    assert (args.config, args.opts) == ("c.yml", ["TEST.WEIGHT", "w.pt"])
+    with pytest.raises(SystemExit) as exc:
+        main(["config", "--config", yml, "SOLVER.MAX_EPOCHS", "3", "--config", "other.yml"])
+    assert exc.value.code == 2
+    assert "--config is given twice" in capsys.readouterr().err
+
+
+def test_an_os_error_a_command_did_not_foresee_is_one_line(monkeypatch, capsys):
+    import strongreid.cli as cli
+
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "/srv/runs/x/results.json")
+
+    monkeypatch.setattr(cli, "_cmd_config", refused)
+    assert cli.main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: cannot use /srv/runs/x/results.json: Permission denied; check the "
+                   "path, its permissions and the free space\n")
+
+
 def test_missing_required_option_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["export", "TEST.WEIGHT", "w.pt", "--format", "onnx"])

@@ -49,10 +49,18 @@ def _pull_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     own = argparse.ArgumentParser(prog=parser.prog, add_help=False, allow_abbrev=False)
     add = getattr(args, "_options", None)
     needed = add(own) if add is not None else ()
+    # --config may follow the overrides too (`strongreid config SOLVER.MAX_EPOCHS 3 --config F`).
+    own.add_argument("--config", "--config_file", "--config-file", dest="late_config",
+                     default=None)
     # Options given before the KEY VALUE pairs are on `args` already and keep their values:
     # argparse only sets the defaults of attributes the namespace does not have.
     _, rest = own.parse_known_args(list(getattr(args, "opts", None) or []), namespace=args)
     args.opts = rest
+    late = vars(args).pop("late_config", None)
+    if late is not None:
+        if args.config is not None and args.config != late:
+            parser.error(f"--config is given twice ({args.config} and {late}): give it once")
+        args.config = late
     missing = ["--" + dest.replace("_", "-") for dest in needed if getattr(args, dest, None) is None]
     if missing:
         parser.error("the following arguments are required: " + ", ".join(missing))
@@ -577,6 +585,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except StrongReIDError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A path the commands did not check themselves (a full disk, a folder that vanished,
+        # permissions): the path and the reason, not a traceback.
+        where = f" {exc.filename}" if exc.filename else ""
+        also = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
+        print(f"error: cannot use{where}{also}: {exc.strerror or exc}; check the path, its "
+              "permissions and the free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
