@@ -448,3 +448,36 @@ def test_pretrain_choice_self(tmp_path):
     assert model.classifier.weight.shape == (8, 512)
     with pytest.raises(ConfigError, match="PRETRAIN_PATH"):
         build_model(_cfg(MODEL__PRETRAIN_CHOICE="self"), 8)
+
+
+def test_loading_with_other_feature_settings_than_training_warns(tmp_path, caplog):
+    from strongreid.config import load_config
+    from strongreid.config.loader import dump_config
+    from strongreid.modeling import build_model
+    from strongreid.modeling.loading import load_inference_model
+
+    trained = load_config(None, ["MODEL.NAME", "resnet18", "MODEL.PRETRAIN_CHOICE", "none",
+                                 "MODEL.DEVICE", "cpu", "INPUT.SIZE_TEST", "[64, 32]",
+                                 "TEST.NECK_FEAT", "before"])
+    path = tmp_path / "best.pt"
+    torch.save({"model": build_model(trained, 5).state_dict(), "num_classes": 5,
+                "arch": "resnet18", "config": dump_config(trained)}, path)
+    base = ["MODEL.NAME", "resnet18", "MODEL.PRETRAIN_CHOICE", "none", "MODEL.DEVICE", "cpu"]
+
+    def warnings_for(opts: list[str]) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="strongreid"):
+            load_inference_model(load_config(None, base + opts), path)
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    # The defaults (384 x 128, the neck's 'after' feature) are not what the model was trained with.
+    (message,) = warnings_for([])
+    assert message == (
+        f"checkpoint {path} was trained with INPUT.SIZE_TEST [64, 32], TEST.NECK_FEAT before (its "
+        "stored config); this run uses the defaults INPUT.SIZE_TEST [384, 128], TEST.NECK_FEAT "
+        "after, so its features are not the model's: pass --config with the run's config.yaml, "
+        "or set these keys to choose")
+    # A value set on purpose is the user's choice; the same values say nothing.
+    (message,) = warnings_for(["INPUT.SIZE_TEST", "[128, 64]"])
+    assert "TEST.NECK_FEAT before" in message and "SIZE_TEST" not in message
+    assert warnings_for(["INPUT.SIZE_TEST", "[64, 32]", "TEST.NECK_FEAT", "before"]) == []

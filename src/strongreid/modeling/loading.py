@@ -114,11 +114,50 @@ def _load_native(cfg: CfgNode, path: Path, info: dict[str, Any] | None) -> nn.Mo
             f"checkpoint {path} records num_classes {declared} but its classifier has {rows} "
             "classes: the file was assembled from two runs; re-save it from the training run"
         )
+    _warn_feature_settings(cfg, info, path)
     # An original-project state dict records no class count: its classifier tells it.
     num_classes = int(declared) if declared is not None else rows if rows is not None else 1
     model = build_model(_no_pretrain(cfg), num_classes)
     load_test_weights(model, path)
     return model.eval()
+
+
+# Settings that change a model's features without changing its weights: a model tested with
+# other values than it was trained with loads cleanly and scores silently lower.
+FEATURE_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "MODEL.LAST_STRIDE",
+                "MODEL.POOLING", "TEST.NECK_FEAT", "TEST.FEAT_NORM")
+
+
+def feature_settings_drift(cfg: CfgNode, saved: CfgNode) -> dict[str, tuple[Any, Any]]:
+    """FEATURE_KEYS whose value in `cfg` differs from the checkpoint's config: key -> (now, then)."""
+    def value(node: CfgNode, key: str) -> Any:
+        for part in key.split("."):
+            node = node[part]
+        return list(node) if isinstance(node, (list, tuple)) else node
+
+    return {k: (value(cfg, k), value(saved, k)) for k in FEATURE_KEYS
+            if value(cfg, k) != value(saved, k)}
+
+
+def _warn_feature_settings(cfg: CfgNode, info: dict[str, Any], path: Path) -> None:
+    from strongreid.config.loader import config_from_text, explicit_keys
+
+    if not info.get("config"):
+        return
+    try:
+        saved = config_from_text(info["config"])
+    except (ConfigError, ValueError, TypeError, KeyError):
+        return  # a config this version cannot read: nothing to compare with
+    # A value the user set on purpose (a file or an override) is theirs to choose.
+    drift = {k: v for k, v in feature_settings_drift(cfg, saved).items()
+             if k not in explicit_keys(cfg)}
+    if drift:
+        logger.warning(
+            "checkpoint %s was trained with %s (its stored config); this run uses the defaults "
+            "%s, so its features are not the model's: pass --config with the run's config.yaml, "
+            "or set these keys to choose", path,
+            ", ".join(f"{k} {then}" for k, (_, then) in drift.items()),
+            ", ".join(f"{k} {now}" for k, (now, _) in drift.items()))
 
 
 def _load_foreign(cfg: CfgNode, path: Path, fmt: str, raw: dict[str, Any] | None) -> LoadedModel:
