@@ -72,6 +72,16 @@ def test_train_then_test_through_the_cli(tiny_synthetic_root, tmp_path, capsys):
     tested = json.loads((test_out / "results.json").read_text())
     assert tested["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
 
+    # `test` into the training run's own folder: the run's record survives beside the new one.
+    in_run = tiny_train_opts(tiny_synthetic_root, out, **{"TEST.WEIGHT": out / "last.pt"})
+    assert main(["test", *in_run]) == 0
+    assert f"is kept as {out / 'results_train.json'}" in capsys.readouterr().out
+    assert json.loads((out / "results_train.json").read_text()) == results
+    assert "train_time_s" not in json.loads((out / "results.json").read_text())
+    assert main(["test", *in_run]) == 0  # a second test keeps the first copy, untouched
+    assert "is kept as" not in capsys.readouterr().out
+    assert json.loads((out / "results_train.json").read_text()) == results
+
 
 def test_resume_equals_uninterrupted_run(tiny_synthetic_root, tmp_path):
     straight = tmp_path / "straight"

@@ -135,6 +135,23 @@ def write_results(cfg: CfgNode, out_dir: str | os.PathLike, evaluated: dict[str,
     return plain
 
 
+def keep_training_results(out_dir: Path) -> Path | None:
+    """Before `test` writes into a training run's folder: that run's results.json (the only
+    record of its epoch and training time) copied to results_train.json, once. The copy's path,
+    or None when there was nothing to keep."""
+    results, kept = out_dir / "results.json", out_dir / "results_train.json"
+    if kept.exists() or not results.is_file():
+        return None
+    try:
+        data = json.loads(results.read_text())
+    except (OSError, ValueError):
+        return None  # not a file training wrote: test replaces it as before
+    if not isinstance(data, dict) or "train_time_s" not in data:
+        return None
+    write_json_atomic(data, kept)
+    return kept
+
+
 def build_test_model(cfg: CfgNode, weights: str) -> LoadedModel:
     """The model of a checkpoint, ready for inference (no ImageNet weights are fetched), the
     config to test it with (a foreign checkpoint sets its input size, pixel statistics and resize
@@ -164,6 +181,7 @@ def test_command(cfg: CfgNode) -> int:
     evaluated = evaluate_model(cfg, model, splits.query, splits.gallery, device,
                                multi_query=splits.multi_query)
     if evaluated is not None:
+        kept = keep_training_results(out_dir)
         summary = write_results(cfg, out_dir, evaluated, splits.query, splits.gallery,
                                 {"weights": str(cfg.TEST.WEIGHT), "dataset": splits.test_name,
                                  "multi_query": bool(cfg.TEST.MULTI_QUERY), "flip": bool(cfg.TEST.FLIP_AUG),
@@ -177,5 +195,7 @@ def test_command(cfg: CfgNode) -> int:
         if "reranked" in evaluated["results"]:
             print(format_table("re-ranked", evaluated["results"]["reranked"].to_dict()))
         print(f"results written to {out_dir / 'results.json'}")
+        if kept is not None:
+            print(f"the training's results.json (its epoch and training time) is kept as {kept}")
     D.cleanup(wait=True)
     return 0
