@@ -141,6 +141,22 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_synthetic_root, tmp_pat
     assert "last.pt does not exist" in capsys.readouterr().err
 
 
+def test_resume_from_a_damaged_last_pt_names_the_newest_periodic_checkpoint(tiny_synthetic_root,
+                                                                           tmp_path, capsys):
+    run = tmp_path / "cut"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"PK\x03\x04 cut short by a full disk")
+    for epoch in (2, 10, 4):
+        (run / f"resnet18_epoch{epoch}.pt").write_bytes(b"")
+    rc = main(["train", "--resume", *tiny_train_opts(tiny_synthetic_root, run)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and err.count("error:") == 1
+    assert err.startswith("error: --resume: ") and str(run / "last.pt") in err
+    assert err.rstrip().endswith(f"The newest periodic checkpoint of this run is "
+                                 f"{run / 'resnet18_epoch10.pt'}: copy it over {run / 'last.pt'} "
+                                 "to resume from there")
+
+
 def test_ranking_file_matches_results(tiny_synthetic_root, tmp_path):
     out = tmp_path / "rank"
     build_trainer(load_config(None, tiny_train_opts(tiny_synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 1}))).fit()

@@ -95,6 +95,16 @@ def evaluates_after(cfg: CfgNode, epoch: int) -> bool:
 _TRAINER_STATE = ("model", "optimizer", "scheduler", "center", "center_optimizer", "scaler", "rng")
 
 
+def periodic_checkpoints(run: Path) -> list[Path]:
+    """A run's NAME_epochN.pt files (SOLVER.CHECKPOINT_PERIOD), oldest epoch first."""
+    found = []
+    for path in run.glob("*_epoch*.pt"):
+        epoch = path.stem.rpartition("_epoch")[2]
+        if epoch.isdigit():
+            found.append((int(epoch), path))
+    return [path for _, path in sorted(found)]
+
+
 class Trainer:
     """One run: data, model, loss and optimisers built from the config; `fit()` trains.
 
@@ -279,11 +289,20 @@ class Trainer:
         if not path.is_file():
             raise CheckpointError(f"--resume: {path} does not exist; train without --resume first "
                                   "(or point OUTPUT_DIR at the run to continue)")
-        ckpt = read_checkpoint(path, map_location=self.device)
+        try:
+            ckpt = read_checkpoint(path, map_location=self.device)
+        except CheckpointError as exc:
+            older = periodic_checkpoints(path.parent)
+            if not older:
+                raise
+            raise CheckpointError(f"--resume: {exc} The newest periodic checkpoint of this run is "
+                                  f"{older[-1]}: copy it over {path} to resume from there") from None
         if ckpt.get("arch") != self.cfg.MODEL.NAME or ckpt.get("num_classes") != self.num_classes:
             raise CheckpointError(
                 f"--resume: {path} is a {ckpt.get('arch')} with {ckpt.get('num_classes')} classes, but "
-                f"this config builds a {self.cfg.MODEL.NAME} with {self.num_classes} classes"
+                f"this config builds a {self.cfg.MODEL.NAME} with {self.num_classes} classes: resume "
+                f"with the run's own settings (--config {path.parent / 'config.yaml'} and the same "
+                "datasets), or train into a new OUTPUT_DIR"
             )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
