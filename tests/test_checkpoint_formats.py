@@ -2,10 +2,14 @@
 
 A toy foreign format (keys `net.*` / `head.*`, 0-255 pixel statistics) is registered for the tests:
 it exercises detection, config overrides reaching the transforms, strict loading and the messages.
+Files that are no checkpoint at all (a text file, an error page, a git-LFS pointer, an image...)
+are each one CheckpointError that says what the file is.
 """
 
 from __future__ import annotations
 
+import pickle
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,9 +20,11 @@ import torch
 from torch import nn
 
 from strongreid import FeatureExtractor
+from strongreid.cli import main
 from strongreid.config import load_config
 from strongreid.errors import CheckpointError, ConfigError
 from strongreid.modeling import build_model
+from strongreid.modeling.checkpoint import read_checkpoint
 from strongreid.modeling.formats import CHECKPOINT_FORMATS, NATIVE, Converted, detect_format
 from strongreid.modeling.loading import load_inference_model
 
@@ -116,3 +122,135 @@ def test_explicit_and_unknown_formats(toy_format, tmp_path) -> None:
         load_inference_model(load_config(None, [*OPTS, "MODEL.CHECKPOINT_FORMAT", "strongreid"]), path)
     explicit = load_inference_model(load_config(None, [*OPTS, "MODEL.CHECKPOINT_FORMAT", "toy"]), path)
     assert explicit.format == "toy"
+
+
+# -- files that are not checkpoints -------------------------------------------------------------
+
+class Opaque:
+    """A class whose instances weights_only=True refuses to unpickle."""
+
+
+def _cut(path: Path, keep: float) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def _onnx_bytes() -> bytes:
+    onnx = pytest.importorskip("onnx")
+    helper = onnx.helper
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    return helper.make_model(graph, producer_name="strongreid").SerializeToString()
+
+
+def read_error(path: Path) -> str:
+    """read_checkpoint's message for `path`; any other exception fails the test."""
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    return str(info.value)
+
+
+TEXT_KINDS = {
+    "text.pt": (b"hello world\n", "it is a text file (it starts 'hello world'), not a checkpoint: give "
+                "the .pt/.pth file written by training (OUTPUT_DIR/best.pt) or downloaded from a model zoo"),
+    "page.pth": (b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n",
+                 "it is an HTML/XML page, not a checkpoint (a download that saved an error or login "
+                 "page?): download the file again from a direct link and check its size"),
+    "lfs.pth": (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 94371234\n",
+                "it is a git-LFS pointer (a small text file that stands for the real one): the "
+                "checkpoint itself was never downloaded. Run `git lfs pull` in the repository it came "
+                "from, or download the file from the model's page"),
+    "photo.pt": (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(64),
+                 "it is a JPEG image, not a checkpoint: check that the weights argument names the model file"),
+    "empty.pt": (b"", "the file is empty (0 bytes): a download or save was cut short; download or copy it again"),
+}
+
+
+@pytest.mark.parametrize("name", list(TEXT_KINDS))
+def test_a_file_of_another_kind_is_named(tmp_path, name) -> None:
+    data, what = TEXT_KINDS[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    assert read_error(path) == f"cannot read checkpoint {path}: {what}"
+
+
+def test_onnx_and_random_bytes(tmp_path) -> None:
+    onnx_file = tmp_path / "exported.pt"  # told by its bytes, not its name
+    onnx_file.write_bytes(_onnx_bytes())
+    assert read_error(onnx_file) == (
+        f"cannot read checkpoint {onnx_file}: it is an ONNX model, not a PyTorch checkpoint: "
+        "strongreid loads models from their .pt checkpoint; give the checkpoint it was exported "
+        "from (e.g. OUTPUT_DIR/best.pt)")
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(random.Random(0).randbytes(300))  # starts cd 07 2c d8: nothing known
+    message = read_error(noise)
+    assert message.startswith(f"cannot read checkpoint {noise}: it is not a PyTorch checkpoint "
+                              "(it starts with bytes cd 07 2c d8 be 6f 9f 62; torch.load: ")
+    assert message.endswith("): give a file written by torch.save, such as training's OUTPUT_DIR/best.pt")
+    assert "\n" not in message and "PyTorch 2.6" not in message  # torch's paragraph is left out
+
+
+def test_a_folder_names_the_checkpoints_inside(tmp_path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("epoch_3.pth", "last.pt", "best.pt", "log.txt"):
+        (run / name).write_bytes(b"")
+    assert read_error(run) == (f"checkpoint {run} is a folder, not a file: give one checkpoint inside "
+                               f"it, e.g. {run / 'best.pt'} (it holds best.pt, last.pt, epoch_3.pth)")
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    assert read_error(empty).startswith(f"checkpoint {empty} is a folder, not a file, and holds no checkpoint")
+    assert read_error(tmp_path / "absent.pt").startswith(f"checkpoint {tmp_path / 'absent.pt'} does not exist")
+
+
+def test_truncated_checkpoints(tmp_path) -> None:
+    state = {"model": {"w": torch.zeros(256)}}
+    zipped = tmp_path / "cut.pt"
+    torch.save(state, zipped)
+    assert read_error(_cut(zipped, 0.5)) == (
+        f"cannot read checkpoint {zipped}: it is a zip archive (the format of torch.save since "
+        "PyTorch 1.6) that is truncated or corrupt (its index at the end cannot be read): a download "
+        "or copy was cut short; download or copy it again")
+    legacy = tmp_path / "old.pth"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    message = read_error(_cut(legacy, 0.5))
+    assert message.startswith(f"cannot read checkpoint {legacy}: it is a PyTorch checkpoint (the "
+                              "format before PyTorch 1.6) that is truncated (")
+    assert message.endswith("): a download or copy was cut short; download or copy it again")
+
+
+def test_pickled_objects_keep_their_own_message(tmp_path) -> None:
+    path = tmp_path / "opaque.pt"
+    torch.save({"model": Opaque()}, path)
+    message = read_error(path)
+    assert message.startswith(f"cannot read checkpoint {path}: it holds a pickled ")
+    assert "Opaque, not only tensors" in message and "save `model.state_dict()` instead" in message
+    # pickle.dump, not torch.save: no GLOBAL was refused, the format itself is not torch's.
+    dumped = tmp_path / "dumped.pkl"
+    dumped.write_bytes(pickle.dumps({"w": [1.0]}))
+    assert read_error(dumped).startswith(f"cannot read checkpoint {dumped}: it is a Python pickle "
+                                         "written by pickle.dump, not by torch.save")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated; users still have files
+def test_exports_given_as_checkpoints(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    renamed = tmp_path / "model.pt"
+    save_file({"w": torch.zeros(2)}, str(renamed))
+    assert read_error(renamed).startswith(f"cannot read checkpoint {renamed}: it is a safetensors "
+                                          "file: rename it to model.safetensors")
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(scripted))
+    assert read_error(scripted).startswith(f"cannot read checkpoint {scripted}: it is a TorchScript export")
+
+
+def test_cli_says_one_line_for_a_text_file(tmp_path, capsys) -> None:
+    text = tmp_path / "text.pt"
+    text.write_text("hello world\n")
+    rc = main(["export", "--out", str(tmp_path / "m.onnx"), *OPTS, "TEST.WEIGHT", str(text)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: cannot read checkpoint {text}: {TEXT_KINDS['text.pt'][1]}"]
