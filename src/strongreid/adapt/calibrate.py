@@ -36,8 +36,10 @@ above it is refused: the data then say too little about the precision there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ from strongreid.evaluation.calibration import (
     measure,
     pair_histograms,
 )
+from strongreid.paths import check_output_path
 
 logger = logging.getLogger("strongreid")
 
@@ -84,11 +87,13 @@ class Images:
                       self.queries[idx])
 
 
-def read_images(root: str, dataset: str | None = None, split: str = "train") -> Images:
+def read_images(root: str, dataset: str | None = None, split: str = "train",
+                flag: str = "--data") -> Images:
     """The images of a folder / list file (identity and camera read from the file names), or
-    of one split of a registered dataset (`test`: query and gallery together)."""
+    of one split of a registered dataset (`test`: query and gallery together). `flag`: the
+    option that gave `root`, named in the errors."""
     if dataset is None:
-        paths = list_images(root)
+        paths = list_images(root, flag)
         ids = np.array([parse_pid_camid(p) for p in paths], np.int64).reshape(-1, 2)
         return Images(paths, _distractors_apart(ids[:, 0]), ids[:, 1], str(root), ids[:, 0] != 0)
     from strongreid.data.datasets import build_dataset
@@ -260,20 +265,21 @@ def calibrate_command(
     if not Path(model).is_file():
         raise StrongReIDError(f"--model {model} does not exist: give a trained checkpoint "
                               "(e.g. runs/demo/best.pt)")
-    target = Path(out) if out else calibration_path(model)
-    if not target.parent.is_dir():
-        raise StrongReIDError(f"cannot write {target}: the folder {target.parent} does not exist")
+    # Checked before any image is read or embedded: a path that cannot be written costs nothing.
+    target = check_output_path(out if out else calibration_path(model),
+                               "--out" if out else "--out (default: beside --model)",
+                               make_parents=False)
     source: dict[str, Any] = {"model": Path(model).name}
     if from_clusters is None:
-        pool = labelled(read_images(data, dataset, split), "--data")
+        pool = labelled(read_images(data, dataset, split, "--data"), "--data")
         source.update(kind="labels", data=pool.where)
     else:
-        pool = read_images(from_clusters, dataset, split)
+        pool = read_images(from_clusters, dataset, split, "--from-clusters")
         source.update(kind="clusters", data=pool.where)
     measured_on = None
     if measure_on:
-        measured_on = labelled(read_images(measure_on, measure_dataset or dataset, measure_split),
-                               "--measure-on")
+        measured_on = labelled(read_images(measure_on, measure_dataset or dataset, measure_split,
+                                           "--measure-on"), "--measure-on")
     if measured_on is not None and set(measured_on.paths) & set(pool.paths):
         raise StrongReIDError(f"--measure-on {measured_on.where} shares images with the "
                               f"calibration images {pool.where}: measure on other people")
@@ -382,9 +388,18 @@ def calibrate_command(
                                  "genuine_pairs": check["genuine_pairs"],
                                  "genuine_accepted": check["genuine_accepted"],
                                  "impostor_accepted": check["impostor_accepted"]}
-    Calibration(calibration.genuine, calibration.impostor, calibration.slope,
-                calibration.intercept, {**calibration.source, **source}, rule,
-                calibration.people).save(target)
+    final = Calibration(calibration.genuine, calibration.impostor, calibration.slope,
+                        calibration.intercept, {**calibration.source, **source}, rule,
+                        calibration.people)
+    try:
+        final.save(target)
+    except OSError as exc:
+        # Calibration.save writes `.<name>.tmp<pid>` and renames it: that file must not stay.
+        with contextlib.suppress(OSError):
+            target.with_name(f".{target.name}.tmp{os.getpid()}").unlink()
+        raise StrongReIDError(f"cannot write the calibration {target} ({exc.strerror or exc}); "
+                              "check the path, its permissions and the free space (or give "
+                              "--out)") from None
     if not quiet:
         _print(result, calibration)
     return result

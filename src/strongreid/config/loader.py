@@ -272,13 +272,23 @@ def _flatten(d: dict, source: str, prefix: str = "") -> Iterator[tuple[str, Any]
 
 def _read_yaml(path: str) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a file: give --config the .yml "
+                          "file itself (e.g. configs/softmax_triplet.yml)")
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist (check the path given to --config)")
     try:
-        with p.open() as f:
+        with p.open(encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not a text file (byte {exc.start} is not UTF-8): "
+                          "give --config a YAML config such as configs/softmax_triplet.yml"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path} ({exc.strerror or exc}); check "
+                          "the path given to --config and its permissions") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

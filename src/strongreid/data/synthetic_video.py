@@ -19,6 +19,7 @@ frame is drawn from its own random stream, so the files are identical for a seed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from strongreid.data.synthetic import (
 )
 from strongreid.data.synthetic_domains import STREET, Domain, get_domain
 from strongreid.errors import StrongReIDError
+from strongreid.paths import check_output_path
 
 FRAME_HEIGHT, FRAME_WIDTH = _CH // _SS, _PANORAMA_W // _SS
 IDENTITY_OFFSET = 20_000
@@ -188,10 +190,23 @@ def write_video(path: Path, frames, fps: float) -> str:
         import av
     except ImportError as exc:
         raise StrongReIDError("synthetic video needs PyAV: pip install 'strongreid[search]'") from exc
-    from fractions import Fraction
 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.mp4")
+    try:
+        codec = _encode(tmp, frames, fps, codec)
+        os.replace(tmp, path)
+    finally:  # a failed encode leaves no partial file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return codec
+
+
+def _encode(tmp: Path, frames, fps: float, codec: str) -> str:
+    from fractions import Fraction
+
+    import av
+
     with av.open(str(tmp), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = FRAME_WIDTH, FRAME_HEIGHT, "yuv420p"
@@ -209,7 +224,6 @@ def write_video(path: Path, frames, fps: float) -> str:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)
     return codec
 
 
@@ -247,6 +261,7 @@ def generate_footage(
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise StrongReIDError(f"synthetic video: {root} exists and is not an empty folder; "
                               "delete it or choose another --out")
+    check_output_path(root, "--out", folder=True)  # before any frame is rendered
     root.mkdir(parents=True, exist_ok=True)
     stamp = t0.strftime("%Y-%m-%dT%H:%M:%SZ")
     codec = ""

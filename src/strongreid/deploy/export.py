@@ -42,6 +42,7 @@ from strongreid.engine.inference import test_feature, test_scales
 from strongreid.errors import ConfigError, StrongReIDError
 from strongreid.modeling.checkpoint import save_safetensors
 from strongreid.modeling.loading import load_inference_model
+from strongreid.paths import check_output_path
 from strongreid.registry import Registry
 
 logger = logging.getLogger("strongreid")
@@ -183,6 +184,8 @@ def write_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[st
                 output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
+    except OSError:  # the file, not the exporter (export_model names --out): no other format helps
+        raise
     except Exception as exc:  # noqa: BLE001 - any exporter failure becomes one message
         raise StrongReIDError(
             f"torch.onnx.export (TorchScript exporter, opset {ONNX_OPSET}) failed for {out}: "
@@ -260,6 +263,7 @@ class OnnxFormat:
 
     suffixes = (".onnx",)
     check_available = staticmethod(_onnx_available)
+    single_file = True  # written under a temporary name, then renamed (see export_model)
 
     def write(self, job: ExportJob) -> Callable[[torch.Tensor], np.ndarray]:
         write_onnx(job.graph, job.example, job.out, job.meta)
@@ -271,6 +275,7 @@ class TorchScriptFormat:
     """A traced TorchScript module with the metadata as an extra file."""
 
     suffixes = (".torchscript", ".ts")
+    single_file = True
 
     def write(self, job: ExportJob) -> Callable[[torch.Tensor], np.ndarray]:
         _export_torchscript(job.graph, job.example, job.out, job.meta)
@@ -359,6 +364,8 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
                           "TEST.WEIGHT runs/demo/best.pt")
     if hasattr(writer, "check_available"):
         writer.check_available()
+    # Before the model is built and traced: a path that cannot be written costs nothing.
+    out = check_output_path(out, "--out")
     model, cfg = build_inference_model(cfg, weights)
     if cfg.MODEL.CHECKPOINT_FORMAT != "auto":
         # The exported file is strongreid's own, whatever project wrote the checkpoint (layumi,
@@ -375,10 +382,23 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
         meta["input"] = (f"RGB float32 N x 3 x {meta['input_size']}, (pixel / 255 - imagenet_mean)"
                          " / imagenet_std (BoxMOT's preprocessing); INPUT.PIXEL_MEAN/STD are "
                          "applied inside the graph")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     example = sample_inputs(cfg, (2,), seed=1)[0]
-    runner = writer.write(ExportJob(graph, example, out, meta, model, cfg))
+    # A one-file format writes to a temporary name first: a failed export leaves an earlier file
+    # at --out as it was, and no partial file behind (.safetensors is written atomically too).
+    single = getattr(writer, "single_file", False)
+    dest = out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}") if single else out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        runner = writer.write(ExportJob(graph, example, dest, meta, model, cfg))
+        if single:
+            os.replace(dest, out)
+    except OSError as exc:
+        raise StrongReIDError(f"--out {out}: cannot write the {fmt} file ({exc.strerror or exc}); "
+                              "check the path, its permissions and the free space") from None
+    finally:
+        if single:
+            with contextlib.suppress(OSError):
+                dest.unlink()
 
     def reference(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():

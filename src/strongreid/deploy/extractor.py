@@ -11,6 +11,7 @@ the result is normalise((f(x) + f(flip(x))) / 2), a unit vector.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -30,6 +31,7 @@ from strongreid.errors import ConfigError, DatasetError, StrongReIDError
 from strongreid.evaluation.calibration import Calibration, calibration_path
 from strongreid.modeling.checkpoint import read_checkpoint_info
 from strongreid.modeling.loading import config_for, load_inference_model
+from strongreid.paths import check_output_path
 
 logger = logging.getLogger("strongreid")
 
@@ -52,11 +54,12 @@ def parse_pid_camid(path: str | os.PathLike) -> tuple[int, int]:
     return (pid, cam) if cam >= 0 else (-1, -1)
 
 
-def list_images(source: str | os.PathLike) -> list[str]:
+def list_images(source: str | os.PathLike, flag: str = "--images") -> list[str]:
     """Image paths of a folder (recursive, .jpg/.jpeg/.png/.bmp, sorted) or of a list file.
 
     A list file holds one path per line; blank lines and lines starting with '#' are skipped,
-    and relative paths are taken relative to the list file's folder.
+    and relative paths are taken relative to the list file's folder. `flag`: the command's
+    option that gave `source`, named in the errors.
     """
     src = Path(source)
     if src.is_dir():
@@ -69,7 +72,7 @@ def list_images(source: str | os.PathLike) -> list[str]:
         found.sort(key=lambda p: Path(p).relative_to(src).as_posix())
         if not found:
             raise DatasetError(
-                f"no images (.jpg, .jpeg, .png, .bmp) found under {src}; check --images"
+                f"no images (.jpg, .jpeg, .png, .bmp) found under {src}; check {flag}"
             )
         return found
     if src.is_file():
@@ -91,7 +94,7 @@ def list_images(source: str | os.PathLike) -> list[str]:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise DatasetError(f"the image list {src} names a missing file: {missing[0]}{more}")
         return paths
-    raise DatasetError(f"--images {src} is neither a folder nor a list file")
+    raise DatasetError(f"{flag} {src} is neither a folder nor a list file")
 
 
 class FeatureExtractor:
@@ -243,13 +246,11 @@ class FeatureExtractor:
 
     def preprocess(self, images: Any) -> torch.Tensor:
         """The model input batch (N x 3 x H x W, float32, CPU) for `images`."""
-        from strongreid.data import read_image
-
         tensors: list[torch.Tensor] = []
         for i, item in enumerate(self._flatten(images)):
             where = f"image {i}"
             if isinstance(item, (str, os.PathLike)):
-                tensors.append(self._pil_to_tensor(read_image(item)))
+                tensors.append(self._pil_to_tensor(read_image_file(item)))
             elif isinstance(item, Image.Image):
                 tensors.append(self._pil_to_tensor(item))
             elif isinstance(item, np.ndarray):
@@ -335,22 +336,44 @@ class FeatureExtractor:
         return torch.cat(out)
 
 
+def read_image_file(path: str | os.PathLike, flag: str | None = None) -> Image.Image:
+    """`data.read_image`, with a message for a user's own image: the data layer's advice
+    (DATASETS.ROOT_DIR, DATALOADER.SKIP_CORRUPT) is about training data and does nothing here.
+    `flag`: the option that listed the image (e.g. '--images'), named in the message."""
+    from strongreid.data import read_image
+
+    try:
+        return read_image(path)
+    except DatasetError as exc:
+        raise DatasetError(_image_problem(os.fspath(path), str(exc), flag)) from None
+
+
+def _image_problem(path: str, text: str, flag: str | None) -> str:
+    where = f" listed by {flag}" if flag else ""
+    also = f", or leave it out of {flag}" if flag else ""
+    if not os.path.isfile(path):
+        return f"the image {path!r}{where} does not exist (moved or deleted?); check the path"
+    # read_image says "cannot decode image '<path>' (<cause>); replace or delete ...".
+    head, tail = f"cannot decode image {path!r} (", "); replace or delete"
+    cause = text[len(head):text.rfind(tail)] if text.startswith(head) and tail in text else text
+    return f"cannot decode image {path!r}{where} ({cause}); remove or replace the file{also}"
+
+
 class _PathDataset(torch.utils.data.Dataset):
     """Decodes in loader workers; a bad file comes back as a message so the main process can
     raise one clean DatasetError (a worker's exception would carry a traceback in its text)."""
 
-    def __init__(self, paths: Sequence[str], transform: Any) -> None:
+    def __init__(self, paths: Sequence[str], transform: Any, flag: str | None = None) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.flag = flag
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str]:
-        from strongreid.data import read_image
-
         try:
-            return self.transform(read_image(self.paths[index])), ""
+            return self.transform(read_image_file(self.paths[index], self.flag)), ""
         except DatasetError as exc:
             return None, str(exc)
 
@@ -363,48 +386,78 @@ def _collate(items: list[tuple[torch.Tensor | None, str]]) -> tuple[torch.Tensor
 
 
 def write_features(out: str | os.PathLike, feats: torch.Tensor, paths: Sequence[str],
-                   pids: np.ndarray, camids: np.ndarray, metadata: dict[str, str] | None = None) -> list[Path]:
-    """`.npz` with feats/paths/pids/camids, or `.safetensors` (feats) + `.csv` (index) beside it."""
+                   pids: np.ndarray, camids: np.ndarray, metadata: dict[str, str] | None = None,
+                   flag: str = "--out") -> list[Path]:
+    """`.npz` with feats/paths/pids/camids, or `.safetensors` (feats) + `.csv` (index) beside it.
+
+    Each file is written to a temporary name and then renamed, so an existing file is replaced
+    whole or not at all; on a failure the temporary files go and the error (a StrongReIDError
+    naming `flag` and the path) says why."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     feats = feats.detach().float().cpu().contiguous()
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if out.suffix == ".npz":
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a str name
-            np.savez(f, feats=feats.numpy(), paths=np.array(list(paths), dtype=str),
-                     pids=np.asarray(pids, dtype=np.int64), camids=np.asarray(camids, dtype=np.int64))
-        os.replace(tmp, out)
-        return [out]
-    from safetensors.torch import save_file
-
-    save_file({"feats": feats}, str(tmp), metadata=dict(metadata or {}))
-    os.replace(tmp, out)
     index = out.with_suffix(".csv")
     tmp_csv = index.with_name(f".{index.name}.tmp{os.getpid()}")
-    with open(tmp_csv, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "path", "pid", "camid"])
-        for i, (p, pid, cam) in enumerate(zip(paths, pids, camids)):
-            writer.writerow([i, p, int(pid), int(cam)])
-    os.replace(tmp_csv, index)
-    return [out, index]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".npz":
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a str name
+                np.savez(f, feats=feats.numpy(), paths=np.array(list(paths), dtype=str),
+                         pids=np.asarray(pids, dtype=np.int64),
+                         camids=np.asarray(camids, dtype=np.int64))
+            os.replace(tmp, out)
+            return [out]
+        from safetensors.torch import save_file
+
+        # Both files are complete before either replaces an older one.
+        save_file({"feats": feats}, str(tmp), metadata=dict(metadata or {}))
+        with open(tmp_csv, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "path", "pid", "camid"])
+            for i, (p, pid, cam) in enumerate(zip(paths, pids, camids)):
+                writer.writerow([i, p, int(pid), int(cam)])
+        os.replace(tmp, out)
+        os.replace(tmp_csv, index)
+        return [out, index]
+    except OSError as exc:
+        raise StrongReIDError(
+            f"{flag} {out}: cannot write the features ({exc.strerror or exc}"
+            f"{f': {exc.filename}' if exc.filename else ''}); check the path, its permissions "
+            "and the free space"
+        ) from None
+    finally:
+        for left in (tmp, tmp_csv):  # gone already after a successful rename
+            with contextlib.suppress(OSError):
+                left.unlink()
+
+
+def check_feature_output(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """`out` (.npz or .safetensors, whose .csv index goes beside it) can be written: checked
+    before the features are computed, so a bad path costs nothing."""
+    target = Path(out)
+    if target.suffix not in OUTPUT_SUFFIXES:
+        raise StrongReIDError(f"{flag} {out} must end with .npz or .safetensors")
+    check_output_path(target, flag)
+    if target.suffix == ".safetensors" and target.with_suffix(".csv").is_dir():
+        raise StrongReIDError(f"{flag} {out}: its index {target.with_suffix('.csv')} would "
+                              "replace a folder; give another --out")
+    return target
 
 
 def extract_command(cfg: CfgNode, images: str, out: str) -> int:
     """`strongreid extract --config F TEST.WEIGHT ckpt --images DIR_OR_LIST --out FILE`."""
     from tqdm import tqdm
 
-    if Path(out).suffix not in OUTPUT_SUFFIXES:
-        raise StrongReIDError(f"--out {out} must end with .npz or .safetensors")
+    check_feature_output(out, "--out")
     if not cfg.TEST.WEIGHT:
         raise ConfigError("strongreid extract needs TEST.WEIGHT: the checkpoint, e.g. "
                           "TEST.WEIGHT runs/demo/best.pt")
-    paths = list_images(images)
+    paths = list_images(images, "--images")
     extractor = FeatureExtractor(config=cfg, weights=cfg.TEST.WEIGHT, device=None)
     workers = min(int(cfg.DATALOADER.NUM_WORKERS), os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(
-        _PathDataset(paths, extractor.transform), batch_size=extractor.batch_size, shuffle=False,
-        num_workers=workers, collate_fn=_collate, pin_memory=extractor.device.type == "cuda",
+        _PathDataset(paths, extractor.transform, "--images"), batch_size=extractor.batch_size,
+        shuffle=False, num_workers=workers, collate_fn=_collate, pin_memory=extractor.device.type == "cuda",
     )
     chunks = []
     # The camera ids of Market/MSMT-style names reach a model that embeds the camera (-1 where a

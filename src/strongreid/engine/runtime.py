@@ -16,7 +16,8 @@ import torch
 from yacs.config import CfgNode
 
 from strongreid.config.components import check_at_least, check_choices, config_check
-from strongreid.errors import ConfigError
+from strongreid.errors import ConfigError, StrongReIDError
+from strongreid.paths import check_output_path
 
 logger = logging.getLogger("strongreid")
 
@@ -197,8 +198,12 @@ def _python_state_to_list(state: tuple) -> list:
     return [version, list(internal), gauss]
 
 
-def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0) -> logging.Logger:
-    """Console + OUTPUT_DIR/log.txt (appended, so test runs never erase the training log)."""
+def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0,
+                  key: str = "OUTPUT_DIR") -> logging.Logger:
+    """Console + OUTPUT_DIR/log.txt (appended, so test runs never erase the training log).
+
+    A folder that cannot be made or written is a ConfigError naming `key` and the path, raised
+    before the run does any work."""
     log = logging.getLogger("strongreid")
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -213,8 +218,16 @@ def setup_logging(output_dir: str | os.PathLike | None, rank: int = 0) -> loggin
     console.setFormatter(fmt)
     log.addHandler(console)
     if output_dir:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(Path(output_dir) / "log.txt", mode="a")
+        try:
+            check_output_path(output_dir, key, folder=True)
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(Path(output_dir) / "log.txt", mode="a")
+        except StrongReIDError as exc:
+            raise ConfigError(str(exc)) from None  # it names the key, the path and why
+        except OSError as exc:
+            raise ConfigError(f"{key} {output_dir}: cannot write {Path(output_dir) / 'log.txt'} "
+                              f"({exc.strerror or exc}); set {key} to a folder you can write to"
+                              ) from None
         fh.setFormatter(fmt)
         log.addHandler(fh)
     return log

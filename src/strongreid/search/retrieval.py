@@ -11,6 +11,7 @@ faiss is imported here only, and lazily, so evaluation and the gallery service n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import numpy as np
 from strongreid.config import load_config
 from strongreid.deploy.extractor import IMAGE_EXTENSIONS, FeatureExtractor, list_images
 from strongreid.errors import StrongReIDError
+from strongreid.paths import check_output_path
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 _INDEX_FILE = "index.faiss"
@@ -217,6 +219,7 @@ def index_build_command(features: str, out: str, index_type: str = "flat", metri
     """`strongreid index build FEATURES --out INDEX [--type flat|ivf|hnsw] [...]`."""
     if nprobe < 1 or ef_search < 1:
         raise StrongReIDError("--nprobe and --ef-search must be at least 1")
+    check_output_path(out, "--out", folder=True)  # before the index is trained
     data = load_features(features)
     index = build_index(data["feats"], index_type=index_type, metric=metric, nlist=nlist, hnsw_m=hnsw_m)
     info = {
@@ -249,9 +252,25 @@ def _query_features(query: str, config: str | None, opts: list[str]) -> tuple[np
             "(or give --query an .npz written by `strongreid extract`)"
         )
     one_image = source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS
-    paths = [str(source)] if one_image else list_images(str(source))
+    paths = [str(source)] if one_image else list_images(str(source), "--query")
     feats = FeatureExtractor(config=cfg, weights=cfg.TEST.WEIGHT)(paths)
     return feats.detach().cpu().numpy().astype(np.float32), paths
+
+
+def _write_text(path: Path, text: str, flag: str) -> None:
+    """`text` to `path` under a temporary name, then renamed: an earlier file is replaced whole
+    or kept, and a failure leaves no partial file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StrongReIDError(f"{flag} {path}: cannot write the results ({exc.strerror or exc}); "
+                              "check the path, its permissions and the free space") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def search_command(index: str, query: str, k: int = 10, out: str | None = None,
@@ -259,12 +278,13 @@ def search_command(index: str, query: str, k: int = 10, out: str | None = None,
     """`strongreid search INDEX --query FEATURES_OR_IMAGES -k K [--out F]`: JSON results.
 
     `config` / `opts` (KEY VALUE) describe the model when `query` holds images."""
+    if out:  # before the queries are embedded and searched
+        check_output_path(out, "--out")
     feats, paths = _query_features(query, config, list(opts))
     results = search(index, feats, paths, k)
     text = json.dumps(results, indent=2)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n", encoding="utf-8")
+        _write_text(Path(out), text + "\n", "--out")
         print(f"{len(results)} queries searched; results written to {out}")
     else:
         sys.stdout.write(text + "\n")
