@@ -31,6 +31,7 @@ from strongreid.deploy import boxmot
 from strongreid.deploy.export import export_model
 from strongreid.deploy.runtimes import load_onnxruntime, require, run_onnx
 from strongreid.errors import ConfigError, StrongReIDError
+from strongreid.paths import check_output_path
 
 # Calibration: at most this many images (the first ones of the sorted list), in batches of 32.
 CALIB_MAX_IMAGES = 256
@@ -47,7 +48,7 @@ def calibration_batches(cfg: CfgNode, images: str | os.PathLike | None) -> list[
     if not images:
         raise ConfigError("--format onnx-int8 needs calibration images: --calib FOLDER (or a list "
                           "file), e.g. the training images of the data set the model will see")
-    paths = list_images(images)[:CALIB_MAX_IMAGES]
+    paths = list_images(images, "--calib")[:CALIB_MAX_IMAGES]
     transform = build_transforms(cfg, is_train=False)
     tensors = torch.stack([transform(read_image(p)) for p in paths])
     return [tensors[i:i + CALIB_BATCH].numpy() for i in range(0, len(tensors), CALIB_BATCH)]
@@ -169,6 +170,7 @@ def export_int8_command(cfg: CfgNode, out: str, calib: str | None, target: str =
     """`strongreid export --format onnx-int8 --calib IMAGES --out FILE [--target boxmot]`."""
     if target == "boxmot":
         boxmot.boxmot_format(out, "onnx-int8")
+    check_output_path(out, "--out")  # before the model is built and calibrated
     path, report = export_int8(cfg, out, calib, target=target)
     print(f"exported {cfg.MODEL.NAME} (onnx-int8) to {path}")
     print(f"parity: cosine to fp32 features on {report['images']} calibration images: mean "

@@ -49,6 +49,7 @@ from strongreid.search.store import (
     clean_row,
     is_milvus_lite,
     query_matrix,
+    refuse_foreign,
     sqlite_kind,
 )
 
@@ -123,6 +124,7 @@ class FaissStore:
             raise StoreError(f"{self.path} is a Milvus Lite gallery: open it with open_store(), or "
                              f"copy it into this store with `strongreid gallery migrate --from "
                              f"{self.path} --to NEW.db`")
+        refuse_foreign(self.path)  # another application's file: not even opened for writing
         if not self.path.exists():
             if not create:
                 raise StoreError(f"gallery {self.path} does not exist; build it with "
@@ -215,6 +217,20 @@ class FaissStore:
             self._refresh_info()
             if self.dim != dim:
                 self.open(dim)
+
+    def model(self) -> dict[str, Any] | None:
+        """The recorded model identity (the info table's 'model' row, JSON), if any."""
+        with self._lock:
+            row = self.db.execute("SELECT value FROM info WHERE name = 'model'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def record_model(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Records the model identity unless one is recorded (one atomic INSERT OR IGNORE: of
+        two processes recording at once, the first wins); returns the one recorded."""
+        with self._lock:
+            self.db.execute("INSERT OR IGNORE INTO info VALUES ('model', ?)",
+                            (json.dumps(record, sort_keys=True),))
+        return self.model() or record
 
     def _need(self) -> None:
         self._refresh_info()
@@ -669,6 +685,19 @@ class FaissStore:
                     self.save_index()
             finally:
                 self.db.close()
+
+
+def read_info(path: str | os.PathLike) -> dict[str, str]:
+    """A gallery file's settings (its info table: format, dim, model...), read only: without
+    opening the store (no index is loaded)."""
+    try:
+        con = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+        try:
+            return dict(con.execute("SELECT name, value FROM info").fetchall())
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"cannot read the gallery {path}: {exc}") from None
 
 
 def _meta(row: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,9 @@ Every crop has a content key, the sha1 of what it is: the image file's bytes for
 so a re-run skips what is stored (before any decoding or embedding) and an interrupted run
 resumes where it stopped without duplicates: rows are written batch by batch, each batch's
 thumbnails before its rows.
+
+The gallery records the model that wrote it (model_identity.py): an ingest with another model
+is refused before anything is read or written.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ from strongreid.data.footage import (
 )
 from strongreid.deploy.extractor import FeatureExtractor, list_images, parse_pid_camid
 from strongreid.errors import DatasetError, StrongReIDError
+from strongreid.search.model_identity import (
+    ModelIdentity,
+    bind_first_write,
+    check_ingest,
+    model_identity,
+)
 from strongreid.search.store import KEY_RE, GalleryStore, open_store, thumbs_dir_for
 
 logger = logging.getLogger("strongreid")
@@ -74,6 +83,7 @@ class IngestStats:
     skipped: int = 0
     added: int = 0
     seconds: float = 0.0
+    note: str | None = None  # e.g. that the gallery adopted this model (it recorded none)
 
     @property
     def rate(self) -> float:
@@ -137,7 +147,7 @@ def crop_items(folder: str | os.PathLike, meta_csv: str | os.PathLike | None = N
     """Items of a crop folder (see the module docstring)."""
 
     root = Path(folder)
-    paths = list_images(root)
+    paths = list_images(root, "--crops")
     table = _read_meta_csv(Path(meta_csv)) if meta_csv else None
     items = []
     for p in paths:
@@ -216,33 +226,73 @@ def _batches(pairs: Iterator[tuple[Item, Image.Image]], size: int):
 
 
 def _store_batch(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumbs: Path,
-                 batch: list[tuple[Item, Image.Image]]) -> int:
+                 batch: list[tuple[Item, Image.Image]],
+                 before_write: Callable[[], None] | None = None) -> int:
     feats = np.asarray(embed([crop for _, crop in batch]), np.float32)
     if store.dim is None:
         store.open(int(feats.shape[1]))
+    if before_write is not None:  # the first batch: the gallery records the model
+        before_write()
     for it, crop in batch:
         write_thumbnail(thumbs, it.key, crop)
     store.upsert([{"key": it.key, "vector": f, **it.meta} for (it, _), f in zip(batch, feats)])
     return len(batch)
 
 
+def check_options(frame_step: int = 1, min_score: float = 0.0, start_time: str | None = None,
+                  batch_size: int = BATCH) -> None:
+    """The ingest options a user gives, checked before anything is opened or created."""
+    if frame_step < 1 or batch_size < 1:
+        raise StrongReIDError(f"--frame-step ({frame_step}) and --batch ({batch_size}) must be >= 1")
+    if not 0.0 <= min_score <= 1.0:
+        raise StrongReIDError(f"--min-score {min_score} must be within [0, 1] (detection "
+                              "scores are confidences; 0 keeps every detection)")
+    if start_time is not None:
+        try:
+            start = parse_time(str(start_time), "--start-time")
+        except DatasetError:
+            start = float("nan")
+        if not np.isfinite(start):
+            raise StrongReIDError(
+                f"--start-time {start_time!r} is neither a finite number of seconds nor an "
+                "ISO-8601 time (e.g. 2026-01-05T08:00:00Z); or leave --start-time out to use "
+                "each sequence's seqinfo.ini startTime (else 0)")
+
+
 def ingest(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumbs: str | os.PathLike,
            *, crops: Sequence[str] = (), meta_csv: str | None = None, videos: Sequence[str] = (),
            detections: str = "auto", frame_step: int = 1, min_score: float = 0.0,
            start_time: str | None = None, batch_size: int = BATCH, progress: bool | None = None,
-           on_progress: Callable[[int, int], None] | None = None) -> IngestStats:
+           on_progress: Callable[[int, int], None] | None = None,
+           model: ModelIdentity | None = None, gallery: str | None = None) -> IngestStats:
     """Embeds and stores every crop of `crops` folders and `videos` MOT folders not yet stored.
 
     `embed(list of PIL crops) -> (N, D)` is a FeatureExtractor (or any callable like it);
-    `on_progress(done, total)` hears of every batch (the service's ingest jobs).
+    `on_progress(done, total)` hears of every batch (the service's ingest jobs). `model`: the
+    identity of the model behind `embed` (model_identity.py; by default a FeatureExtractor's
+    own): a gallery that records another model is refused before anything is read or written,
+    a new one records it with its first rows, and one that records none adopts it
+    (`stats.note` says so). A plain callable with no `model` is not checked. `gallery`: the
+    gallery's name in messages (default the store's URI).
     """
     from tqdm import tqdm
 
-    if frame_step < 1 or batch_size < 1:
-        raise StrongReIDError(f"--frame-step ({frame_step}) and --batch ({batch_size}) must be >= 1")
+    check_options(frame_step, min_score, start_time, batch_size)
     thumbs = Path(thumbs)
     t0 = time.perf_counter()
     stats = IngestStats()
+    if model is None and isinstance(embed, FeatureExtractor):
+        model = model_identity(embed)
+    name = gallery or str(getattr(store, "uri", "the gallery"))
+    bind: Callable[[], None] | None = None
+    if model is not None:
+        stats.note = check_ingest(store, model, name)
+        ident = model
+
+        def bind() -> None:
+            nonlocal bind
+            bind_first_write(store, ident, name)
+            bind = None  # once per run
     # (video or None, items): crop folders first, then one entry per sequence.
     work: list[tuple[Path | None, list[Item]]] = [(None, crop_items(f, meta_csv)) for f in crops]
     for folder in videos:
@@ -279,7 +329,7 @@ def ingest(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumb
             pairs = decode_crops(video, todo) if video is not None else \
                 ((it, it.load()) for it in todo)
             for batch in _batches(pairs, batch_size):
-                stats.added += _store_batch(store, embed, thumbs, batch)
+                stats.added += _store_batch(store, embed, thumbs, batch, bind)
                 advance(len(batch))
     finally:
         bar.close()
@@ -295,6 +345,8 @@ def ingest_command(gallery: str, model: str, config: str | None = None, device: 
     """`strongreid gallery ingest --gallery gallery.db --model best.pt --crops DIR --videos DIR`."""
     if not crops and not videos:
         raise StrongReIDError("nothing to ingest: pass --crops DIR and/or --videos DIR")
+    # Before the model is loaded or the gallery opened (or created): a bad option costs nothing.
+    check_options(frame_step, min_score, start_time, batch)
     # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     extractor = FeatureExtractor(config, model, device=device)
@@ -303,10 +355,12 @@ def ingest_command(gallery: str, model: str, config: str | None = None, device: 
         stats = ingest(store, extractor, thumbs_dir_for(gallery, thumbs), crops=crops or (),
                        meta_csv=meta, videos=videos or (), detections=detections,
                        frame_step=frame_step, min_score=min_score, start_time=start_time,
-                       batch_size=batch)
+                       batch_size=batch, gallery=gallery)
         total = store.count()
     finally:
         store.close()
+    if stats.note:
+        print(stats.note)
     print(f"{stats.added} crops added, {stats.skipped} already stored ({stats.seen} seen) in "
           f"{stats.seconds:.1f} s ({stats.rate:.1f} crops/s); the gallery {gallery} holds "
           f"{total}")

@@ -139,8 +139,9 @@ class IngestJobs:
                 self._on_done()
 
 
-def ingest_runner(store: Any, embed: Callable, thumbs: Path) -> Callable[..., Any]:
-    """`ingest` bound to the served store, model and thumbnail folder."""
+def ingest_runner(store: Any, embed: Callable, thumbs: Path, model: Any = None) -> Callable[..., Any]:
+    """`ingest` bound to the served store, model and thumbnail folder; `model`: the served
+    model's identity (model_identity.ModelIdentity), which the gallery records or checks."""
     def run(**kw: Any) -> Any:
-        return ingest(store, embed, thumbs, progress=False, **kw)
+        return ingest(store, embed, thumbs, progress=False, model=model, **kw)
     return run

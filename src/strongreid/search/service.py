@@ -71,12 +71,14 @@ from strongreid.evaluation.calibration import Calibration, calibration_path
 from strongreid.evaluation.reranking import re_ranking
 from strongreid.search import security
 from strongreid.search.ingest import parse_time, thumb_path
+from strongreid.search.model_identity import check_serve, model_identity, unrecorded_warning
 from strongreid.search.store import (
     Filters,
     GalleryStore,
     Hit,
     MilvusStore,
     StoreError,
+    gallery_kind,
     is_local,
     is_milvus_lite,
     open_store,
@@ -633,6 +635,7 @@ class SearchService:
                  calibration: Calibration | bool | None = None, runtime: str = "auto") -> None:
         if max_decodes < 1:
             raise StrongReIDError(f"--max-decodes must be >= 1, got {max_decodes}")
+        check_max_upload(max_upload)
         if calibration is None:
             calibration = getattr(embed, "calibration", None) \
                 if isinstance(embed, FeatureExtractor) else None
@@ -643,6 +646,10 @@ class SearchService:
         self.calibration: Calibration | None = calibration or None
         self.operating_points = self._offered_points()
         self.store, self.thumbs = store, Path(thumbs)
+        # The model's identity (model_identity.py), which ingest jobs record or check.
+        self.model_identity = model_identity(embed) if isinstance(embed, FeatureExtractor) \
+            else None
+        self.gallery_warning: str | None = None  # set by _open_service: printed at start
         self.embed = serving_runtime(embed, runtime)
         self.runtime = runtime_name(self.embed)
         self._thumbs_root = self.thumbs.resolve()
@@ -934,7 +941,8 @@ def create_app(service: SearchService, max_upload: int | None = None, *,
         if auth is None:
             raise StrongReIDError("--ingest-root lets clients add footage: it needs --auth-file")
         service.jobs = IngestJobs(ingest_root, ingest_runner(service.store, service.embed_locked,
-                                                             service.thumbs),
+                                                             service.thumbs,
+                                                             service.model_identity),
                                   on_done=service.forget_facets)
     # No /docs or /redoc: their Swagger UI / ReDoc assets come from a CDN, which the CSP
     # forbids (and this service never fetches from elsewhere); /openapi.json stays.
@@ -1089,16 +1097,55 @@ def _open_service(gallery: str, model: str, config: str | None, device: str, tok
     # faiss (imported on the way by the evaluation package) announces its SIMD build at INFO.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     store = open_store(gallery, token=token or "", create=False)
-    extractor = FeatureExtractor(config, model, device=device, calibration=False)
-    if store.dim is not None and store.dim != extractor.feat_dim:
+    try:
+        extractor = FeatureExtractor(config, model, device=device, calibration=False)
+        # The gallery's features must be this model's (a StoreError names both models);
+        # a gallery from before identities were recorded is served with a warning.
+        warning = check_serve(store, model_identity(extractor), gallery)
+        if store.dim is not None and store.dim != extractor.feat_dim:
+            raise StoreError(f"the gallery {gallery} holds {store.dim}-dimensional features but "
+                             f"{model} gives {extractor.feat_dim}: serve it with the model that "
+                             "built it")
+        service = SearchService(store, extractor, thumbs_dir_for(gallery, thumbs),
+                                model_name=str(model), max_upload=max_upload,
+                                max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                                max_decodes=max_decodes, calibration=calibration,
+                                runtime=runtime)
+    except BaseException:
         store.close()
-        raise StoreError(f"the gallery {gallery} holds {store.dim}-dimensional features but "
-                         f"{model} gives {extractor.feat_dim}: serve it with the model that "
-                         "built it")
-    return SearchService(store, extractor, thumbs_dir_for(gallery, thumbs),
-                         model_name=str(model), max_upload=max_upload, max_batch=max_batch,
-                         batch_wait_ms=batch_wait_ms, max_decodes=max_decodes,
-                         calibration=calibration, runtime=runtime)
+        raise
+    service.gallery_warning = warning
+    return service
+
+
+def check_max_upload(max_upload: int) -> None:
+    """--max-upload must let an upload through (0 would answer 413 to every one)."""
+    if isinstance(max_upload, bool) or not max_upload >= 1:
+        raise StrongReIDError(f"--max-upload {max_upload} must be a positive number of bytes "
+                              f"(the default is {MAX_UPLOAD}, 5 MiB)")
+
+
+def check_port(port: int) -> None:
+    """--port must be a TCP port that can be named in the printed address."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise StrongReIDError(f"--port {port} must be within 1..65535 (the default is 8000)")
+
+
+def _records_no_model(gallery: str, token: str) -> bool:
+    """Whether the gallery holds rows but records no model (served with a warning); read
+    without loading its index (what the parent of several workers checks)."""
+    if is_local(gallery) and gallery_kind(gallery) == "embedded":
+        from strongreid.search.faiss_store import read_info
+
+        info = read_info(gallery)
+        return "dim" in info and "model" not in info
+    if is_local(gallery) and gallery_kind(gallery) != "milvus-lite":
+        return False  # nothing there yet, or not a gallery: a worker says so
+    store = open_store(gallery, token=token or "", create=False)
+    try:
+        return store.dim is not None and store.model() is None
+    finally:
+        store.close()
 
 
 class _ClosingOnShutdown:
@@ -1239,6 +1286,8 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
     """`strongreid serve --gallery gallery.db --model best.pt` (127.0.0.1:8000 by default)."""
     import uvicorn
 
+    check_port(port)
+    check_max_upload(max_upload)
     loopback = security.is_loopback(host)
     if not loopback and not auth_file:
         raise StrongReIDError(
@@ -1283,9 +1332,13 @@ def serve_command(gallery: str, model: str, config: str | None = None, device: s
         print(f"serving {gallery} with {workers} worker processes on http://{shown}:{port}/ "
               "(Ctrl-C stops)", flush=True)
         access_lines()
+        if _records_no_model(gallery, token):  # each worker checks a recorded model itself
+            print(unrecorded_warning(gallery, model), flush=True)
         return _serve_workers(workers, service_args, hosts, host, port, auth)
     service = _open_service(**service_args)
     store = service.store
+    if service.gallery_warning:
+        print(service.gallery_warning, flush=True)
     app = create_app(service, auth=auth, allowed_hosts=hosts, ingest_root=ingest_root)
     print(f"serving {store.count()} crops of {gallery} on http://{shown}:{port}/ "
           "(Ctrl-C stops)", flush=True)

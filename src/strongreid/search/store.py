@@ -15,6 +15,7 @@ Filter values are quoted as Milvus string literals (quote()): a camera called
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -44,6 +45,8 @@ DEFAULT_SEARCH_PARAMS: dict[str, dict[str, int]] = {
     "FLAT": {}, "IVF_FLAT": {"nprobe": 32}, "HNSW": {"ef": 128},
 }
 METRIC = "COSINE"
+# The collection property in which MilvusStore keeps the gallery's model identity (JSON).
+MODEL_PROPERTY = "strongreid.model"
 _TEXT = 512  # longest camera / video / source text stored
 # Metadata fields besides the key and the vector, with their Milvus types.
 FIELDS: dict[str, str] = {
@@ -135,6 +138,12 @@ class GalleryStore(Protocol):
     def count(self) -> int: ...
     def facets(self) -> dict[str, Any]: ...
     def rows(self, batch: int = 4096) -> Iterator[list[dict[str, Any]]]: ...
+    # The identity of the model whose features the gallery holds (model_identity.py): a JSON
+    # record, or None in a gallery that records none (new, or written before it was recorded).
+    def model(self) -> dict[str, Any] | None: ...
+    # Records `record` unless the gallery records a model already; returns the one recorded
+    # (another process's, when it was first). Only on an open gallery (open(dim) done).
+    def record_model(self, record: dict[str, Any]) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
 
@@ -162,26 +171,51 @@ def clean_row(r: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def is_milvus_lite(path: str | os.PathLike) -> bool:
-    """An existing Milvus Lite gallery: a folder (Milvus Lite 3) or a SQLite file that is not
-    a strongreid gallery (Milvus Lite 2 keeps its data in SQLite)."""
+def gallery_kind(path: str | os.PathLike) -> str:
+    """What a local gallery path holds, found without writing to it: 'new' (nothing yet, or an
+    empty file or database), 'embedded' (a strongreid gallery.db), 'milvus-lite' (a Milvus
+    Lite 3 folder, or a Milvus Lite 2 SQLite file: its `collection_meta` table), or 'foreign':
+    any other file (a text file, another application's database), which no store may open."""
     p = Path(path)
     if p.is_dir():
-        return True
-    if not p.is_file() or p.stat().st_size == 0:
-        return False
-    with open(p, "rb") as f:
-        if f.read(16) != b"SQLite format 3\x00":
-            return True
+        return "milvus-lite"
+    if not p.exists():
+        return "new"
+    if not p.is_file():
+        return "foreign"
+    if p.stat().st_size == 0:
+        return "new"
     try:
+        with open(p, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                return "foreign"
         con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            fmt = con.execute("SELECT value FROM info WHERE name = 'format'").fetchone() \
+                if {"info", "crops"} <= tables else None
         finally:
             con.close()
-    except sqlite3.DatabaseError:
-        return False
-    return bool(tables) and not {"info", "crops"} <= tables
+    except (OSError, sqlite3.DatabaseError):
+        return "foreign"
+    if fmt is not None and str(fmt[0]).startswith("strongreid-gallery"):
+        return "embedded"  # this format or another (FaissStore names both)
+    if "collection_meta" in tables:
+        return "milvus-lite"
+    return "foreign" if tables else "new"
+
+
+def is_milvus_lite(path: str | os.PathLike) -> bool:
+    """An existing Milvus Lite gallery: a folder (Milvus Lite 3) or a Milvus Lite 2 SQLite file."""
+    return gallery_kind(path) == "milvus-lite"
+
+
+def refuse_foreign(path: str | os.PathLike) -> None:
+    """A StoreError, before anything touches it, when a local gallery path is some other file."""
+    if gallery_kind(path) == "foreign":
+        raise StoreError(f"--gallery {path} is not a strongreid gallery (neither a gallery.db "
+                         "that strongreid wrote nor a Milvus Lite gallery): it was left untouched. "
+                         "Give --gallery a new file name (e.g. gallery.db) or an existing gallery")
 
 
 def query_matrix(vectors: np.ndarray, dim: int | None) -> np.ndarray:
@@ -252,6 +286,7 @@ class MilvusStore:
         self.search_params = {**DEFAULT_SEARCH_PARAMS[index_type], **dict(search_params or {})}
         if is_local(self.uri):
             path = Path(self.uri)
+            refuse_foreign(path)
             if not path.exists() and not create:
                 raise StoreError(f"gallery {path} does not exist; build it with "
                                  "`strongreid gallery ingest --gallery {path} ...`")
@@ -305,6 +340,29 @@ class MilvusStore:
         if self.dim is None:
             raise StoreError(f"gallery {self.uri} is empty: ingest images or videos into it first "
                              "with `strongreid gallery ingest`")
+
+    def model(self) -> dict[str, Any] | None:
+        """The recorded model identity: a collection property (MODEL_PROPERTY), JSON."""
+        if self.dim is None:
+            return None
+        props = self.client.describe_collection(self.collection).get("properties") or {}
+        value = props.get(MODEL_PROPERTY)
+        return json.loads(value) if value else None
+
+    def record_model(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Records the model identity unless one is recorded (Milvus has no transaction: two
+        processes recording at the same moment is not detected here)."""
+        self._need()
+        have = self.model()
+        if have is not None:
+            return have
+        try:
+            self.client.alter_collection_properties(
+                self.collection, properties={MODEL_PROPERTY: json.dumps(record, sort_keys=True)})
+        except Exception as exc:  # pymilvus raises its own types
+            raise StoreError(f"gallery {self.uri}: cannot record the model identity as a "
+                             f"collection property: {exc}") from None
+        return self.model() or record
 
     def existing(self, keys: Sequence[str]) -> set[str]:
         """The keys among `keys` already stored (what a resumed ingest skips)."""
@@ -432,6 +490,10 @@ def migrate(src: GalleryStore, dst: GalleryStore, batch: int = 4096) -> int:
     if src.dim is None:
         raise StoreError("the source gallery is empty: nothing to migrate")
     dst.open(src.dim)
+    model = src.model()
+    if model is not None and dst.record_model(model).get("digest") != model.get("digest"):
+        raise StoreError("the target gallery records another model than the source: migrate "
+                         "into a new gallery")
     copied = 0
     for rows in src.rows(batch):
         dst.upsert(rows)
