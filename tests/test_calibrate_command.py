@@ -409,6 +409,9 @@ def test_bad_precision_and_holdout(trained, capsys):
     err = _error(capsys, "--model", str(trained["model"]), "--data", str(trained["val"]),
                  "--holdout", "1")
     assert "--holdout must be in [0, 1)" in err
+    err = _error(capsys, "--model", str(trained["model"]), "--data", str(trained["val"]),
+                 "--people", "1")
+    assert "--people must be a whole number of people, at least 2, got 1" in err
 
 
 def test_corrupt_calibration_names_the_file(trained, tmp_path):

@@ -347,3 +347,16 @@ def test_missing_required_option_is_a_usage_error(capsys):
         main(["export", "TEST.WEIGHT", "w.pt", "--format", "onnx"])
     assert exc.value.code == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_a_section_given_a_value_is_named_as_a_section(tmp_path, capsys):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("SOLVER:\n  MAX_EPOCHS: 3\nMODEL: 3\n")
+    assert main(["config", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: MODEL is a section of keys (in {bad}), but it is given the value 3: write its "
+        "keys indented under it, e.g. MODEL.DEVICE\n")
+    # The keys of a section not indented under it leave the section empty (None).
+    bad.write_text("MODEL:\nNAME: resnet18\n")
+    assert main(["config", "--config", str(bad)]) == 2
+    assert "MODEL is a section of keys" in capsys.readouterr().err

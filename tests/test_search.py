@@ -281,6 +281,9 @@ def test_bad_requests_get_a_message(client, world) -> None:
     assert post(data={"key": "../../etc/passwd"}).status_code == 404
     assert post(data={"key": world["store"].browse(1)[0]["key"], "k": "0"}).status_code == 400
     assert post(data={"key": world["store"].browse(1)[0]["key"], "start": "noon"}).status_code == 400
+    backwards = post(data={"key": world["store"].browse(1)[0]["key"], "start": "100", "end": "5"})
+    assert backwards.status_code == 400
+    assert backwards.json()["detail"] == "start (100) is after end (5): give the earlier time as start"
     assert client.get("/api/items/zz").status_code == 404
 
 

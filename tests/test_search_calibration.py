@@ -324,7 +324,7 @@ def test_serve_re_targets_the_calibration_to_the_gallerys_people(world, tmp_path
     # A bad --people is the flag's fault, not the file's beside the model.
     beside = tmp_path / "beside.pt"
     Calibration.load(file).save(calibration_path(str(beside)))
-    with pytest.raises(StrongReIDError, match="at least 2, got 1") as bad:
+    with pytest.raises(StrongReIDError, match="--people must be .* at least 2, got 1") as bad:
         serving_calibration(str(beside), people=1)
     assert "lies beside" not in str(bad.value)
 

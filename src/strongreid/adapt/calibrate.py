@@ -55,6 +55,7 @@ from strongreid.evaluation.calibration import (
     RULES,
     Calibration,
     calibration_path,
+    check_people,
     measure,
     pair_histograms,
 )
@@ -262,6 +263,8 @@ def calibrate_command(
         raise StrongReIDError(f"--holdout must be in [0, 1), got {holdout!r}")
     if rule not in RULES:
         raise StrongReIDError(f"--rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if people is not None:
+        check_people(people, "--people")  # before the features are computed
     if not Path(model).is_file():
         raise StrongReIDError(f"--model {model} does not exist: give a trained checkpoint "
                               "(e.g. runs/demo/best.pt)")

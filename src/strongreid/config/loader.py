@@ -266,8 +266,21 @@ def _flatten(d: dict, source: str, prefix: str = "") -> Iterator[tuple[str, Any]
                 if f"{full}." not in {key[: len(full) + 1] for key in valid_keys()}:
                     raise _unknown_key_error(full, source)
                 yield from _flatten(v, source, full + ".")
+        elif full not in valid_keys() and f"{full}." in {key[: len(full) + 1] for key in valid_keys()}:
+            # `MODEL: 3`, or a section left empty (`MODEL:` with its keys indented wrongly).
+            raise ConfigError(f"{full} is a section of keys ({source}), but it is given the value "
+                              f"{v!r}: write its keys indented under it, e.g. {full}.{_first_child(full)}")
         else:
             yield full, v
+
+
+def _first_child(section: str) -> str:
+    """The first key below `section` (in the defaults' order), for an example in a message."""
+    try:
+        return next(iter(_lookup(_C, section)))
+    except (KeyError, TypeError, StopIteration):  # a section only a component registers
+        return min(k[len(section) + 1:].split(".")[0] for k in valid_keys()
+                   if k.startswith(section + "."))
 
 
 def _read_yaml(path: str) -> dict:

@@ -96,7 +96,7 @@ class Calibration:
         if self.rule not in RULES:
             raise StrongReIDError(f"calibration rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         if self.people is not None:
-            _check_people(self.people, "people")
+            check_people(self.people, "people")
 
     @property
     def own_people(self) -> int | None:
@@ -107,7 +107,7 @@ class Calibration:
     def for_people(self, people: int | None) -> Calibration:
         """This calibration for a population of `people` (None: the calibration data's own)."""
         if people is not None:
-            _check_people(people, "people")
+            check_people(people, "people")
             if self.own_people is None:
                 raise StrongReIDError("this calibration does not record how many people it came "
                                       "from, so it cannot be re-targeted to another population: "
@@ -316,7 +316,8 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-z))
 
 
-def _check_people(people: Any, name: str) -> None:
+def check_people(people: Any, name: str) -> None:
+    """A population of people a calibration is re-targeted to: a whole number, at least 2."""
     if isinstance(people, bool) or not isinstance(people, numbers.Integral) or people < 2:
         raise StrongReIDError(f"{name} must be a whole number of people, at least 2, got {people!r}")
 

@@ -67,7 +67,7 @@ from uvicorn.config import STARTUP_FAILURE
 from strongreid.deploy.extractor import FeatureExtractor
 from strongreid.engine.inference import test_feature
 from strongreid.errors import StrongReIDError
-from strongreid.evaluation.calibration import Calibration, calibration_path
+from strongreid.evaluation.calibration import Calibration, calibration_path, check_people
 from strongreid.evaluation.reranking import re_ranking
 from strongreid.search import security
 from strongreid.search.ingest import parse_time, thumb_path
@@ -894,11 +894,16 @@ def _filters(cameras: str, videos: str, start: str, end: str) -> Filters:
         return [x.strip() for x in s.split(",") if x.strip()]
 
     try:
-        return Filters(cameras=split(cameras), videos=split(videos),
-                       start=parse_time(start, "start") if start.strip() else None,
-                       end=parse_time(end, "end") if end.strip() else None)
+        filters = Filters(cameras=split(cameras), videos=split(videos),
+                          start=parse_time(start, "start") if start.strip() else None,
+                          end=parse_time(end, "end") if end.strip() else None)
     except StrongReIDError as exc:
         raise BadRequest(str(exc)) from None
+    if filters.start is not None and filters.end is not None and filters.start > filters.end:
+        # An empty answer would read as "nobody was seen": the window itself is wrong.
+        raise BadRequest(f"start ({start.strip()}) is after end ({end.strip()}): give the "
+                         "earlier time as start")
+    return filters
 
 
 def parse_precision(form: str, url: str = "") -> float | None:
@@ -1232,6 +1237,8 @@ def serving_calibration(model: str, path: str | None = None, off: bool = False,
             raise StrongReIDError(f"--{'calibration' if path else 'people'} and --no-calibration "
                                   "contradict each other: give one of them")
         return None, None
+    if people is not None:
+        check_people(people, "--people")
     file = Path(path) if path else calibration_path(model)
     if path is None and not file.is_file():
         if people is not None:
