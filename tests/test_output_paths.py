@@ -308,3 +308,74 @@ def test_check_output_path(tmp_path):
 def test_check_output_path_under_proc():
     with pytest.raises(StrongReIDError, match=r"^--out /proc/x\.npz: cannot create files in /proc"):
         check_output_path("/proc/x.npz", "--out")
+
+
+# -- the atomic writes ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_atomic_write_creates_parents_and_replaces(tmp_path, durable):
+    from strongreid.paths import atomic_write
+
+    target = tmp_path / "a" / "b" / "f.bin"
+    assert atomic_write(target, lambda f: f.write(b"first"), durable=durable) == target
+    assert target.read_bytes() == b"first"
+    assert atomic_write(str(target), lambda f: f.write(b"second"), durable=durable) == target
+    assert target.read_bytes() == b"second"
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   KeyboardInterrupt()])
+def test_atomic_write_failure_keeps_the_old_file(tmp_path, error):
+    from strongreid.paths import atomic_write
+
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"earlier")
+
+    def fails(f):
+        f.write(b"partial")
+        raise error
+
+    with pytest.raises(type(error)):
+        atomic_write(target, fails)
+    assert target.read_bytes() == b"earlier"
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(type(error)):
+        atomic_write(tmp_path / "new.bin", fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_atomic_write_text_is_utf8(tmp_path):
+    from strongreid.paths import atomic_write_text
+
+    target = tmp_path / "sub" / "t.txt"
+    text = "Zürich → 東京\nsecond line\n"
+    assert atomic_write_text(target, text, durable=False) == target
+    assert target.read_bytes() == text.encode("utf-8")
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_path_replaces_on_success_and_cleans_up_on_failure(tmp_path):
+    from strongreid.paths import atomic_path
+
+    target = tmp_path / "d" / "video.mp4"
+    with atomic_path(target, keep_suffix=True) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".video.mp4.tmp")
+        assert tmp.suffix == ".mp4" and not tmp.exists()
+        tmp.write_bytes(b"first")
+    assert target.read_bytes() == b"first"
+    with atomic_path(target, durable=False) as tmp:
+        assert tmp.suffix != ".mp4"
+        tmp.write_bytes(b"second")
+    assert target.read_bytes() == b"second"
+
+    with pytest.raises(RuntimeError, match="encoder died"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("encoder died")
+    assert target.read_bytes() == b"second"
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(FileNotFoundError):  # nothing written under the temporary name
+        with atomic_path(tmp_path / "never.bin"):
+            pass
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d", "video.mp4"]

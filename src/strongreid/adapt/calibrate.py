@@ -36,10 +36,8 @@ above it is refused: the data then say too little about the precision there.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -396,10 +394,7 @@ def calibrate_command(
                         calibration.people)
     try:
         final.save(target)
-    except OSError as exc:
-        # Calibration.save writes `.<name>.tmp<pid>` and renames it: that file must not stay.
-        with contextlib.suppress(OSError):
-            target.with_name(f".{target.name}.tmp{os.getpid()}").unlink()
+    except OSError as exc:  # Calibration.save leaves no temporary file behind
         raise StrongReIDError(f"cannot write the calibration {target} ({exc.strerror or exc}); "
                               "check the path, its permissions and the free space (or give "
                               "--out)") from None

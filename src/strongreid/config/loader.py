@@ -22,6 +22,7 @@ from yacs.config import CfgNode
 from strongreid.config import components
 from strongreid.config.defaults import _C
 from strongreid.errors import ConfigError
+from strongreid.paths import atomic_write_text
 
 logger = logging.getLogger("strongreid")
 
@@ -398,11 +399,7 @@ def dump_config(cfg: CfgNode) -> str:
 
 def save_config(cfg: CfgNode, path: str | os.PathLike) -> None:
     """Write the merged config atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    os.replace(tmp, path)
+    atomic_write_text(path, dump_config(cfg))
 
 
 def with_overrides(cfg: CfgNode, overrides: dict[str, Any], source: str) -> CfgNode:

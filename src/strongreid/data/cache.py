@@ -29,6 +29,7 @@ from PIL import Image
 from strongreid.data.decode import resolve_decoder
 from strongreid.data.image import read_image
 from strongreid.errors import DatasetError
+from strongreid.paths import atomic_path, atomic_write, atomic_write_text
 
 logger = logging.getLogger("strongreid")
 
@@ -123,9 +124,7 @@ def open_cache(
                              set(int(i) for i in known_corrupt), workers, interpolation)
             meta = {"version": FORMAT_VERSION, "count": len(paths), "height": size[0], "width": size[1],
                     "fingerprint": fingerprint, "corrupt": corrupt}
-            tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, meta_path)
+            atomic_write_text(meta_path, json.dumps(meta), durable=False)
     if not skip_corrupt and meta["corrupt"]:
         raise DatasetError(f"the image cache {data_path} records {len(meta['corrupt'])} unreadable images "
                            f"(the first is {paths[meta['corrupt'][0]]!r}); replace them or set "
@@ -145,29 +144,29 @@ def _read_meta(path: Path) -> dict | None:
 
 def _build(paths: Sequence[str], size: tuple[int, int], data_path: Path, decoder: str, skip_corrupt: bool,
            known: set[int], workers: int | None, interpolation: str = "bilinear") -> list[int]:
-    tmp = data_path.with_name(f".{data_path.name}.tmp")
     if not paths:
-        tmp.write_bytes(b"")
-        os.replace(tmp, data_path)
+        atomic_write(data_path, lambda f: None, durable=False)
         return []
-    arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size[0], size[1], 3))
+    # Filled through a memmap under the temporary name; not fsync'ed (derived data, written once
+    # per cache build, as before).
+    with atomic_path(data_path, durable=False) as tmp:
+        arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size[0], size[1], 3))
 
-    def fill(i: int) -> int | None:
-        if i in known:
-            return i
-        try:
-            arr[i] = resize_like_pil_path(read_image(paths[i], decoder), size, interpolation)
-        except DatasetError:
-            if not skip_corrupt:
-                raise
-            return i
-        return None
+        def fill(i: int) -> int | None:
+            if i in known:
+                return i
+            try:
+                arr[i] = resize_like_pil_path(read_image(paths[i], decoder), size, interpolation)
+            except DatasetError:
+                if not skip_corrupt:
+                    raise
+                return i
+            return None
 
-    # Decoders and resizing release the GIL: threads scale over the cores.
-    with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
-        bad = [i for i in pool.map(fill, range(len(paths)), chunksize=32) if i is not None]
-    arr.flush()
-    os.replace(tmp, data_path)
+        # Decoders and resizing release the GIL: threads scale over the cores.
+        with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
+            bad = [i for i in pool.map(fill, range(len(paths)), chunksize=32) if i is not None]
+        arr.flush()
     if bad:
         logger.warning("image cache: %d unreadable images left blank and never drawn", len(bad))
     return bad

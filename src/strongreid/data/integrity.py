@@ -21,6 +21,7 @@ from PIL import Image
 
 from strongreid.data.image import _DECODE_ERRORS, read_image
 from strongreid.errors import ConfigError, DatasetError
+from strongreid.paths import atomic_write_text
 
 logger = logging.getLogger("strongreid")
 
@@ -129,8 +130,5 @@ def check_splits(cfg: Any, splits: Any, *, train: bool = True, write_list: bool 
 def _write_list(cfg: Any, rows: list[tuple[str, str, str]]) -> Path:
     out = Path(cfg.OUTPUT_DIR or ".")
     out.mkdir(parents=True, exist_ok=True)
-    path = out / LIST_NAME
-    tmp = path.with_name(f".{LIST_NAME}.tmp")
-    tmp.write_text("".join(f"{split}\t{p}\t{why}\n" for split, p, why in rows))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / LIST_NAME,
+                             "".join(f"{split}\t{p}\t{why}\n" for split, p, why in rows))

@@ -19,7 +19,6 @@ frame is drawn from its own random stream, so the files are identical for a seed
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from strongreid.data.synthetic import (
 )
 from strongreid.data.synthetic_domains import STREET, Domain, get_domain
 from strongreid.errors import StrongReIDError
-from strongreid.paths import check_output_path
+from strongreid.paths import atomic_path, check_output_path
 
 FRAME_HEIGHT, FRAME_WIDTH = _CH // _SS, _PANORAMA_W // _SS
 IDENTITY_OFFSET = 20_000
@@ -192,14 +191,10 @@ def write_video(path: Path, frames, fps: float) -> str:
         raise StrongReIDError("synthetic video needs PyAV: pip install 'strongreid[search]'") from exc
 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.mp4")
-    try:
-        codec = _encode(tmp, frames, fps, codec)
-        os.replace(tmp, path)
-    finally:  # a failed encode leaves no partial file behind
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    return codec
+    # PyAV picks the container by the name: the temporary file ends in .mp4 too. A failed
+    # encode leaves no partial file behind.
+    with atomic_path(path, keep_suffix=True) as tmp:
+        return _encode(tmp, frames, fps, codec)
 
 
 def _encode(tmp: Path, frames, fps: float, codec: str) -> str:

@@ -43,6 +43,7 @@ from strongreid.data.footage import (
     video_in,
 )
 from strongreid.errors import DatasetError, StrongReIDError
+from strongreid.paths import atomic_write_text
 
 logger = logging.getLogger("strongreid")
 
@@ -189,12 +190,6 @@ def build_tracklets(seq: CameraSequence, boxes: str, tracker: str | None, frame_
 # -- the output folder -------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_manifest(out: Path) -> dict[str, Any] | None:
     path = out / MANIFEST_NAME
     if not path.is_file():
@@ -243,8 +238,11 @@ def _prepare_out(out: Path, options: dict[str, Any], overwrite: bool) -> dict[st
 
 def _discard_unfinished(out: Path, finished: set[int]) -> None:
     """Removes what an interrupted run wrote for cameras its manifest does not list as done."""
-    for leftover in out.glob(".*.tmp"):  # a write cut short by the interruption
-        leftover.unlink()
+    # A write cut short by the interruption (`.NAME.tmp<pid>`; `.NAME.<pid>.tmp` from earlier
+    # versions).
+    for pattern in (".*.tmp[0-9]*", ".*.tmp"):
+        for leftover in out.glob(pattern):
+            leftover.unlink(missing_ok=True)
     folder = out / TRAIN_FOLDER
     if folder.is_dir():
         for entry in os.scandir(folder):
@@ -268,7 +266,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _check_footage(source: Path) -> None:
@@ -353,7 +351,7 @@ def cut_tracklets(footage: str | os.PathLike, out: str | os.PathLike, *, boxes: 
     manifest = _prepare_out(out, options, overwrite)
     (out / TRAIN_FOLDER).mkdir(parents=True, exist_ok=True)
     # The manifest comes first, so a run killed inside its first camera is still ours to resume.
-    _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     finished = {int(f["camera"]) for f in manifest["finished"]}
     _discard_unfinished(out, finished)
     stats = TrackletStats(cameras=len(seqs), resumed=len(finished))
@@ -375,7 +373,7 @@ def cut_tracklets(footage: str | os.PathLike, out: str | os.PathLike, *, boxes: 
                               "tracklets": sum(f["tracklets"] for f in done),
                               "crops": sum(f["crops"] for f in done)}
         manifest["complete"] = len(done) == len(seqs)
-        _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
         logger.info("tracklets: %s (camera %d) -> %d tracklets, %d crops", seq.name, camera,
                     count, len(new))
         if on_camera is not None:

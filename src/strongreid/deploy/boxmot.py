@@ -36,6 +36,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from strongreid.errors import ConfigError, StrongReIDError
+from strongreid.paths import atomic_write_text
 
 logger = logging.getLogger("strongreid")
 
@@ -148,11 +149,8 @@ def sidecar(cfg: CfgNode, check: dict[str, Any] | None = None) -> dict:
 
 def write_sidecar(out: str | os.PathLike, cfg: CfgNode, check: dict[str, Any] | None = None) -> Path:
     """Write `<out>.metadata.json` atomically; returns its path."""
-    path = sidecar_path(out)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(sidecar(cfg, check), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(sidecar_path(out),
+                             json.dumps(sidecar(cfg, check), indent=2, sort_keys=True) + "\n")
 
 
 def boxmot_crop_batch(bgr_crops: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:

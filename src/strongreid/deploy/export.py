@@ -42,7 +42,7 @@ from strongreid.engine.inference import test_feature, test_scales
 from strongreid.errors import ConfigError, StrongReIDError
 from strongreid.modeling.checkpoint import save_safetensors
 from strongreid.modeling.loading import load_inference_model
-from strongreid.paths import check_output_path
+from strongreid.paths import atomic_path, check_output_path
 from strongreid.registry import Registry
 
 logger = logging.getLogger("strongreid")
@@ -386,19 +386,13 @@ def export_model(cfg: CfgNode, fmt: str | None, out: str | os.PathLike,
     # A one-file format writes to a temporary name first: a failed export leaves an earlier file
     # at --out as it was, and no partial file behind (.safetensors is written atomically too).
     single = getattr(writer, "single_file", False)
-    dest = out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}") if single else out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        runner = writer.write(ExportJob(graph, example, dest, meta, model, cfg))
-        if single:
-            os.replace(dest, out)
+        with atomic_path(out, keep_suffix=True) if single else contextlib.nullcontext(out) as dest:
+            runner = writer.write(ExportJob(graph, example, dest, meta, model, cfg))
     except OSError as exc:
         raise StrongReIDError(f"--out {out}: cannot write the {fmt} file ({exc.strerror or exc}); "
                               "check the path, its permissions and the free space") from None
-    finally:
-        if single:
-            with contextlib.suppress(OSError):
-                dest.unlink()
 
     def reference(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():

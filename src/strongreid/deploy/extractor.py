@@ -11,7 +11,6 @@ the result is normalise((f(x) + f(flip(x))) / 2), a unit vector.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import os
@@ -31,7 +30,7 @@ from strongreid.errors import ConfigError, DatasetError, StrongReIDError
 from strongreid.evaluation.calibration import Calibration, calibration_path
 from strongreid.modeling.checkpoint import read_checkpoint_info
 from strongreid.modeling.loading import config_for, load_inference_model
-from strongreid.paths import check_output_path
+from strongreid.paths import atomic_path, atomic_write, check_output_path
 
 logger = logging.getLogger("strongreid")
 
@@ -395,29 +394,25 @@ def write_features(out: str | os.PathLike, feats: torch.Tensor, paths: Sequence[
     naming `flag` and the path) says why."""
     out = Path(out)
     feats = feats.detach().float().cpu().contiguous()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     index = out.with_suffix(".csv")
-    tmp_csv = index.with_name(f".{index.name}.tmp{os.getpid()}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npz":
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a str name
-                np.savez(f, feats=feats.numpy(), paths=np.array(list(paths), dtype=str),
-                         pids=np.asarray(pids, dtype=np.int64),
-                         camids=np.asarray(camids, dtype=np.int64))
-            os.replace(tmp, out)
+            # A file object: np.savez would append .npz to a str name.
+            atomic_write(out, lambda f: np.savez(
+                f, feats=feats.numpy(), paths=np.array(list(paths), dtype=str),
+                pids=np.asarray(pids, dtype=np.int64), camids=np.asarray(camids, dtype=np.int64)))
             return [out]
         from safetensors.torch import save_file
 
-        # Both files are complete before either replaces an older one.
-        save_file({"feats": feats}, str(tmp), metadata=dict(metadata or {}))
-        with open(tmp_csv, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["index", "path", "pid", "camid"])
-            for i, (p, pid, cam) in enumerate(zip(paths, pids, camids)):
-                writer.writerow([i, p, int(pid), int(cam)])
-        os.replace(tmp, out)
-        os.replace(tmp_csv, index)
+        # Both files are complete before either replaces an older one: the inner block (the
+        # features) replaces its file first, then the outer (the index).
+        with atomic_path(index) as tmp_csv, atomic_path(out) as tmp:
+            save_file({"feats": feats}, str(tmp), metadata=dict(metadata or {}))
+            with open(tmp_csv, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["index", "path", "pid", "camid"])
+                for i, (p, pid, cam) in enumerate(zip(paths, pids, camids)):
+                    writer.writerow([i, p, int(pid), int(cam)])
         return [out, index]
     except OSError as exc:
         raise StrongReIDError(
@@ -425,10 +420,6 @@ def write_features(out: str | os.PathLike, feats: torch.Tensor, paths: Sequence[
             f"{f': {exc.filename}' if exc.filename else ''}); check the path, its permissions "
             "and the free space"
         ) from None
-    finally:
-        for left in (tmp, tmp_csv):  # gone already after a successful rename
-            with contextlib.suppress(OSError):
-                left.unlink()
 
 
 def check_feature_output(out: str | os.PathLike, flag: str = "--out") -> Path:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from strongreid.engine import distributed as D
 from strongreid.engine.averaging import WeightAveraging, save_averaged
 from strongreid.errors import StrongReIDError
 from strongreid.modeling.checkpoint import save_checkpoint
+from strongreid.paths import atomic_write_text
 
 if TYPE_CHECKING:
     from strongreid.engine.trainer import Trainer
@@ -254,9 +254,7 @@ class MetricsFile(HookBase):
                     kept.append(line)
             except (ValueError, TypeError, AttributeError):
                 continue
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 class TensorBoard(HookBase):

@@ -53,6 +53,7 @@ import torch
 
 from strongreid.errors import StrongReIDError
 from strongreid.evaluation.distance import as_features, l2_normalize
+from strongreid.paths import atomic_write_text
 
 BINS = 20_000
 FORMAT = 1
@@ -267,10 +268,7 @@ class Calibration:
         }
         if self.people is not None:
             record["people"] = int(self.people)
-        target = Path(path)
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -13,6 +12,7 @@ from strongreid.evaluation.distance import feature_pair, l2_normalize
 from strongreid.evaluation.metrics import EvalResult, evaluate, evaluate_features
 from strongreid.evaluation.query_expansion import query_expansion
 from strongreid.evaluation.reranking import re_ranking
+from strongreid.paths import atomic_write
 
 
 def evaluate_from_config(
@@ -107,13 +107,5 @@ def save_ranking(
         "ap": result.ap.astype(np.float64),
         "cmc": result.cmc.astype(np.float64),
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp.npz")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # A file object: np.savez would append .npz to a name that lacks it.
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))

@@ -30,6 +30,7 @@ from strongreid.errors import ConfigError
 from strongreid.evaluation.multi_query import multi_query_features
 from strongreid.evaluation.pipeline import evaluate_from_config, save_ranking
 from strongreid.modeling.loading import LoadedModel, load_inference_model
+from strongreid.paths import atomic_write_text
 
 logger = logging.getLogger("strongreid")
 
@@ -101,11 +102,7 @@ def format_table(name: str, res: dict[str, Any]) -> str:
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def write_results(cfg: CfgNode, out_dir: str | os.PathLike, evaluated: dict[str, Any], query: list,

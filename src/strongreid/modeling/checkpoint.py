@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from strongreid.errors import CheckpointError
+from strongreid.paths import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -403,29 +404,14 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
     A crash or a full disk mid-write leaves the previous checkpoint intact.
     """
-    return _atomic_write(Path(path), lambda f: torch.save(state, f))
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """A .safetensors file, written atomically like `save_checkpoint`."""
     from safetensors.torch import save
 
-    return _atomic_write(Path(path), lambda f: f.write(save(state, metadata=metadata)))
-
-
-def _atomic_write(path: Path, write: Callable[[Any], object]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(save(state, metadata=metadata)))
 
 
 # -- matching a file's tensors to a model ---------------------------------------------------------

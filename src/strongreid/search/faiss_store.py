@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from strongreid.paths import atomic_path
 from strongreid.search.store import (
     _TEXT,
     DEFAULT_INDEX_PARAMS,
@@ -411,9 +412,8 @@ class FaissStore:
         with self._lock:
             if self.index is None:
                 return
-            tmp = self.index_path.with_name(f".{self.index_path.name}.{os.getpid()}.tmp")
-            _faiss().write_index(self.index, str(tmp))
-            os.replace(tmp, self.index_path)
+            with atomic_path(self.index_path) as tmp:
+                _faiss().write_index(self.index, str(tmp))
 
     # -- writing ---------------------------------------------------------------------------
 

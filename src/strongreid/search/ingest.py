@@ -47,6 +47,7 @@ from strongreid.data.footage import (
 )
 from strongreid.deploy.extractor import FeatureExtractor, list_images, parse_pid_camid
 from strongreid.errors import DatasetError, StrongReIDError
+from strongreid.paths import atomic_write
 from strongreid.search.model_identity import (
     ModelIdentity,
     bind_first_write,
@@ -111,12 +112,10 @@ def write_thumbnail(thumbs: Path, key: str, crop: Image.Image) -> None:
     out = thumb_path(thumbs, key)
     if out.is_file():
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
     w = max(1, round(crop.width * THUMB_HEIGHT / max(1, crop.height)))
     img = crop.convert("RGB").resize((w, THUMB_HEIGHT), Image.Resampling.BILINEAR)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    img.save(tmp, "JPEG", quality=88)
-    os.replace(tmp, out)
+    # One per crop, in the ingest loop: not fsync'ed (as before).
+    atomic_write(out, lambda f: img.save(f, "JPEG", quality=88), durable=False)
 
 
 # -- crop folders ------------------------------------------------------------------------------

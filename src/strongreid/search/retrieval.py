@@ -11,7 +11,6 @@ faiss is imported here only, and lazily, so evaluation and the gallery service n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ import numpy as np
 from strongreid.config import load_config
 from strongreid.deploy.extractor import IMAGE_EXTENSIONS, FeatureExtractor, list_images
 from strongreid.errors import StrongReIDError
-from strongreid.paths import check_output_path
+from strongreid.paths import atomic_write_text, check_output_path
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 _INDEX_FILE = "index.faiss"
@@ -260,17 +259,11 @@ def _query_features(query: str, config: str | None, opts: list[str]) -> tuple[np
 def _write_text(path: Path, text: str, flag: str) -> None:
     """`text` to `path` under a temporary name, then renamed: an earlier file is replaced whole
     or kept, and a failure leaves no partial file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError as exc:
         raise StrongReIDError(f"{flag} {path}: cannot write the results ({exc.strerror or exc}); "
                               "check the path, its permissions and the free space") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def search_command(index: str, query: str, k: int = 10, out: str | None = None,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from strongreid.errors import StrongReIDError
+from strongreid.paths import atomic_write_text
 from strongreid.viz.curves import read_json, read_metrics
 from strongreid.viz.ranked import (
     BAD_COLOR,
@@ -168,9 +169,7 @@ def write_report(results_dir: str | os.PathLike, out_html: str | os.PathLike | N
         + f'\n<p class="note">Written by strongreid {__version__}.</p>\n</body></html>\n'
     )
     root.mkdir(parents=True, exist_ok=True)
-    tmp = page.with_name(f".{page.name}.tmp{os.getpid()}")
-    tmp.write_text(document, encoding="utf-8")
-    os.replace(tmp, page)
+    atomic_write_text(page, document)
     return page
 
 
