@@ -349,6 +349,24 @@ def test_missing_required_option_is_a_usage_error(capsys):
     assert "--out" in capsys.readouterr().err
 
 
+def test_an_os_error_without_a_path_and_a_closed_pipe(monkeypatch, capsys):
+    import strongreid.cli as cli
+
+    def full(args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_cmd_config", full)
+    assert cli.main(["config"]) == 2
+    assert capsys.readouterr().err == "error: No space left on device\n"
+
+    def reader_left(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_config", reader_left)
+    assert cli.main(["config"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_a_section_given_a_value_is_named_as_a_section(tmp_path, capsys):
     bad = tmp_path / "bad.yml"
     bad.write_text("SOLVER:\n  MAX_EPOCHS: 3\nMODEL: 3\n")

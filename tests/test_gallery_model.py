@@ -195,6 +195,12 @@ def test_a_gallery_from_before_is_served_with_a_warning_and_adopted_by_ingest(
     assert store.model() is None  # serving adopts nothing
     store.close()
     assert _records_no_model(str(gallery), "")  # what `serve --workers N` reads for its warning
+    # An ingest whose inputs are not there adopts nothing (else a typo would bind the gallery).
+    assert main(ingest_args(gallery, world["m0"], tmp_path / "no-such-footage")) == 2
+    capsys.readouterr()
+    store = open_store(str(gallery), create=False)
+    assert store.model() is None
+    store.close()
     # The first ingest adopts its model, says so, and the gallery checks it from then on.
     assert main(ingest_args(gallery, world["m1"], world["footage"])) == 0
     out = capsys.readouterr().out
@@ -247,7 +253,7 @@ def test_a_file_that_is_not_a_gallery_is_named_and_left_untouched(world, tmp_pat
                      serve_args(path, world["m0"])):
             assert main(args) == 2
             line = one_error(capsys)
-            assert f"--gallery {path} is not a strongreid gallery" in line
+            assert f"error: {path} is not a strongreid gallery" in line
             assert "left untouched" in line
             assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "notes.db"]

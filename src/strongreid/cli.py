@@ -1,13 +1,15 @@
 """The `strongreid` command line.
 
 Every subcommand parses its arguments here and hands over to one function in the package;
-those imports are lazy so that `strongreid config` and `--help` stay instant.
+those imports are lazy so that `--help` stays instant (no torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -586,13 +588,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StrongReIDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `strongreid config | head`: the reader left. Python's own advice: point stdout at
+        # devnull so that the flush at exit does not raise again.
+        with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         # A path the commands did not check themselves (a full disk, a folder that vanished,
         # permissions): the path and the reason, not a traceback.
-        where = f" {exc.filename}" if exc.filename else ""
+        if not exc.filename:
+            print(f"error: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         also = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
-        print(f"error: cannot use{where}{also}: {exc.strerror or exc}; check the path, its "
-              "permissions and the free space", file=sys.stderr)
+        print(f"error: cannot use {exc.filename}{also}: {exc.strerror or exc}; check the path, "
+              "its permissions and the free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

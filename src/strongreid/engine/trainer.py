@@ -295,7 +295,8 @@ class Trainer:
             older = periodic_checkpoints(path.parent)
             if not older:
                 raise
-            raise CheckpointError(f"--resume: {exc} The newest periodic checkpoint of this run is "
+            raise CheckpointError(f"--resume: {str(exc).rstrip('.')}. The newest periodic "
+                                  f"checkpoint of this run is "
                                   f"{older[-1]}: copy it over {path} to resume from there") from None
         if ckpt.get("arch") != self.cfg.MODEL.NAME or ckpt.get("num_classes") != self.num_classes:
             raise CheckpointError(

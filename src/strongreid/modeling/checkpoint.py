@@ -65,6 +65,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # the machine's limit, not the file's fault
     except Exception as exc:
         # torch.load raises KeyError, IndexError, struct.error, UnicodeDecodeError... on stray
         # bytes: whatever it raises, the user gets one message that says what the file is.

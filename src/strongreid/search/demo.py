@@ -57,8 +57,8 @@ def demo_search_command(model: str = "runs/demo/best.pt", footage: str = "data/f
 
 def _rebuild_if_another_model(gallery: Path, extractor: FeatureExtractor) -> None:
     """The demo's own gallery (only at its default path: a gallery the user named is theirs)
-    is derived from the demo footage: after `make demo` trained a new model it is rebuilt,
-    where any other gallery of another model is refused."""
+    is derived from the demo footage: when it records another model (`make demo` retrained
+    it) it is rebuilt, where any other gallery of another model is refused."""
     if not gallery.exists():
         return
     store = open_store(str(gallery), create=False)
@@ -66,8 +66,8 @@ def _rebuild_if_another_model(gallery: Path, extractor: FeatureExtractor) -> Non
         have = recorded(store)
     finally:
         store.close()
-    if have is not None and have.digest == model_identity(extractor).digest:
-        return
+    if have is None or have.digest == model_identity(extractor).digest:
+        return  # this model's, or from before models were recorded (the ingest adopts it)
     for path in (gallery, gallery.with_suffix(".faiss"), gallery.with_name(gallery.name + "-wal"),
                  gallery.with_name(gallery.name + "-shm")):
         if path.is_dir():

@@ -48,7 +48,7 @@ from strongreid.search.store import (
     Hit,
     StoreError,
     clean_row,
-    is_milvus_lite,
+    gallery_kind,
     query_matrix,
     refuse_foreign,
     sqlite_kind,
@@ -121,11 +121,12 @@ class FaissStore:
         self.uri = str(uri)
         self.path = Path(uri)
         self.index_path = self.path.with_suffix(".faiss")
-        if is_milvus_lite(self.path):
+        kind = gallery_kind(self.path)
+        if kind == "milvus-lite":
             raise StoreError(f"{self.path} is a Milvus Lite gallery: open it with open_store(), or "
                              f"copy it into this store with `strongreid gallery migrate --from "
                              f"{self.path} --to NEW.db`")
-        refuse_foreign(self.path)  # another application's file: not even opened for writing
+        refuse_foreign(self.path, kind)  # another application's file: not even opened for writing
         if not self.path.exists():
             if not create:
                 raise StoreError(f"gallery {self.path} does not exist; build it with "

@@ -283,20 +283,23 @@ def ingest(store: GalleryStore, embed: Callable[[list[Image.Image]], Any], thumb
     if model is None and isinstance(embed, FeatureExtractor):
         model = model_identity(embed)
     name = gallery or str(getattr(store, "uri", "the gallery"))
-    bind: Callable[[], None] | None = None
-    if model is not None:
-        stats.note = check_ingest(store, model, name)
-        ident = model
-
-        def bind() -> None:
-            nonlocal bind
-            bind_first_write(store, ident, name)
-            bind = None  # once per run
+    adopt = check_ingest(store, model, name) if model is not None else None
     # (video or None, items): crop folders first, then one entry per sequence.
     work: list[tuple[Path | None, list[Item]]] = [(None, crop_items(f, meta_csv)) for f in crops]
     for folder in videos:
         for seq in find_sequences(folder, detections, start_time):
             work.append((seq.video, video_items(seq, Path(folder), frame_step, min_score)))
+    # The inputs exist: an old gallery adopts the model now; a new one with its first rows.
+    unbound = model is not None
+    if adopt is not None and model is not None:
+        bind_first_write(store, model, name)
+        stats.note, unbound = adopt, False
+
+    def bind() -> None:
+        nonlocal unbound
+        if unbound and model is not None:
+            bind_first_write(store, model, name)
+            unbound = False
     total = sum(len(items) for _, items in work)
     bar = tqdm(total=total, desc="ingest", unit="crop", disable=progress is False or None,
                file=sys.stderr)

@@ -8,7 +8,7 @@ The identity is a sha256 over the model's weights (its state_dict's tensors in s
 order: name, dtype, shape and bytes; BatchNorm's `num_batches_tracked` counters, which no test
 feature depends on, are left out) and the settings that change the features: input size, pixel
 mean / std, interpolation, flip, feature norm, which feature (TEST.NECK_FEAT), multi-scale
-scales, last stride and the feature dimension. So a copied or renamed checkpoint is the same
+scales, last stride, pooling and the feature dimension. So a copied or renamed checkpoint is the same
 model, and the same weights served with TEST.FLIP_AUG on are not. It is computed once per
 FeatureExtractor (a ResNet-50's 100 MB hash in about 0.2 s).
 
@@ -99,7 +99,7 @@ def feature_settings(extractor: Any) -> dict[str, Any]:
     """The FeatureExtractor settings that change its features (JSON-able)."""
     cfg = extractor.cfg
     net = _unwrapped(extractor.model)
-    return {
+    settings = {
         "input_size": [int(x) for x in extractor.input_size],
         "pixel_mean": [float(x) for x in cfg.INPUT.PIXEL_MEAN],
         "pixel_std": [float(x) for x in cfg.INPUT.PIXEL_STD],
@@ -109,8 +109,12 @@ def feature_settings(extractor: Any) -> dict[str, Any]:
         "scales": [float(s) for s in extractor.scales],
         "neck_feat": str(getattr(net, "neck_feat", cfg.TEST.NECK_FEAT)),
         "last_stride": int(getattr(cfg.MODEL, "LAST_STRIDE", 1)),
+        "pooling": str(getattr(cfg.MODEL, "POOLING", "avg")),
         "feat_dim": int(extractor.feat_dim),
     }
+    if settings["pooling"] == "gem":  # its exponent only counts where GeM pools
+        settings["gem_p"] = float(cfg.MODEL.GEM_P)
+    return settings
 
 
 def model_identity(extractor: Any) -> ModelIdentity:
@@ -150,17 +154,17 @@ def _built_with(gallery: str, have: ModelIdentity, given: ModelIdentity) -> str:
 
 
 def check_ingest(store: GalleryStore, model: ModelIdentity, gallery: str) -> str | None:
-    """Before an ingest writes anything: a StoreError if the gallery records another model;
-    a gallery from before identities (rows, no record) adopts `model`: the note to print."""
+    """Before an ingest reads anything: a StoreError if the gallery records another model. A
+    gallery from before identities (rows, no record) will adopt `model` once the ingest's
+    inputs are found (bind_first_write): the note that says so. Writes nothing."""
     have = recorded(store)
     if have is None:
         if store.dim is None:
             return None  # a new gallery: bind_first_write records the model with its first rows
-        have = ModelIdentity.from_record(store.record_model(model.record()))
-        if have.digest == model.digest:
-            return (f"note: the gallery {gallery} did not record its model (it was built before "
-                    f"strongreid recorded one); it now records {have.path} (identity "
-                    f"{have.short}), which every later ingest and `strongreid serve` must use")
+        return (f"note: the gallery {gallery} did not record its model (it was built before "
+                f"strongreid recorded one); it now records {os.path.abspath(model.path)} "
+                f"(identity {model.short}), which every later ingest and `strongreid serve` "
+                "must use")
     if have.digest != model.digest:
         raise StoreError(f"{_built_with(gallery, have, model)}: nothing was added. Ingest with "
                          f"--model {have.path or 'THE_MODEL_IT_WAS_BUILT_WITH'} (a copy with the "
@@ -170,8 +174,9 @@ def check_ingest(store: GalleryStore, model: ModelIdentity, gallery: str) -> str
 
 
 def bind_first_write(store: GalleryStore, model: ModelIdentity, gallery: str) -> None:
-    """Just before an ingest's first rows (the store is open): records `model` unless one is
-    recorded, and refuses if another process recorded another model first."""
+    """Records `model` unless one is recorded (the store is open: before a new gallery's first
+    rows, or when an old one adopts it), and refuses if another process recorded another
+    model first."""
     have = ModelIdentity.from_record(store.record_model(model.record()))
     if have.digest != model.digest:
         raise StoreError(f"{_built_with(gallery, have, model)} (another ingest recorded it "

@@ -209,7 +209,7 @@ class Batcher:
     `max_batch`) and embeds it in one forward pass under `lock` (which ingest shares, so one
     pass runs at a time and memory stays bounded). Before a pass it waits, at most `wait_ms`,
     only for queries known to be on their way: an upload announces
-    itself (`expect`) when its body has arrived and is being decoded. So a query alone never
+    itself (`expect`) when its body has arrived, before it is decoded. So a query alone never
     waits, and the queue never idles behind a fixed window while every query is already in
     it; under load the queue also fills while a pass runs, so batches grow on their own.
     """

@@ -210,12 +210,15 @@ def is_milvus_lite(path: str | os.PathLike) -> bool:
     return gallery_kind(path) == "milvus-lite"
 
 
-def refuse_foreign(path: str | os.PathLike) -> None:
-    """A StoreError, before anything touches it, when a local gallery path is some other file."""
-    if gallery_kind(path) == "foreign":
-        raise StoreError(f"--gallery {path} is not a strongreid gallery (neither a gallery.db "
-                         "that strongreid wrote nor a Milvus Lite gallery): it was left untouched. "
-                         "Give --gallery a new file name (e.g. gallery.db) or an existing gallery")
+def refuse_foreign(path: str | os.PathLike, kind: str | None = None) -> None:
+    """A StoreError, before anything touches it, when a local gallery path is some other file
+    (`kind`: its gallery_kind when the caller has it)."""
+    if (kind or gallery_kind(path)) == "foreign":
+        # No flag named: `gallery ingest --gallery`, `serve --gallery` and `migrate --from/--to`
+        # all come here.
+        raise StoreError(f"{path} is not a strongreid gallery (neither a gallery.db that "
+                         "strongreid wrote nor a Milvus Lite gallery): it was left untouched. "
+                         "Give a new file name (e.g. gallery.db) or an existing gallery")
 
 
 def query_matrix(vectors: np.ndarray, dim: int | None) -> np.ndarray:
