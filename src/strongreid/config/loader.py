@@ -257,6 +257,11 @@ def _lookup(node: CfgNode, key: str) -> Any:
     return node
 
 
+def _is_section(name: str) -> bool:
+    """Whether `name` holds keys (MODEL, SOLVER, MODEL.TRANSREID ...) rather than a value."""
+    return name not in valid_keys() and any(key.startswith(name + ".") for key in valid_keys())
+
+
 def _flatten(d: dict, source: str, prefix: str = "") -> Iterator[tuple[str, Any]]:
     for k, v in d.items():
         full = f"{prefix}{k}"
@@ -264,10 +269,10 @@ def _flatten(d: dict, source: str, prefix: str = "") -> Iterator[tuple[str, Any]
             if full in valid_keys():  # a value that happens to be a mapping
                 yield full, v
             else:
-                if f"{full}." not in {key[: len(full) + 1] for key in valid_keys()}:
+                if not _is_section(full):
                     raise _unknown_key_error(full, source)
                 yield from _flatten(v, source, full + ".")
-        elif full not in valid_keys() and f"{full}." in {key[: len(full) + 1] for key in valid_keys()}:
+        elif _is_section(full):
             # `MODEL: 3`, or a section left empty (`MODEL:` with its keys indented wrongly).
             raise ConfigError(f"{full} is a section of keys ({source}), but it is given the value "
                               f"{v!r}: write its keys indented under it, e.g. {full}.{_first_child(full)}")
