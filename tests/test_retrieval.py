@@ -99,6 +99,12 @@ def test_errors_are_one_line(features, capsys):
     np.savez(tmp_path / "nofeats.npz", paths=np.array(["a"]))
     assert main(["index", "build", str(tmp_path / "nofeats.npz"), "--out", str(tmp_path / "x")]) == 2
     assert "no 'feats' array" in capsys.readouterr().err
+    np.savez(tmp_path / "objects.npz", feats=np.array([{"a": 1}], dtype=object))
+    assert main(["index", "build", str(tmp_path / "objects.npz"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot read {tmp_path / 'objects.npz'} as an .npz feature file: it holds "
+                   "Python objects (pickled), which are never loaded; use the .npz that "
+                   "`strongreid extract` writes\n")
     bad = np.ones((4, 16), np.float32)
     bad[1, 2] = np.nan
     write_features(tmp_path / "nan.npz", bad)

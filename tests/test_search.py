@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from strongreid.cli import main  # noqa: E402
-from strongreid.errors import StrongReIDError  # noqa: E402
+from strongreid.errors import DatasetError, StrongReIDError  # noqa: E402
 from strongreid.search.ingest import find_sequences, ingest, thumb_path  # noqa: E402
 from strongreid.search.service import SearchService, create_app, decode_upload  # noqa: E402
 from strongreid.search.store import Filters, MilvusStore, StoreError, quote  # noqa: E402
@@ -154,6 +154,16 @@ def test_crop_folders_with_market_names_or_a_csv(world, tmp_path) -> None:
     assert (stats.added, stats.skipped, store2.count()) == (3, 1, 3)
     times = sorted(r["timestamp"] for r in store2.browse(10))
     assert times == [START + 3600, START + 3601, START + 3602]
+    # A row without a camera could never be filtered or grouped: refused, naming the row.
+    with open(meta, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "camera", "timestamp"])
+        for i, name in enumerate([*names, "copy_of_first.png"]):
+            w.writerow([name, "" if i == 1 else "door", f"2026-01-05T09:00:0{i}Z"])
+    with pytest.raises(DatasetError, match=f"row {names[1]}: the camera is empty; every row needs one"):
+        ingest(store2, world["extractor"], tmp_path / "t2", crops=[str(folder)],
+               meta_csv=str(meta), progress=False)
+    assert store2.count() == 3
     store.close()
     store2.close()
 

@@ -156,7 +156,10 @@ def crop_items(folder: str | os.PathLike, meta_csv: str | os.PathLike | None = N
             if row is None:
                 raise DatasetError(f"{meta_csv} has no row for {rel}: list every image of {root}")
             where = f"{meta_csv} row {rel}"
-            meta = {"camera": row["camera"], "timestamp": parse_time(row["timestamp"], where),
+            if not (row.get("camera") or "").strip():
+                # A crop without a camera could never be filtered or grouped on the timeline.
+                raise DatasetError(f"{where}: the camera is empty; every row needs one")
+            meta = {"camera": row["camera"].strip(), "timestamp": parse_time(row["timestamp"], where),
                     "video": row.get("video") or "", "frame": _int(row.get("frame"), where),
                     "track": _int(row.get("track"), where), "pid": _int(row.get("pid"), where)}
         else:

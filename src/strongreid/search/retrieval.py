@@ -57,7 +57,12 @@ def load_features(path: str) -> dict[str, np.ndarray]:
         with np.load(p, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
-        raise StrongReIDError(f"cannot read {path} as an .npz feature file: {exc}") from None
+        # numpy's own advice for object arrays (allow_pickle=True) is not for a CLI user, and
+        # loading pickles from a file would run its code.
+        why = ("it holds Python objects (pickled), which are never loaded" if "allow_pickle" in str(exc)
+               else str(exc))
+        raise StrongReIDError(f"cannot read {path} as an .npz feature file: {why}; use the .npz "
+                              "that `strongreid extract` writes") from None
     if "feats" not in arrays:
         raise StrongReIDError(
             f"{path} has no 'feats' array (it holds {sorted(arrays)}); use the .npz that "
